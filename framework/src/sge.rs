@@ -1,0 +1,459 @@
+//! Scatter-gather entries and the builders that fill them.
+//!
+//! Application code never writes `lkey` or `addr`: [`SgeBuilder`] looks up the
+//! registered region each `Bytes` chunk lies in, takes the local key from the
+//! protection domain's registration of it, and writes the address in the
+//! device's [`AddressSpace`]. [`RwPlan`] splits one-sided lists at the
+//! device's SGE and message-size limits the way the kernel's
+//! `rdma_rw_ctx_init` does, and says how many work requests it needs before
+//! anything is posted.
+
+use bytes::{BufMut, Bytes};
+
+use crate::error::SgeError;
+use crate::mem::Pd;
+use crate::mem::UnregisteredPolicy;
+use crate::stats::CopyReason;
+use crate::verbs::{Opcode, RemoteRegion, WorkRequest};
+
+/// How a device reads SGE addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AddressSpace {
+    /// CPU virtual addresses, translated by a software device's region table (like rxe).
+    Cpu,
+    /// The region's I/O virtual address plus the offset (hardware; `ibv_reg_mr_iova2`).
+    Iova,
+}
+
+/// One scatter-gather entry, layout-identical to `struct ibv_sge`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Sge {
+    addr: u64,
+    length: u32,
+    lkey: u32,
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<Sge>() == 16);
+    assert!(std::mem::align_of::<Sge>() == 8);
+    assert!(std::mem::offset_of!(Sge, addr) == 0);
+    assert!(std::mem::offset_of!(Sge, length) == 8);
+    assert!(std::mem::offset_of!(Sge, lkey) == 12);
+};
+
+impl Sge {
+    /// Build an SGE from raw parts. Only builders, transports and conformance
+    /// tests that probe a device's checks should call this: applications get
+    /// SGEs from [`SgeBuilder`] and slots.
+    #[inline]
+    pub const fn new(addr: u64, length: u32, lkey: u32) -> Sge {
+        Sge { addr, length, lkey }
+    }
+    /// Address in the device's address space.
+    #[inline]
+    pub const fn addr(&self) -> u64 {
+        self.addr
+    }
+    /// Length in bytes.
+    #[inline]
+    pub const fn length(&self) -> u32 {
+        self.length
+    }
+    /// Local key.
+    #[inline]
+    pub const fn lkey(&self) -> u32 {
+        self.lkey
+    }
+}
+
+/// Builds SGEs for one protection domain under one unregistered-memory policy.
+pub struct SgeBuilder<'a> {
+    pd: &'a Pd,
+    policy: UnregisteredPolicy,
+}
+
+impl<'a> SgeBuilder<'a> {
+    pub(crate) fn new(pd: &'a Pd, policy: UnregisteredPolicy) -> Self {
+        SgeBuilder { pd, policy }
+    }
+
+    /// The SGE for one chunk (`rdma_map_sge_single`). A chunk in unregistered
+    /// memory is handled by the policy, which may replace `chunk` with a
+    /// registered copy (`Bounce`) or a pinned registration (`RegisterCached`);
+    /// the caller keeps `chunk` alive until the completion.
+    pub fn single(&self, chunk: &mut Bytes) -> Result<Sge, SgeError> {
+        let mut out = [Sge::default(); 1];
+        match self.map_chunk(chunk, &mut |i, s| {
+            if i == 0 {
+                out[0] = s;
+                Ok(())
+            } else {
+                Err(())
+            }
+        })? {
+            1 => Ok(out[0]),
+            0 => Ok(Sge::new(0, 0, 0)),
+            _ => Err(SgeError::CrossesRegion {
+                addr: chunk.as_ptr() as u64,
+                len: chunk.len() as u64,
+            }),
+        }
+    }
+
+    /// An SGE for a borrowed slice, for synchronous use only (inline sends,
+    /// whose payload the device copies at post time). It carries the region's
+    /// `lkey` when the slice is registered and 0 otherwise.
+    pub fn borrowed(&self, data: &[u8]) -> Sge {
+        let addr = data.as_ptr() as u64;
+        let snap = self.pd.registry().snapshot();
+        match snap.find(addr) {
+            Some(e) if addr + data.len() as u64 <= e.end() => {
+                Sge::new(self.pd.device_addr(e, addr), data.len() as u32, e.lkey)
+            }
+            _ => Sge::new(addr, data.len() as u32, 0),
+        }
+    }
+
+    /// SGEs for a list of chunks, in order, appended to `out`
+    /// (`rdma_fill_ib_sge_from_sgl`). A chunk spanning adjacent regions gets
+    /// one SGE per region; empty chunks get none.
+    pub fn list(&self, chunks: &mut [Bytes], out: &mut Vec<Sge>) -> Result<(), SgeError> {
+        for c in chunks.iter_mut() {
+            self.map_chunk(c, &mut |_, s| {
+                out.push(s);
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// SGEs for one SEND of `chunks`. A SEND is never split: over `max_msg_sz`
+    /// it is refused (`MessageTooLarge`: use rendezvous); over `max_sge`, the
+    /// cheapest run of neighbouring chunks is coalesced into one registered slot
+    /// (counted as `Coalesce`), and if that cannot fit a slot, `TooManySges`.
+    pub fn send(
+        &self,
+        chunks: &mut [Bytes],
+        max_sge: u32,
+        max_msg_sz: u32,
+        out: &mut Vec<Sge>,
+    ) -> Result<(), SgeError> {
+        let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        if total > u64::from(max_msg_sz) {
+            return Err(SgeError::MessageTooLarge {
+                len: total,
+                max: max_msg_sz,
+            });
+        }
+        let start = out.len();
+        self.list(chunks, out)?;
+        let need = out.len() - start;
+        if need <= max_sge as usize {
+            return Ok(());
+        }
+        out.truncate(start);
+        self.coalesce(chunks, need, max_sge)?;
+        self.list(chunks, out)?;
+        debug_assert!(out.len() - start <= max_sge as usize);
+        Ok(())
+    }
+
+    /// Merge the run of neighbouring chunks with the fewest bytes whose SGEs,
+    /// replaced by one, bring the count to `max_sge`.
+    fn coalesce(&self, chunks: &mut [Bytes], need: usize, max_sge: u32) -> Result<(), SgeError> {
+        let err = SgeError::TooManySges { need, max: max_sge };
+        if max_sge == 0 {
+            return Err(err);
+        }
+        let excess = need - max_sge as usize;
+        let limit = self.pd.bounce_slot_size() as u64;
+        let snap = self.pd.registry().snapshot();
+        let sges_of = |c: &Bytes| -> usize {
+            if c.is_empty() {
+                return 0;
+            }
+            let mut n = 0;
+            let (mut a, end) = (c.as_ptr() as u64, c.as_ptr() as u64 + c.len() as u64);
+            while a < end {
+                n += 1;
+                match snap.find(a) {
+                    Some(e) => a = e.end(),
+                    None => return 1,
+                }
+            }
+            n
+        };
+        let counts: Vec<usize> = chunks.iter().map(sges_of).collect();
+        // Find the window [i, j) with sum(counts) >= excess + 1 and fewest bytes.
+        let mut best: Option<(usize, usize, u64)> = None;
+        for i in 0..chunks.len() {
+            let (mut n, mut bytes) = (0usize, 0u64);
+            for j in i..chunks.len() {
+                n += counts[j];
+                bytes += chunks[j].len() as u64;
+                if bytes > limit {
+                    break;
+                }
+                if n > excess {
+                    if best.is_none_or(|b| bytes < b.2) {
+                        best = Some((i, j + 1, bytes));
+                    }
+                    break;
+                }
+            }
+        }
+        let (i, j, bytes) = best.ok_or(err)?;
+        let mut slot = self
+            .pd
+            .bounce_slot(bytes as usize)
+            .ok_or(SgeError::NoBounceSlot { len: bytes })?;
+        for c in &mut chunks[i..j] {
+            slot.put_slice(c);
+            *c = Bytes::new();
+        }
+        chunks[i] = slot.freeze();
+        self.pd.stats().add(CopyReason::Coalesce, bytes);
+        Ok(())
+    }
+
+    /// Emit the SGEs of one chunk; returns how many.
+    fn map_chunk(
+        &self,
+        chunk: &mut Bytes,
+        emit: &mut dyn FnMut(usize, Sge) -> Result<(), ()>,
+    ) -> Result<usize, SgeError> {
+        let len = chunk.len() as u64;
+        if len == 0 {
+            return Ok(0);
+        }
+        let addr = chunk.as_ptr() as u64;
+        let cross = || SgeError::CrossesRegion { addr, len };
+        {
+            let snap = self.pd.registry().snapshot();
+            if let Some(e) = snap.find(addr) {
+                // Fast path: the whole chunk lies in one region.
+                if addr + len <= e.end() {
+                    if e.owner & crate::mem::CACHE_OWNER != 0 {
+                        let e = *e;
+                        drop(snap);
+                        self.pd.pin_cached(chunk, e.owner);
+                        return self.emit_in(&e, chunk, emit);
+                    }
+                    if len > u64::from(u32::MAX) {
+                        return Err(SgeError::ChunkTooLong { len });
+                    }
+                    emit(0, Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey))
+                        .map_err(|_| cross())?;
+                    return Ok(1);
+                }
+                // The chunk spans regions: one SGE per region if all are registered.
+                let mut pieces = 0;
+                let mut a = addr;
+                let end = addr + len;
+                let mut all = true;
+                while a < end {
+                    match snap.find(a) {
+                        Some(e) => a = e.end(),
+                        None => {
+                            all = false;
+                            break;
+                        }
+                    }
+                    pieces += 1;
+                }
+                if all {
+                    let mut a = addr;
+                    for k in 0..pieces {
+                        let Some(e) = snap.find(a) else { break };
+                        let piece_end = e.end().min(end);
+                        if e.owner & crate::mem::CACHE_OWNER != 0 {
+                            // Mixed cache/arena spans are rare: bounce them instead.
+                            all = false;
+                            break;
+                        }
+                        let plen = piece_end - a;
+                        if plen > u64::from(u32::MAX) {
+                            return Err(SgeError::ChunkTooLong { len: plen });
+                        }
+                        emit(k, Sge::new(self.pd.device_addr(e, a), plen as u32, e.lkey))
+                            .map_err(|_| cross())?;
+                        a = piece_end;
+                    }
+                    if all {
+                        return Ok(pieces);
+                    }
+                    return Err(cross());
+                }
+            }
+        }
+        // Unregistered (at least partly): apply the policy to the whole chunk.
+        match self.policy {
+            UnregisteredPolicy::Reject => Err(SgeError::Unregistered { addr, len }),
+            UnregisteredPolicy::Bounce => {
+                let mut slot = self
+                    .pd
+                    .bounce_slot(chunk.len())
+                    .ok_or(SgeError::NoBounceSlot { len })?;
+                slot.put_slice(chunk);
+                *chunk = slot.freeze();
+                self.pd.stats().add(CopyReason::Bounce, len);
+                let e = self.pd.registry().find(chunk.as_ptr() as u64).ok_or(
+                    SgeError::Unregistered {
+                        addr: chunk.as_ptr() as u64,
+                        len,
+                    },
+                )?;
+                self.emit_in(&e, chunk, emit)
+            }
+            UnregisteredPolicy::RegisterCached => {
+                let e = self.pd.register_cached(chunk)?;
+                self.emit_in(&e, chunk, emit)
+            }
+        }
+    }
+
+    fn emit_in(
+        &self,
+        e: &crate::mem::RegionEntry,
+        chunk: &Bytes,
+        emit: &mut dyn FnMut(usize, Sge) -> Result<(), ()>,
+    ) -> Result<usize, SgeError> {
+        let addr = chunk.as_ptr() as u64;
+        let len = chunk.len() as u64;
+        if len > u64::from(u32::MAX) {
+            return Err(SgeError::ChunkTooLong { len });
+        }
+        emit(0, Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey))
+            .map_err(|_| SgeError::CrossesRegion { addr, len })?;
+        Ok(1)
+    }
+}
+
+/// One work request of a split one-sided operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RwSpan {
+    /// Index of its first SGE in [`RwPlan::sges`].
+    pub sge_start: u32,
+    /// Number of SGEs.
+    pub sge_count: u32,
+    /// Remote address it targets.
+    pub remote_addr: u64,
+    /// Bytes it moves.
+    pub len: u32,
+}
+
+/// A one-sided RDMA WRITE or READ split into work requests at `max_sge` and
+/// `max_msg_sz`. Reusable: `build` clears it, so a steady state allocates nothing.
+#[derive(Clone, Debug, Default)]
+pub struct RwPlan {
+    sges: Vec<Sge>,
+    spans: Vec<RwSpan>,
+    rkey: u32,
+}
+
+impl RwPlan {
+    /// An empty plan.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Split `local` (the source of a WRITE or the destination of a READ)
+    /// against `remote`, whose length must equal the local total. Returns the
+    /// number of work requests.
+    pub fn build(
+        &mut self,
+        local: &[Sge],
+        remote: RemoteRegion,
+        max_sge: u32,
+        max_msg_sz: u32,
+    ) -> Result<usize, SgeError> {
+        self.sges.clear();
+        self.spans.clear();
+        self.rkey = remote.rkey;
+        let total: u64 = local.iter().map(|s| u64::from(s.length())).sum();
+        if total != remote.len || remote.addr.checked_add(remote.len).is_none() {
+            return Err(SgeError::LengthMismatch {
+                local: total,
+                remote: remote.len,
+            });
+        }
+        if max_sge == 0 || max_msg_sz == 0 {
+            return Err(SgeError::TooManySges {
+                need: local.len(),
+                max: max_sge,
+            });
+        }
+        let mut remote_addr = remote.addr;
+        let mut cur = RwSpan {
+            sge_start: 0,
+            sge_count: 0,
+            remote_addr,
+            len: 0,
+        };
+        for s in local.iter().filter(|s| s.length() > 0) {
+            let (mut addr, mut left) = (s.addr(), s.length());
+            while left > 0 {
+                if cur.sge_count == max_sge || cur.len == max_msg_sz {
+                    self.spans.push(cur);
+                    cur = RwSpan {
+                        sge_start: self.sges.len() as u32,
+                        sge_count: 0,
+                        remote_addr,
+                        len: 0,
+                    };
+                }
+                let take = left.min(max_msg_sz - cur.len);
+                self.sges.push(Sge::new(addr, take, s.lkey()));
+                cur.sge_count += 1;
+                cur.len += take;
+                addr += u64::from(take);
+                remote_addr += u64::from(take);
+                left -= take;
+            }
+        }
+        if cur.sge_count > 0 {
+            self.spans.push(cur);
+        }
+        Ok(self.spans.len())
+    }
+
+    /// Number of work requests.
+    pub fn wr_count(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// The split SGEs, in order.
+    pub fn sges(&self) -> &[Sge] {
+        &self.sges
+    }
+
+    /// The work requests' spans.
+    pub fn spans(&self) -> &[RwSpan] {
+        &self.spans
+    }
+
+    /// Work requests for `opcode` (RDMA_WRITE or RDMA_READ), appended to `out`.
+    /// Only the last is signaled (selective signaling: RC completes in order);
+    /// ids are `first_wr_id`, `first_wr_id + 1`, ...
+    pub fn work_requests<'p>(
+        &'p self,
+        opcode: Opcode,
+        first_wr_id: u64,
+        out: &mut Vec<WorkRequest<'p>>,
+    ) {
+        let n = self.spans.len();
+        for (i, sp) in self.spans.iter().enumerate() {
+            let sg = &self.sges[sp.sge_start as usize..(sp.sge_start + sp.sge_count) as usize];
+            let flags = if i + 1 == n {
+                crate::verbs::SendFlags::SIGNALED
+            } else {
+                crate::verbs::SendFlags::NONE
+            };
+            out.push(
+                WorkRequest::one_sided(first_wr_id + i as u64, opcode, sg, sp.remote_addr, self.rkey)
+                    .with_flags(flags),
+            );
+        }
+    }
+}

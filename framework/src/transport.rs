@@ -1,0 +1,305 @@
+//! The `Transport` trait: the one boundary between the framework and devices.
+//!
+//! A transport is a device opened with one protection domain. It registers
+//! memory, creates reliable-connected queue pairs by listening and connecting,
+//! and each queue pair posts work requests and polls its completion queue.
+//! Three very different devices sit behind it without special cases: the
+//! in-process software device (CPU addresses, its own region table), real
+//! verbs (IOVAs, rdma_cm) and TCP over io_uring.
+//!
+//! # Ownership
+//! The memory behind every SGE handed to `post_send`/`post_recv` must stay
+//! alive and untouched by the application until the request's completion (or
+//! its flush) is polled. The framework guarantees this by keeping the owners
+//! (`Bytes`, slots) of every posted request in a slab indexed by `wr_id`.
+//! A transport never frees or unmaps memory: it only holds an
+//! `Arc<dyn RegionMemory>` per registration, so even a request naming a
+//! stale key can only fail, never touch freed memory.
+//!
+//! # Threads
+//! A [`Transport`] is `Send + Sync` and may be shared. A [`QueuePair`] is
+//! `Send`; its posting and polling take `&mut self`, so one thread drives it at
+//! a time and transports need no lock between a queue pair's producer and
+//! consumer. A [`SharedRecvQueue`] is posted to through `&self` from any thread.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Duration;
+
+use crate::error::TransportError;
+use crate::sge::AddressSpace;
+use crate::verbs::{Access, RecvRequest, WorkCompletion, WorkRequest};
+
+/// Memory a device may read and write through raw addresses.
+///
+/// # Safety
+/// Implementors promise that `as_ptr()..as_ptr()+len()` is one allocation of
+/// initialized bytes that stays valid (not freed, not unmapped, not moved) for
+/// as long as the implementing value is alive, and that Rust code touches those
+/// bytes only in ways compatible with a device writing them concurrently
+/// (i.e. never through a `&`/`&mut` reference to bytes the device may be
+/// writing at the same time).
+pub unsafe trait RegionMemory: Send + Sync + 'static {
+    /// Start of the memory.
+    fn as_ptr(&self) -> *mut u8;
+    /// Length in bytes.
+    fn len(&self) -> usize;
+    /// True if the region is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a device can do (`ibv_device_attr` and `ibv_port_attr`, reduced).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceCaps {
+    /// Device name (`rxe0`, `soft0`, ...).
+    pub name: String,
+    /// How SGE addresses are expressed for this device.
+    pub address_space: AddressSpace,
+    /// Most SGEs in one send-queue request.
+    pub max_send_sge: u32,
+    /// Most SGEs in one receive request.
+    pub max_recv_sge: u32,
+    /// Most SGEs in one RDMA READ.
+    pub max_sge_rd: u32,
+    /// Largest message (SEND, or one WRITE/READ request) in bytes.
+    pub max_msg_sz: u32,
+    /// Largest inline payload a queue pair can be created with.
+    pub max_inline_data: u32,
+    /// Deepest send or receive queue.
+    pub max_qp_wr: u32,
+    /// Largest single registration.
+    pub max_mr_size: u64,
+    /// Atomics supported.
+    pub atomics: bool,
+    /// Shared receive queues supported.
+    pub srq: bool,
+    /// The device supports implicit on-demand paging (one key for the whole address space).
+    pub implicit_odp: bool,
+}
+
+/// A registration's keys, as the device reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Registration {
+    /// Local key, for SGEs.
+    pub lkey: u32,
+    /// Remote key, meaningful when the registration allows remote access.
+    pub rkey: u32,
+    /// The device address of the first byte: equal to the CPU address in
+    /// `AddressSpace::Cpu`; chosen by the device (or the caller) otherwise.
+    pub iova: u64,
+}
+
+/// Parameters of a reliable-connected queue pair.
+#[derive(Clone)]
+pub struct QpConfig {
+    /// Send queue depth.
+    pub max_send_wr: u32,
+    /// Receive queue depth (ignored with `srq`).
+    pub max_recv_wr: u32,
+    /// SGEs per send request.
+    pub max_send_sge: u32,
+    /// SGEs per receive request.
+    pub max_recv_sge: u32,
+    /// Inline payload limit requested; the queue pair may grant less, see [`QpCaps`].
+    pub max_inline_data: u32,
+    /// Receive through this shared receive queue instead of the queue pair's own.
+    pub srq: Option<Arc<dyn SharedRecvQueue>>,
+    /// Receiver-not-ready retries before `RnrRetryExcErr` (7 means "infinite" in verbs).
+    pub rnr_retry: u8,
+    /// Transport retries before `RetryExcErr`.
+    pub retry_count: u8,
+    /// Local ACK timeout exponent: 4.096 µs * 2^timeout (verbs encoding); 0 = transport default.
+    pub ack_timeout: u8,
+    /// How long `connect`/`accept` wait.
+    pub connect_timeout: Duration,
+}
+
+impl Default for QpConfig {
+    fn default() -> Self {
+        QpConfig {
+            max_send_wr: 256,
+            max_recv_wr: 256,
+            max_send_sge: 4,
+            max_recv_sge: 1,
+            max_inline_data: 64,
+            srq: None,
+            rnr_retry: 6,
+            retry_count: 6,
+            ack_timeout: 14,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl std::fmt::Debug for QpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QpConfig")
+            .field("max_send_wr", &self.max_send_wr)
+            .field("max_recv_wr", &self.max_recv_wr)
+            .field("max_send_sge", &self.max_send_sge)
+            .field("max_recv_sge", &self.max_recv_sge)
+            .field("max_inline_data", &self.max_inline_data)
+            .field("srq", &self.srq.is_some())
+            .field("rnr_retry", &self.rnr_retry)
+            .field("retry_count", &self.retry_count)
+            .field("ack_timeout", &self.ack_timeout)
+            .finish()
+    }
+}
+
+/// What a queue pair was actually created with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QpCaps {
+    /// Send queue depth.
+    pub max_send_wr: u32,
+    /// Receive queue depth (0 with a shared receive queue).
+    pub max_recv_wr: u32,
+    /// SGEs per send request.
+    pub max_send_sge: u32,
+    /// SGEs per receive request.
+    pub max_recv_sge: u32,
+    /// Inline payload limit granted.
+    pub max_inline_data: u32,
+}
+
+/// Queue pair states that matter to users (`ibv_qp_state`, reduced).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum QpState {
+    /// Connected: ready to send and receive.
+    ReadyToSend,
+    /// In error: every outstanding request is flushed with `WrFlushErr`.
+    Error,
+}
+
+/// Whether arming a notification found completions already waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Armed {
+    /// Completions are already there: poll instead of sleeping.
+    Ready,
+    /// The waker will be woken once when the next completion arrives.
+    Armed,
+}
+
+/// A device with its protection domain.
+pub trait Transport: Send + Sync + 'static {
+    /// What the device can do.
+    fn caps(&self) -> &DeviceCaps;
+
+    /// Register `mem` with `access`, exactly once per arena. The transport keeps
+    /// `mem` alive until [`Transport::deregister`] for the returned `lkey`.
+    fn register(
+        &self,
+        mem: Arc<dyn RegionMemory>,
+        access: Access,
+    ) -> Result<Registration, TransportError>;
+
+    /// Register the range `[offset, offset + len)` of `mem` on its own, e.g. to
+    /// expose only that range to a peer. Keys differ from any other registration.
+    fn register_range(
+        &self,
+        mem: Arc<dyn RegionMemory>,
+        offset: usize,
+        len: usize,
+        access: Access,
+    ) -> Result<Registration, TransportError>;
+
+    /// End a registration. Requests still naming its keys fail with protection
+    /// or access errors; no memory is touched after this returns.
+    fn deregister(&self, lkey: u32) -> Result<(), TransportError>;
+
+    /// Create a shared receive queue.
+    fn create_srq(
+        &self,
+        max_wr: u32,
+        max_sge: u32,
+    ) -> Result<Arc<dyn SharedRecvQueue>, TransportError>;
+
+    /// Listen for connections at `addr` (a name for the software device,
+    /// `ip:port` for the network transports).
+    fn listen(&self, addr: &str, config: &QpConfig) -> Result<Box<dyn Listener>, TransportError>;
+
+    /// Connect to a listener at `addr`, handing it `private_data` (at most 56 bytes).
+    fn connect(
+        &self,
+        addr: &str,
+        config: &QpConfig,
+        private_data: &[u8],
+    ) -> Result<Box<dyn QueuePair>, TransportError>;
+}
+
+/// Accepts incoming connections.
+pub trait Listener: Send {
+    /// The address peers connect to (with the port filled in when 0 was asked).
+    fn local_addr(&self) -> String;
+    /// Wait up to `timeout` for one connection; returns the queue pair and the
+    /// private data the peer connected with.
+    fn accept(&mut self, timeout: Duration) -> Result<(Box<dyn QueuePair>, Vec<u8>), TransportError>;
+}
+
+/// A reliable-connected queue pair with its completion queue.
+pub trait QueuePair: Send {
+    /// The local queue pair number.
+    fn qp_num(&self) -> u32;
+    /// What the queue pair was created with.
+    fn caps(&self) -> QpCaps;
+    /// Current state.
+    fn state(&self) -> QpState;
+    /// Post a list of send-queue requests with one doorbell. On error, the
+    /// requests before `PostError::index` were posted and the rest were not.
+    fn post_send(&mut self, wrs: &[WorkRequest<'_>]) -> Result<(), crate::error::PostError>;
+    /// Post a list of receives with one doorbell (an error if the queue pair uses
+    /// a shared receive queue).
+    fn post_recv(&mut self, wrs: &[RecvRequest<'_>]) -> Result<(), crate::error::PostError>;
+    /// Move up to `wc.len()` completions (send and receive side) into `wc`;
+    /// returns how many. Never blocks.
+    fn poll_cq(&mut self, wc: &mut [WorkCompletion]) -> usize;
+    /// Ask to be woken when the next completion arrives (`ibv_req_notify_cq`).
+    fn arm(&mut self, waker: &Waker) -> Armed;
+    /// Move to the error state, flushing outstanding requests; the peer sees
+    /// its own requests fail or flush. Idempotent.
+    fn disconnect(&mut self);
+    /// Downcast support for transport-specific extensions.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A shared receive queue (`ibv_srq`).
+pub trait SharedRecvQueue: Send + Sync {
+    /// Post receives; callable from any thread.
+    fn post_recv(&self, wrs: &[RecvRequest<'_>]) -> Result<(), crate::error::PostError>;
+    /// Downcast support for the transport that created it.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Block the calling thread until `qp` has a completion or `timeout` passes,
+/// spinning for `spin` first (waking a sleeping vCPU costs ~30 µs here).
+/// Returns how many completions were polled into `wc`.
+pub fn wait_poll(
+    qp: &mut dyn QueuePair,
+    wc: &mut [WorkCompletion],
+    spin: Duration,
+    timeout: Duration,
+) -> usize {
+    let start = std::time::Instant::now();
+    loop {
+        let n = qp.poll_cq(wc);
+        if n > 0 {
+            return n;
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            return 0;
+        }
+        if elapsed < spin {
+            std::hint::spin_loop();
+            continue;
+        }
+        let waker = crate::util::thread_waker();
+        if qp.arm(&waker) == Armed::Armed {
+            std::thread::park_timeout((timeout - elapsed).min(Duration::from_millis(50)));
+        }
+    }
+}
