@@ -36,16 +36,13 @@ pub mod transport;
 pub mod util;
 pub mod verbs;
 
-#[cfg(feature = "topology")]
-pub mod topology;
-
 pub use error::{MemError, PostError, SgeError, TransportError};
 pub use mem::{Arena, ArenaConfig, CacheConfig, HugePages, Pd, SlotMut, UnregisteredPolicy};
 pub use sge::{AddressSpace, RwPlan, RwSpan, Sge, SgeBuilder};
 pub use stats::{CopyReason, CopySnapshot, CopyStats};
 pub use transport::{
-    Armed, DeviceCaps, Listener, QpCaps, QpConfig, QpState, QueuePair, RegionMemory,
-    Registration, SharedRecvQueue, Transport,
+    Armed, DeviceCaps, Listener, QpCaps, QpConfig, QpState, QueuePair, RegionMemory, Registration,
+    SharedRecvQueue, Transport,
 };
 pub use verbs::{
     Access, Opcode, RecvRequest, RemoteRegion, SendFlags, WcOpcode, WcStatus, WorkCompletion,

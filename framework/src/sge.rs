@@ -243,8 +243,11 @@ impl<'a> SgeBuilder<'a> {
                     if len > u64::from(u32::MAX) {
                         return Err(SgeError::ChunkTooLong { len });
                     }
-                    emit(0, Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey))
-                        .map_err(|_| cross())?;
+                    emit(
+                        0,
+                        Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey),
+                    )
+                    .map_err(|_| cross())?;
                     return Ok(1);
                 }
                 // The chunk spans regions: one SGE per region if all are registered.
@@ -324,8 +327,11 @@ impl<'a> SgeBuilder<'a> {
         if len > u64::from(u32::MAX) {
             return Err(SgeError::ChunkTooLong { len });
         }
-        emit(0, Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey))
-            .map_err(|_| SgeError::CrossesRegion { addr, len })?;
+        emit(
+            0,
+            Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey),
+        )
+        .map_err(|_| SgeError::CrossesRegion { addr, len })?;
         Ok(1)
     }
 }
@@ -451,8 +457,14 @@ impl RwPlan {
                 crate::verbs::SendFlags::NONE
             };
             out.push(
-                WorkRequest::one_sided(first_wr_id + i as u64, opcode, sg, sp.remote_addr, self.rkey)
-                    .with_flags(flags),
+                WorkRequest::one_sided(
+                    first_wr_id + i as u64,
+                    opcode,
+                    sg,
+                    sp.remote_addr,
+                    self.rkey,
+                )
+                .with_flags(flags),
             );
         }
     }

@@ -71,7 +71,11 @@ impl Transport for RegistryOnly {
         &self.caps
     }
 
-    fn register(&self, mem: Arc<dyn RegionMemory>, access: Access) -> Result<Registration, TransportError> {
+    fn register(
+        &self,
+        mem: Arc<dyn RegionMemory>,
+        access: Access,
+    ) -> Result<Registration, TransportError> {
         let len = mem.len();
         self.register_range(mem, 0, len, access)
     }
@@ -84,7 +88,9 @@ impl Transport for RegistryOnly {
         access: Access,
     ) -> Result<Registration, TransportError> {
         if offset.checked_add(len).is_none_or(|e| e > mem.len()) {
-            return Err(TransportError::InvalidArgument("range outside the memory".into()));
+            return Err(TransportError::InvalidArgument(
+                "range outside the memory".into(),
+            ));
         }
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let cpu = mem.as_ptr() as u64 + offset as u64;
@@ -115,7 +121,9 @@ impl Transport for RegistryOnly {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&lkey)
             .map(|_| ())
-            .ok_or_else(|| TransportError::InvalidArgument(format!("no registration with lkey {lkey}")))
+            .ok_or_else(|| {
+                TransportError::InvalidArgument(format!("no registration with lkey {lkey}"))
+            })
     }
 
     fn create_srq(&self, _: u32, _: u32) -> Result<Arc<dyn SharedRecvQueue>, TransportError> {
@@ -126,7 +134,12 @@ impl Transport for RegistryOnly {
         Err(TransportError::Unsupported("RegistryOnly has no data path"))
     }
 
-    fn connect(&self, _: &str, _: &QpConfig, _: &[u8]) -> Result<Box<dyn QueuePair>, TransportError> {
+    fn connect(
+        &self,
+        _: &str,
+        _: &QpConfig,
+        _: &[u8],
+    ) -> Result<Box<dyn QueuePair>, TransportError> {
         Err(TransportError::Unsupported("RegistryOnly has no data path"))
     }
 }

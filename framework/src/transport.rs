@@ -237,7 +237,10 @@ pub trait Listener: Send {
     fn local_addr(&self) -> String;
     /// Wait up to `timeout` for one connection; returns the queue pair and the
     /// private data the peer connected with.
-    fn accept(&mut self, timeout: Duration) -> Result<(Box<dyn QueuePair>, Vec<u8>), TransportError>;
+    fn accept(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(Box<dyn QueuePair>, Vec<u8>), TransportError>;
 }
 
 /// A reliable-connected queue pair with its completion queue.

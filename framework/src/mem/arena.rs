@@ -79,8 +79,7 @@ pub(crate) struct ArenaInner {
 
 impl Drop for ArenaInner {
     fn drop(&mut self) {
-        self.registry
-            .remove(self.mapping.as_ptr() as u64, self.id);
+        self.registry.remove(self.mapping.as_ptr() as u64, self.id);
         if let Err(e) = self.transport.deregister(self.reg.lkey) {
             tracing::warn!(lkey = self.reg.lkey, "deregistering an arena failed: {e}");
         }
@@ -114,7 +113,10 @@ impl Arena {
         cfg: &ArenaConfig,
     ) -> Result<Arena, MemError> {
         if cfg.slots == 0 || cfg.slots > u32::MAX as usize {
-            return Err(MemError::Config(format!("slot count {} out of range", cfg.slots)));
+            return Err(MemError::Config(format!(
+                "slot count {} out of range",
+                cfg.slots
+            )));
         }
         if cfg.slot_size == 0 {
             return Err(MemError::Config("slot size is zero".into()));

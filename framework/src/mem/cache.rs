@@ -174,7 +174,10 @@ impl RegCache {
     fn drop_entry(&mut self, e: &Entry, transport: &Arc<dyn Transport>, registry: &Registry) {
         registry.remove(e.region.base, e.region.owner);
         if let Err(err) = transport.deregister(e.region.lkey) {
-            tracing::warn!(lkey = e.region.lkey, "deregistering a cached chunk failed: {err}");
+            tracing::warn!(
+                lkey = e.region.lkey,
+                "deregistering a cached chunk failed: {err}"
+            );
         }
         self.bytes -= e.region.len;
     }

@@ -100,7 +100,11 @@ impl Pd {
 
     /// Allocate and register an arena (exactly one registration).
     pub fn arena(&self, cfg: ArenaConfig) -> Result<Arena, MemError> {
-        Arena::create(self.inner.transport.clone(), self.inner.registry.clone(), &cfg)
+        Arena::create(
+            self.inner.transport.clone(),
+            self.inner.registry.clone(),
+            &cfg,
+        )
     }
 
     /// The address-to-region table.
@@ -125,7 +129,11 @@ impl Pd {
 
     /// Entries in the registration cache.
     pub fn cached_registrations(&self) -> usize {
-        self.inner.cache.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.inner
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     #[inline]

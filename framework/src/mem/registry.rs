@@ -117,7 +117,9 @@ impl Registry {
     pub fn remove(&self, base: u64, owner: u64) -> Option<RegionEntry> {
         let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.table.load_full();
-        let i = cur.iter().position(|x| x.base == base && x.owner == owner)?;
+        let i = cur
+            .iter()
+            .position(|x| x.base == base && x.owner == owner)?;
         let mut next = (*cur).clone();
         let e = next.remove(i);
         self.table.store(Arc::new(next));
@@ -156,8 +158,14 @@ mod tests {
         r.insert(e(1000, 100, 1)).unwrap();
         r.insert(e(1100, 50, 2)).unwrap();
         r.insert(e(5000, 10, 3)).unwrap();
-        assert!(matches!(r.insert(e(1050, 10, 4)), Err(MemError::Overlap { .. })));
-        assert!(matches!(r.insert(e(990, 11, 4)), Err(MemError::Overlap { .. })));
+        assert!(matches!(
+            r.insert(e(1050, 10, 4)),
+            Err(MemError::Overlap { .. })
+        ));
+        assert!(matches!(
+            r.insert(e(990, 11, 4)),
+            Err(MemError::Overlap { .. })
+        ));
         assert_eq!(r.find(999), None);
         assert_eq!(r.find(1000).unwrap().lkey, 1);
         assert_eq!(r.find(1099).unwrap().lkey, 1);

@@ -200,7 +200,9 @@ pub fn memlock_limit() -> Option<u64> {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one `rlimit`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 || r.rlim_cur == libc::RLIM_INFINITY {
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0
+        || r.rlim_cur == libc::RLIM_INFINITY
+    {
         None
     } else {
         Some(r.rlim_cur)
