@@ -119,7 +119,23 @@ impl<'a> SgeBuilder<'a> {
     /// (`rdma_fill_ib_sge_from_sgl`). A chunk spanning adjacent regions gets
     /// one SGE per region; empty chunks get none.
     pub fn list(&self, chunks: &mut [Bytes], out: &mut Vec<Sge>) -> Result<(), SgeError> {
+        // One lock-free snapshot for the whole list; the common case (a chunk
+        // inside one arena) never leaves this loop.
+        let snap = self.pd.registry().snapshot();
         for c in chunks.iter_mut() {
+            let (addr, len) = (c.as_ptr() as u64, c.len() as u64);
+            if len == 0 {
+                continue;
+            }
+            if let Some(e) = snap.find(addr) {
+                if addr + len <= e.end()
+                    && e.owner & crate::mem::CACHE_OWNER == 0
+                    && len <= u64::from(u32::MAX)
+                {
+                    out.push(Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey));
+                    continue;
+                }
+            }
             self.map_chunk(c, &mut |_, s| {
                 out.push(s);
                 Ok(())

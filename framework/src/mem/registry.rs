@@ -36,41 +36,70 @@ impl RegionEntry {
     }
 }
 
+/// The immutable table behind a snapshot: region starts in their own dense
+/// array (the binary search touches only them), entries beside it.
+#[derive(Default)]
+struct Table {
+    bases: Vec<u64>,
+    entries: Vec<RegionEntry>,
+}
+
+impl Table {
+    fn from_entries(entries: Vec<RegionEntry>) -> Table {
+        Table {
+            bases: entries.iter().map(|e| e.base).collect(),
+            entries,
+        }
+    }
+}
+
 /// A snapshot of the region table for a batch of lookups.
-pub struct Snapshot(Guard<Arc<Vec<RegionEntry>>>);
+pub struct Snapshot(Guard<Arc<Table>>);
 
 impl Snapshot {
-    /// The region containing `addr`, if any.
+    /// The region containing `addr`, if any: a branchless binary search over
+    /// the region starts.
     #[inline]
     pub fn find(&self, addr: u64) -> Option<&RegionEntry> {
-        let v: &[RegionEntry] = &self.0;
-        let i = v.partition_point(|e| e.base <= addr);
-        let e = v.get(i.checked_sub(1)?)?;
-        (addr < e.end()).then_some(e)
+        let bases = &self.0.bases;
+        let mut size = bases.len();
+        if size == 0 {
+            return None;
+        }
+        let mut lo = 0usize;
+        while size > 1 {
+            let half = size / 2;
+            let mid = lo + half;
+            // Compiles to a conditional move: no branch to mispredict.
+            lo = if bases[mid] <= addr { mid } else { lo };
+            size -= half;
+        }
+        let e = &self.0.entries[lo];
+        (e.base <= addr && addr < e.end()).then_some(e)
     }
 
     /// Number of regions.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.entries.len()
     }
 
     /// True if no region is registered.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.entries.is_empty()
     }
 }
 
 /// The address-to-region table of one protection domain.
 #[derive(Default)]
 pub struct Registry {
-    table: ArcSwap<Vec<RegionEntry>>,
+    table: ArcSwap<Table>,
     writers: Mutex<()>,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
-            .field("regions", &self.table.load().len())
+            .field("regions", &self.table.load().entries.len())
             .finish()
     }
 }
@@ -96,6 +125,7 @@ impl Registry {
     pub fn insert(&self, e: RegionEntry) -> Result<(), MemError> {
         let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.table.load_full();
+        let cur = &cur.entries;
         let i = cur.partition_point(|x| x.base < e.base);
         let overlaps_prev = i > 0 && cur[i - 1].end() > e.base;
         let overlaps_next = cur.get(i).is_some_and(|n| n.base < e.end());
@@ -109,7 +139,7 @@ impl Registry {
         next.extend_from_slice(&cur[..i]);
         next.push(e);
         next.extend_from_slice(&cur[i..]);
-        self.table.store(Arc::new(next));
+        self.table.store(Arc::new(Table::from_entries(next)));
         Ok(())
     }
 
@@ -118,17 +148,18 @@ impl Registry {
         let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
         let cur = self.table.load_full();
         let i = cur
+            .entries
             .iter()
             .position(|x| x.base == base && x.owner == owner)?;
-        let mut next = (*cur).clone();
+        let mut next = cur.entries.clone();
         let e = next.remove(i);
-        self.table.store(Arc::new(next));
+        self.table.store(Arc::new(Table::from_entries(next)));
         Some(e)
     }
 
     /// Number of regions.
     pub fn len(&self) -> usize {
-        self.table.load().len()
+        self.table.load().entries.len()
     }
 
     /// True if empty.
