@@ -32,12 +32,16 @@ pub mod mem;
 pub mod sge;
 pub mod stats;
 pub mod testing;
+#[cfg(feature = "topology")]
+pub mod topology;
 pub mod transport;
 pub mod util;
 pub mod verbs;
 
 pub use error::{MemError, PostError, SgeError, TransportError};
-pub use mem::{Arena, ArenaConfig, CacheConfig, HugePages, Pd, SlotMut, UnregisteredPolicy};
+pub use mem::{
+    Arena, ArenaConfig, CacheConfig, HugePages, Pd, Revoked, SlotMut, UnregisteredPolicy, Window,
+};
 pub use sge::{AddressSpace, RwPlan, RwSpan, Sge, SgeBuilder};
 pub use stats::{CopyReason, CopySnapshot, CopyStats};
 pub use transport::{

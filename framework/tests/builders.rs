@@ -394,3 +394,28 @@ proptest! {
         prop_assert_eq!(&split, &expect);
     }
 }
+
+#[test]
+fn a_window_is_registered_alone_and_readable_only_after_revoke() {
+    let (pd, dev) = pd(AddressSpace::Iova);
+    let mut w = pd
+        .window(
+            10_000,
+            zcmsg::Access::REMOTE_WRITE | zcmsg::Access::REMOTE_READ,
+        )
+        .unwrap();
+    w.fill(0xab);
+    assert_eq!(dev.registrations(), 1);
+    let r = w.remote();
+    assert_eq!(r.len, 10_000);
+    assert_eq!(r.addr, w.registration().iova);
+    let access = dev.access_of(w.registration().lkey).unwrap();
+    assert!(access.contains(zcmsg::Access::REMOTE_WRITE | zcmsg::Access::LOCAL_WRITE));
+    let sge = w.sge(100, 50);
+    assert_eq!(sge.addr(), r.addr + 100);
+    let revoked = w.revoke();
+    assert_eq!(dev.registrations(), 0, "revoke ends the registration");
+    let b = revoked.into_bytes();
+    assert_eq!(b.len(), 10_000);
+    assert!(b.iter().all(|&x| x == 0xab));
+}

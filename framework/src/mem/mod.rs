@@ -5,6 +5,7 @@ mod arena;
 mod cache;
 mod registry;
 pub mod sys;
+mod window;
 
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +15,7 @@ pub use arena::{Arena, ArenaConfig, SlotMut};
 pub use cache::CacheConfig;
 pub use registry::{RegionEntry, Registry, Snapshot};
 pub use sys::HugePages;
+pub use window::{Revoked, Window};
 
 use crate::error::{MemError, SgeError};
 use crate::sge::{AddressSpace, SgeBuilder};
@@ -105,6 +107,13 @@ impl Pd {
             self.inner.registry.clone(),
             &cfg,
         )
+    }
+
+    /// A buffer a peer may access remotely (`access` among REMOTE_WRITE,
+    /// REMOTE_READ, REMOTE_ATOMIC), registered on its own so only it is
+    /// exposed; read it after [`Window::revoke`].
+    pub fn window(&self, len: usize, access: crate::verbs::Access) -> Result<Window, MemError> {
+        Window::create(self.inner.transport.clone(), len, access)
     }
 
     /// The address-to-region table.

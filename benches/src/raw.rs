@@ -1,0 +1,368 @@
+//! Device-level benchmarks over the `Transport` trait: the same code measures
+//! every transport. Two queue pairs are connected through `listen`/`connect`
+//! (server side in its own thread), each driven by one busy-polling thread.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BufMut;
+use zcmsg::{
+    Access, Arena, ArenaConfig, Opcode, Pd, QpConfig, QueuePair, RecvRequest, SendFlags, SlotMut,
+    Transport, WcStatus, WorkCompletion, WorkRequest,
+};
+
+/// How to run one test.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Message size.
+    pub size: usize,
+    /// Iterations (messages).
+    pub iters: u64,
+    /// Send queue depth / most requests in flight.
+    pub tx_depth: u32,
+    /// Receives kept posted.
+    pub rx_depth: u32,
+    /// Requests per post list (one doorbell) and per signaled completion.
+    pub post_list: u32,
+    /// Use inline sends up to the queue pair's limit.
+    pub inline: bool,
+}
+
+/// Per-iteration one-way latencies (RTT/2), in nanoseconds.
+pub struct Latency {
+    /// Samples.
+    pub samples: Vec<u64>,
+}
+
+/// A throughput run.
+pub struct Bandwidth {
+    /// Messages moved.
+    pub msgs: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Wall time at the measuring side.
+    pub elapsed: Duration,
+}
+
+struct Side {
+    _pd: Pd,
+    qp: Box<dyn QueuePair>,
+    arena: Arena,
+    recv: Vec<Option<SlotMut>>,
+    wc: [WorkCompletion; 32],
+}
+
+fn qp_config(p: &Params) -> QpConfig {
+    QpConfig {
+        max_send_wr: p.tx_depth,
+        max_recv_wr: p.rx_depth,
+        max_send_sge: 1,
+        max_recv_sge: 1,
+        max_inline_data: if p.inline { 256 } else { 0 },
+        rnr_retry: 7,
+        ..QpConfig::default()
+    }
+}
+
+/// Connect two sides, the server through `listen` at `addr` in a thread.
+fn connect(
+    a: Arc<dyn Transport>,
+    b: Arc<dyn Transport>,
+    addr: &str,
+    p: &Params,
+) -> Result<(Side, Side), String> {
+    let cfg = qp_config(p);
+    let mut listener = b
+        .listen(addr, &cfg)
+        .map_err(|e| format!("listen {addr}: {e}"))?;
+    let at = listener.local_addr();
+    let acc = std::thread::spawn(move || listener.accept(Duration::from_secs(20)));
+    let qa = a
+        .connect(&at, &cfg, b"zcperf")
+        .map_err(|e| format!("connect {at}: {e}"))?;
+    let (qb, _) = acc
+        .join()
+        .map_err(|_| "accept thread panicked".to_string())?
+        .map_err(|e| format!("accept: {e}"))?;
+    let mk = |t: Arc<dyn Transport>, qp: Box<dyn QueuePair>| -> Result<Side, String> {
+        let pd = Pd::new(t);
+        let slots = (p.rx_depth + p.tx_depth + 4) as usize;
+        let arena = pd
+            .arena(ArenaConfig::new(p.size.max(64), slots))
+            .map_err(|e| format!("arena: {e}"))?;
+        Ok(Side {
+            _pd: pd,
+            qp,
+            arena,
+            recv: Vec::new(),
+            wc: [WorkCompletion::EMPTY; 32],
+        })
+    };
+    Ok((mk(a, qa)?, mk(b, qb)?))
+}
+
+impl Side {
+    fn post_receives(&mut self, n: u32) -> Result<(), String> {
+        for _ in 0..n {
+            let slot = self.arena.alloc().ok_or("out of receive slots")?;
+            let sge = [slot.sge()];
+            let id = self.recv.len() as u64;
+            self.qp
+                .post_recv(&[RecvRequest {
+                    wr_id: id,
+                    sg_list: &sge,
+                }])
+                .map_err(|e| e.to_string())?;
+            self.recv.push(Some(slot));
+        }
+        Ok(())
+    }
+
+    fn repost(&mut self, id: u64) -> Result<(), String> {
+        let slot = self.recv[id as usize].as_ref().ok_or("unknown receive")?;
+        let sge = [slot.sge()];
+        self.qp
+            .post_recv(&[RecvRequest {
+                wr_id: id,
+                sg_list: &sge,
+            }])
+            .map_err(|e| e.to_string())
+    }
+
+    fn send_slot(&self, size: usize, fill: u8) -> Result<SlotMut, String> {
+        let mut s = self.arena.alloc().ok_or("out of send slots")?;
+        s.put_bytes(fill, size);
+        Ok(s)
+    }
+}
+
+fn check(wc: &WorkCompletion) -> Result<(), String> {
+    if wc.status != WcStatus::Success {
+        return Err(format!("completion {} failed: {}", wc.wr_id, wc.status));
+    }
+    Ok(())
+}
+
+/// SEND ping-pong: one-way latency per iteration.
+pub fn send_lat(
+    a: Arc<dyn Transport>,
+    b: Arc<dyn Transport>,
+    addr: &str,
+    p: &Params,
+) -> Result<Latency, String> {
+    let (mut cli, mut srv) = connect(a, b, addr, p)?;
+    cli.post_receives(p.rx_depth.min(16))?;
+    srv.post_receives(p.rx_depth.min(16))?;
+    let size = p.size;
+    let iters = p.iters;
+    let inline = p.inline && size as u32 <= cli.qp.caps().max_inline_data;
+    let server = std::thread::spawn(move || -> Result<u64, String> {
+        let msg = srv.send_slot(size, 0x5a)?;
+        let sge = [msg.sge_filled()];
+        let mut flags = SendFlags::NONE;
+        if inline {
+            flags |= SendFlags::INLINE;
+        }
+        let mut got = 0u64;
+        let mut checksum = 0u64;
+        let mut sent = 0u64;
+        while got < iters {
+            let n = srv.qp.poll_cq(&mut srv.wc);
+            for i in 0..n {
+                let wc = srv.wc[i];
+                check(&wc)?;
+                if wc.opcode.is_recv() {
+                    got += 1;
+                    if size > 0 {
+                        let s = srv.recv[wc.wr_id as usize].as_mut().unwrap();
+                        s.set_len(wc.byte_len as usize);
+                        checksum += u64::from(s.as_slice()[0]);
+                    }
+                    srv.repost(wc.wr_id)?;
+                    sent += 1;
+                    let f = if sent % 64 == 0 {
+                        flags | SendFlags::SIGNALED
+                    } else {
+                        flags
+                    };
+                    srv.qp
+                        .post_send(&[WorkRequest::send(sent, &sge).with_flags(f)])
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        // Drain the last signaled sends so nothing is in flight at teardown.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(200) {
+            srv.qp.poll_cq(&mut srv.wc);
+        }
+        Ok(checksum)
+    });
+    let msg = cli.send_slot(size, 0xa5)?;
+    let sge = [msg.sge_filled()];
+    let mut flags = SendFlags::NONE;
+    if inline {
+        flags |= SendFlags::INLINE;
+    }
+    let mut samples = Vec::with_capacity(iters as usize);
+    let mut echoed = 0u64;
+    for it in 0..iters {
+        let t0 = Instant::now();
+        let f = if (it + 1) % 64 == 0 {
+            flags | SendFlags::SIGNALED
+        } else {
+            flags
+        };
+        cli.qp
+            .post_send(&[WorkRequest::send(it, &sge).with_flags(f)])
+            .map_err(|e| e.to_string())?;
+        let deadline = t0 + Duration::from_secs(10);
+        'wait: loop {
+            let n = cli.qp.poll_cq(&mut cli.wc);
+            for i in 0..n {
+                let wc = cli.wc[i];
+                check(&wc)?;
+                if wc.opcode.is_recv() {
+                    if size > 0 {
+                        let s = cli.recv[wc.wr_id as usize].as_mut().unwrap();
+                        s.set_len(wc.byte_len as usize);
+                        if s.as_slice().iter().any(|&b| b != 0x5a) || s.len() != size {
+                            return Err("echo corrupted".into());
+                        }
+                    }
+                    echoed += 1;
+                    cli.repost(wc.wr_id)?;
+                    samples.push(t0.elapsed().as_nanos() as u64 / 2);
+                    break 'wait;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no echo for iteration {it} within 10 s"));
+            }
+        }
+    }
+    let checksum = server.join().map_err(|_| "server panicked")??;
+    if size > 0 && checksum != 0xa5 * iters {
+        return Err("server saw corrupted data".into());
+    }
+    if echoed != iters {
+        return Err("lost echoes".into());
+    }
+    Ok(Latency { samples })
+}
+
+/// One-directional SEND (or RDMA WRITE) stream: messages per second at the sender,
+/// counted until every message is acknowledged by its completion.
+pub fn stream_bw(
+    a: Arc<dyn Transport>,
+    b: Arc<dyn Transport>,
+    addr: &str,
+    p: &Params,
+    op: Opcode,
+) -> Result<Bandwidth, String> {
+    let (mut cli, mut srv) = connect(a, b, addr, p)?;
+    let size = p.size;
+    let iters = p.iters;
+    let batch = p.post_list.max(1) as u64;
+    let window = if op == Opcode::RdmaWrite {
+        Some(
+            srv._pd
+                .window(size.max(1), Access::REMOTE_WRITE)
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        srv.post_receives(p.rx_depth)?;
+        None
+    };
+    let remote = window.as_ref().map(|w| w.remote());
+    let server = (op == Opcode::Send).then(|| {
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut got = 0u64;
+            let mut bad = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while got < iters {
+                let n = srv.qp.poll_cq(&mut srv.wc);
+                for i in 0..n {
+                    let wc = srv.wc[i];
+                    check(&wc)?;
+                    if wc.opcode.is_recv() {
+                        got += 1;
+                        let s = srv.recv[wc.wr_id as usize].as_mut().unwrap();
+                        s.set_len(wc.byte_len as usize);
+                        if s.len() != size || s.as_slice().first().is_some_and(|&b| b != 0x33) {
+                            bad += 1;
+                        }
+                        srv.repost(wc.wr_id)?;
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("receiver got {got} of {iters} in 120 s"));
+                }
+            }
+            Ok(bad)
+        })
+    });
+    let msg = cli.send_slot(size, 0x33)?;
+    let sge = [msg.sge_filled()];
+    let inline = p.inline && size as u32 <= cli.qp.caps().max_inline_data && op == Opcode::Send;
+    let mut wrs: Vec<WorkRequest<'_>> = Vec::with_capacity(batch as usize);
+    let max_batches_in_flight = (u64::from(p.tx_depth) / batch).max(1);
+    let (mut posted, mut done_batches, mut posted_batches) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    while done_batches * batch < iters {
+        while posted < iters && posted_batches - done_batches < max_batches_in_flight {
+            wrs.clear();
+            let n = batch.min(iters - posted);
+            for k in 0..n {
+                let mut f = if k + 1 == n {
+                    SendFlags::SIGNALED
+                } else {
+                    SendFlags::NONE
+                };
+                if inline {
+                    f |= SendFlags::INLINE;
+                }
+                let wr = match (op, remote) {
+                    (Opcode::RdmaWrite, Some(r)) => {
+                        WorkRequest::one_sided(posted + k, Opcode::RdmaWrite, &sge, r.addr, r.rkey)
+                    }
+                    _ => WorkRequest::send(posted + k, &sge),
+                };
+                wrs.push(wr.with_flags(f));
+            }
+            cli.qp.post_send(&wrs).map_err(|e| e.to_string())?;
+            posted += n;
+            posted_batches += 1;
+        }
+        let n = cli.qp.poll_cq(&mut cli.wc);
+        for i in 0..n {
+            check(&cli.wc[i])?;
+            done_batches += 1;
+        }
+        if posted == iters && done_batches == posted_batches {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("sender stalled".into());
+        }
+    }
+    let elapsed = start.elapsed();
+    if let Some(s) = server {
+        let bad = s.join().map_err(|_| "receiver panicked")??;
+        if bad > 0 {
+            return Err(format!("{bad} messages arrived corrupted"));
+        }
+    }
+    if let Some(w) = window {
+        let r = w.revoke();
+        if r.as_slice().iter().any(|&b| b != 0x33) {
+            return Err("RDMA WRITE target does not hold the written bytes".into());
+        }
+    }
+    Ok(Bandwidth {
+        msgs: iters,
+        bytes: iters * size as u64,
+        elapsed,
+    })
+}

@@ -1,0 +1,128 @@
+//! References measured in the same run as zcmsg, so figures are ratios on
+//! one machine at one moment: the physical floor (two cores handing one cache
+//! line back and forth), `crossbeam-channel`, an SPSC ring, and a plain
+//! `copy_from_slice`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Payload of the message-passing references: 64 bytes, like the 64 B SENDs.
+pub type Msg = [u8; 64];
+
+/// One-way latency of two threads handing an `AtomicU64` back and forth.
+pub fn atomic_pingpong(iters: u64) -> Duration {
+    #[repr(align(128))]
+    struct Line(AtomicU64);
+    let line = Arc::new(Line(AtomicU64::new(0)));
+    let peer = line.clone();
+    let t = std::thread::spawn(move || {
+        for i in 0..iters {
+            while peer.0.load(Ordering::Acquire) != 2 * i + 1 {
+                std::hint::spin_loop();
+            }
+            peer.0.store(2 * i + 2, Ordering::Release);
+        }
+    });
+    let start = Instant::now();
+    for i in 0..iters {
+        line.0.store(2 * i + 1, Ordering::Release);
+        while line.0.load(Ordering::Acquire) != 2 * i + 2 {
+            std::hint::spin_loop();
+        }
+    }
+    let el = start.elapsed();
+    t.join().unwrap();
+    el / (2 * iters as u32).max(1)
+}
+
+/// One-way latency of a 64-byte message over two bounded crossbeam channels.
+pub fn crossbeam_pingpong(iters: u64) -> Duration {
+    let (tx_a, rx_a) = crossbeam_channel::bounded::<Msg>(1);
+    let (tx_b, rx_b) = crossbeam_channel::bounded::<Msg>(1);
+    let t = std::thread::spawn(move || {
+        for _ in 0..iters {
+            let m = rx_a.recv().unwrap();
+            tx_b.send(m).unwrap();
+        }
+    });
+    let start = Instant::now();
+    let mut m = [7u8; 64];
+    for i in 0..iters {
+        m[0] = i as u8;
+        tx_a.send(m).unwrap();
+        m = rx_b.recv().unwrap();
+    }
+    let el = start.elapsed();
+    t.join().unwrap();
+    el / (2 * iters as u32).max(1)
+}
+
+/// Messages per second of 64-byte messages through a bounded crossbeam channel.
+pub fn crossbeam_msgrate(iters: u64) -> f64 {
+    let (tx, rx) = crossbeam_channel::bounded::<Msg>(1024);
+    let t = std::thread::spawn(move || {
+        let mut sum = 0u64;
+        for _ in 0..iters {
+            sum += u64::from(rx.recv().unwrap()[0]);
+        }
+        sum
+    });
+    let start = Instant::now();
+    let mut m = [1u8; 64];
+    for i in 0..iters {
+        m[0] = i as u8;
+        tx.send(m).unwrap();
+    }
+    t.join().unwrap();
+    iters as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Messages per second of 64-byte messages through an SPSC ring (`rtrb`).
+pub fn spsc_msgrate(iters: u64) -> f64 {
+    let (mut p, mut c) = rtrb::RingBuffer::<Msg>::new(1024);
+    let t = std::thread::spawn(move || {
+        let mut got = 0u64;
+        let mut sum = 0u64;
+        while got < iters {
+            match c.pop() {
+                Ok(m) => {
+                    sum += u64::from(m[0]);
+                    got += 1;
+                }
+                Err(_) => std::hint::spin_loop(),
+            }
+        }
+        sum
+    });
+    let start = Instant::now();
+    let mut m = [1u8; 64];
+    for i in 0..iters {
+        m[0] = i as u8;
+        while p.push(m).is_err() {
+            std::hint::spin_loop();
+        }
+    }
+    t.join().unwrap();
+    iters as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Bytes per second of `copy_from_slice` of `size` bytes between two
+/// page-aligned buffers (the floor of any device that copies).
+pub fn copy_bw(size: usize, iters: u64) -> f64 {
+    let mut a = vec![0u8; size + 4096];
+    let mut b = vec![0u8; size + 4096];
+    let (oa, ob) = (a.as_ptr().align_offset(4096), b.as_ptr().align_offset(4096));
+    let src = &mut a[oa..oa + size];
+    let dst = &mut b[ob..ob + size];
+    for (i, x) in src.iter_mut().enumerate() {
+        *x = i as u8;
+    }
+    let start = Instant::now();
+    for i in 0..iters {
+        src[0] = i as u8;
+        dst.copy_from_slice(src);
+        std::hint::black_box(&mut *dst);
+    }
+    size as f64 * iters as f64 / start.elapsed().as_secs_f64()
+}

@@ -1,0 +1,87 @@
+//! perftest-style output: the same column names, so figures line up with
+//! `ib_send_lat` / `ib_write_bw` runs on the same machine.
+
+use hdrhistogram::Histogram;
+
+/// Print perftest's latency header.
+pub fn lat_header() {
+    println!(
+        " {:<10} {:<12} {:>12} {:>12} {:>16} {:>12} {:>14} {:>22} {:>24}",
+        "#bytes",
+        "#iterations",
+        "t_min[usec]",
+        "t_max[usec]",
+        "t_typical[usec]",
+        "t_avg[usec]",
+        "t_stdev[usec]",
+        "99% percentile[usec]",
+        "99.9% percentile[usec]"
+    );
+}
+
+/// Summary of latency samples in nanoseconds.
+pub struct LatSummary {
+    /// Minimum (µs).
+    pub min: f64,
+    /// Maximum (µs).
+    pub max: f64,
+    /// Median, perftest's "typical" (µs).
+    pub typical: f64,
+    /// Mean (µs).
+    pub avg: f64,
+    /// Standard deviation (µs).
+    pub stdev: f64,
+    /// 99th percentile (µs).
+    pub p99: f64,
+    /// 99.9th percentile (µs).
+    pub p999: f64,
+}
+
+/// Summarize samples (ns), dropping the first 1% as warm-up like perftest's cycle skipping.
+pub fn summarize(samples: &[u64]) -> LatSummary {
+    let skip = samples.len() / 100;
+    let s = &samples[skip..];
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds");
+    for &v in s {
+        h.record(v.max(1)).ok();
+    }
+    let us = |ns: u64| ns as f64 / 1000.0;
+    LatSummary {
+        min: us(h.min()),
+        max: us(h.max()),
+        typical: us(h.value_at_quantile(0.5)),
+        avg: h.mean() / 1000.0,
+        stdev: h.stdev() / 1000.0,
+        p99: us(h.value_at_quantile(0.99)),
+        p999: us(h.value_at_quantile(0.999)),
+    }
+}
+
+/// Print one latency row.
+pub fn lat_row(size: usize, iters: u64, s: &LatSummary) {
+    println!(
+        " {:<10} {:<12} {:>12.2} {:>12.2} {:>16.2} {:>12.2} {:>14.2} {:>22.2} {:>24.2}",
+        size, iters, s.min, s.max, s.typical, s.avg, s.stdev, s.p99, s.p999
+    );
+}
+
+/// Print perftest's bandwidth header.
+pub fn bw_header() {
+    println!(
+        " {:<10} {:<14} {:>18} {:>20} {:>16}",
+        "#bytes", "#iterations", "BW peak[MB/sec]", "BW average[MB/sec]", "MsgRate[Mpps]"
+    );
+}
+
+/// Print one bandwidth row (perftest's MB is 2^20 bytes).
+pub fn bw_row(size: usize, iters: u64, bytes_per_sec: f64, msgs_per_sec: f64) {
+    let mb = bytes_per_sec / 1_048_576.0;
+    println!(
+        " {:<10} {:<14} {:>18.2} {:>20.2} {:>16.6}",
+        size,
+        iters,
+        mb,
+        mb,
+        msgs_per_sec / 1e6
+    );
+}

@@ -1,0 +1,156 @@
+//! Memory a peer may write: exposed windows.
+//!
+//! A window is registered with remote access and is never handed to the
+//! application as `Bytes` while exposed: a peer's write into memory Rust code
+//! reads through `&[u8]` would be a data race. The owner reads it only after
+//! [`Window::revoke`], which deregisters it (the peer's key stops working,
+//! and the device touches the memory no more), returning a [`Revoked`] buffer
+//! that can be read or turned into `Bytes` without a copy.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::sys::{HugePages, Mapping};
+use crate::error::MemError;
+use crate::sge::{AddressSpace, Sge};
+use crate::transport::{RegionMemory, Registration, Transport};
+use crate::verbs::{Access, RemoteRegion};
+
+/// A registered buffer exposed to peers (remote write, read or atomics).
+pub struct Window {
+    mapping: Arc<Mapping>,
+    len: usize,
+    reg: Registration,
+    access: Access,
+    transport: Arc<dyn Transport>,
+    live: bool,
+}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Window")
+            .field("len", &self.len)
+            .field("rkey", &self.reg.rkey)
+            .field("access", &self.access)
+            .finish()
+    }
+}
+
+impl Window {
+    pub(crate) fn create(
+        transport: Arc<dyn Transport>,
+        len: usize,
+        access: Access,
+    ) -> Result<Window, MemError> {
+        let mapping = Arc::new(Mapping::new(len.max(1), HugePages::Auto, None)?);
+        let access = access | Access::LOCAL_WRITE;
+        let reg =
+            transport.register_range(mapping.clone() as Arc<dyn RegionMemory>, 0, len, access)?;
+        Ok(Window {
+            mapping,
+            len,
+            reg,
+            access,
+            transport,
+            live: true,
+        })
+    }
+
+    /// What to hand the peer: address in this device's address space, length, rkey.
+    pub fn remote(&self) -> RemoteRegion {
+        RemoteRegion {
+            addr: self.reg.iova,
+            len: self.len as u64,
+            rkey: self.reg.rkey,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True if empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The registration.
+    pub fn registration(&self) -> Registration {
+        self.reg
+    }
+
+    /// An SGE over `[off, off + len)`, for local use (e.g. as the target of an
+    /// RDMA READ or an atomic's result).
+    ///
+    /// # Panics
+    /// If the range is outside the window.
+    pub fn sge(&self, off: usize, len: usize) -> Sge {
+        assert!(off.checked_add(len).is_some_and(|e| e <= self.len));
+        let addr = match self.transport.caps().address_space {
+            AddressSpace::Cpu => self.mapping.as_ptr() as u64 + off as u64,
+            AddressSpace::Iova => self.reg.iova + off as u64,
+        };
+        Sge::new(addr, len as u32, self.reg.lkey)
+    }
+
+    /// Fill the window before exposing it (no peer can write it yet only if it
+    /// has not been handed out: callers fill first, then send `remote()`).
+    pub fn fill(&mut self, byte: u8) {
+        // SAFETY: `&mut self`; the device writes only on a peer's request,
+        // and the caller fills before handing out the remote key.
+        unsafe { std::ptr::write_bytes(self.mapping.as_ptr(), byte, self.len) };
+    }
+
+    /// End the peer's access: deregister, so the device touches the memory no
+    /// more and the key is dead. The bytes are then safe to read.
+    pub fn revoke(mut self) -> Revoked {
+        self.end();
+        Revoked {
+            mapping: self.mapping.clone(),
+            len: self.len,
+        }
+    }
+
+    fn end(&mut self) {
+        if self.live {
+            self.live = false;
+            if let Err(e) = self.transport.deregister(self.reg.lkey) {
+                tracing::warn!(lkey = self.reg.lkey, "revoking a window failed: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// A window whose exposure has ended: plain memory, readable.
+pub struct Revoked {
+    mapping: Arc<Mapping>,
+    len: usize,
+}
+
+impl Revoked {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: deregistered, so no device writes it; the mapping lives as
+        // long as `self` and is initialized.
+        unsafe { std::slice::from_raw_parts(self.mapping.as_ptr(), self.len) }
+    }
+
+    /// The bytes as `Bytes`, without a copy.
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for Revoked {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
