@@ -27,8 +27,11 @@
 //! assert_eq!(pd.stats().snapshot().total_bytes(), 0); // zero copies
 //! ```
 
+pub mod endpoint;
 pub mod error;
 pub mod mem;
+pub mod proto;
+pub mod rpc;
 pub mod sge;
 pub mod stats;
 pub mod testing;
@@ -38,10 +41,13 @@ pub mod transport;
 pub mod util;
 pub mod verbs;
 
+pub use endpoint::{Endpoint, EndpointConfig, EndpointError, Recv};
 pub use error::{MemError, PostError, SgeError, TransportError};
 pub use mem::{
     Arena, ArenaConfig, CacheConfig, HugePages, Pd, Revoked, SlotMut, UnregisteredPolicy, Window,
 };
+pub use proto::{ConnError, Msg, Outcome, ProtoConfig, SendError};
+pub use rpc::{BulkCtx, Reply, Rpc, RpcError};
 pub use sge::{AddressSpace, RwPlan, RwSpan, Sge, SgeBuilder};
 pub use stats::{CopyReason, CopySnapshot, CopyStats};
 pub use transport::{

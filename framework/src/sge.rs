@@ -50,6 +50,17 @@ impl Sge {
     pub const fn new(addr: u64, length: u32, lkey: u32) -> Sge {
         Sge { addr, length, lkey }
     }
+    /// An SGE for an inline send: the CPU address of `data`, no key. Devices
+    /// copy inline payloads at post time from CPU addresses in every address
+    /// space, so this is the one SGE that names unregistered memory.
+    #[inline]
+    pub fn inline(data: &[u8]) -> Sge {
+        Sge {
+            addr: data.as_ptr() as u64,
+            length: data.len() as u32,
+            lkey: 0,
+        }
+    }
     /// Address in the device's address space.
     #[inline]
     pub const fn addr(&self) -> u64 {

@@ -56,6 +56,118 @@ impl RegistryOnly {
         self.regions.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Copy the bytes `sg_list` names (CPU address space), checking every SGE
+    /// against the registration its `lkey` names; `inline` skips the key check
+    /// (inline SGEs name unregistered memory the caller guarantees is live).
+    pub fn gather(
+        &self,
+        sg_list: &[crate::sge::Sge],
+        inline: bool,
+    ) -> Result<Vec<u8>, crate::verbs::WcStatus> {
+        let mut out = Vec::new();
+        for s in sg_list {
+            if inline {
+                // SAFETY: inline SGEs point at live memory of the poster for
+                // the duration of the post (the contract of inline sends).
+                out.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(s.addr() as *const u8, s.length() as usize)
+                });
+                continue;
+            }
+            let (ptr, _keep) = self.check(s.lkey(), s.addr(), u64::from(s.length()), None)?;
+            // SAFETY: `check` proved the range lies inside a registered region
+            // whose memory this device keeps alive.
+            out.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, s.length() as usize) });
+        }
+        Ok(out)
+    }
+
+    /// Write `data` into the memory `sg_list` names (needs LOCAL_WRITE);
+    /// returns bytes written, or `LocLenErr` if it does not fit.
+    pub fn scatter(
+        &self,
+        sg_list: &[crate::sge::Sge],
+        data: &[u8],
+    ) -> Result<usize, crate::verbs::WcStatus> {
+        let cap: u64 = sg_list.iter().map(|s| u64::from(s.length())).sum();
+        if (data.len() as u64) > cap {
+            return Err(crate::verbs::WcStatus::LocLenErr);
+        }
+        let mut off = 0usize;
+        for s in sg_list {
+            if off == data.len() {
+                break;
+            }
+            let n = (s.length() as usize).min(data.len() - off);
+            let (ptr, _keep) =
+                self.check(s.lkey(), s.addr(), n as u64, Some(Access::LOCAL_WRITE))?;
+            // SAFETY: the range is inside a registered, writable region kept
+            // alive by this device; the poster does not touch it until the
+            // completion.
+            unsafe { std::ptr::copy_nonoverlapping(data[off..].as_ptr(), ptr, n) };
+            off += n;
+        }
+        Ok(off)
+    }
+
+    /// Read `len` bytes at `addr` of the registration with remote key `rkey`.
+    pub fn read_remote(
+        &self,
+        rkey: u32,
+        addr: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, crate::verbs::WcStatus> {
+        let (ptr, _keep) = self
+            .check(rkey, addr, len, Some(Access::REMOTE_READ))
+            .map_err(|_| crate::verbs::WcStatus::RemAccessErr)?;
+        // SAFETY: checked inside a live registered region.
+        Ok(unsafe { std::slice::from_raw_parts(ptr, len as usize) }.to_vec())
+    }
+
+    /// Write `data` at `addr` of the registration with remote key `rkey`.
+    pub fn write_remote(
+        &self,
+        rkey: u32,
+        addr: u64,
+        data: &[u8],
+    ) -> Result<(), crate::verbs::WcStatus> {
+        let (ptr, _keep) = self
+            .check(rkey, addr, data.len() as u64, Some(Access::REMOTE_WRITE))
+            .map_err(|_| crate::verbs::WcStatus::RemAccessErr)?;
+        // SAFETY: checked inside a live registered, remote-writable region.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
+        Ok(())
+    }
+
+    fn check(
+        &self,
+        key: u32,
+        addr: u64,
+        len: u64,
+        need: Option<Access>,
+    ) -> Result<(*mut u8, Arc<dyn RegionMemory>), crate::verbs::WcStatus> {
+        let regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
+        let (mem, off, rlen, access) = regions
+            .get(&key)
+            .ok_or(crate::verbs::WcStatus::LocProtErr)?;
+        if self.caps.address_space != AddressSpace::Cpu {
+            return Err(crate::verbs::WcStatus::LocProtErr);
+        }
+        let base = mem.as_ptr() as u64 + *off as u64;
+        let end = addr
+            .checked_add(len)
+            .ok_or(crate::verbs::WcStatus::LocProtErr)?;
+        if addr < base || end > base + *rlen as u64 {
+            return Err(crate::verbs::WcStatus::LocProtErr);
+        }
+        if let Some(n) = need {
+            if !access.contains(n) {
+                return Err(crate::verbs::WcStatus::LocProtErr);
+            }
+        }
+        Ok((addr as *mut u8, mem.clone()))
+    }
+
     /// Access of the registration with `lkey`.
     pub fn access_of(&self, lkey: u32) -> Option<Access> {
         self.regions

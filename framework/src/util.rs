@@ -19,3 +19,68 @@ impl Wake for ThreadWaker {
 pub fn thread_waker() -> Waker {
     Waker::from(Arc::new(ThreadWaker(std::thread::current())))
 }
+
+use std::collections::BinaryHeap;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::Instant;
+
+struct Timer {
+    heap: Mutex<BinaryHeap<Entry>>,
+    cv: Condvar,
+}
+
+struct Entry(Instant, Waker);
+
+impl PartialEq for Entry {
+    fn eq(&self, o: &Self) -> bool {
+        self.0 == o.0
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        o.0.cmp(&self.0) // min-heap on the deadline
+    }
+}
+
+fn timer() -> &'static Timer {
+    static T: OnceLock<&'static Timer> = OnceLock::new();
+    T.get_or_init(|| {
+        let t: &'static Timer = Box::leak(Box::new(Timer {
+            heap: Mutex::new(BinaryHeap::new()),
+            cv: Condvar::new(),
+        }));
+        std::thread::Builder::new()
+            .name("zcmsg-timer".into())
+            .spawn(move || loop {
+                let mut h = t.heap.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                while h.peek().is_some_and(|e| e.0 <= now) {
+                    if let Some(e) = h.pop() {
+                        e.1.wake();
+                    }
+                }
+                let wait = h.peek().map(|e| e.0 - now);
+                match wait {
+                    Some(d) => drop(t.cv.wait_timeout(h, d)),
+                    None => drop(t.cv.wait(h)),
+                }
+            })
+            .ok();
+        t
+    })
+}
+
+/// Wake `waker` at `when` (coarse: a shared timer thread). Async endpoints
+/// use it for heartbeats and idle credit returns while no completion arrives.
+pub fn wake_at(waker: Waker, when: Instant) {
+    let t = timer();
+    let mut h = t.heap.lock().unwrap_or_else(|p| p.into_inner());
+    h.push(Entry(when, waker));
+    t.cv.notify_one();
+}

@@ -37,7 +37,7 @@ impl Default for CacheConfig {
     }
 }
 
-struct BytesMemory(Bytes);
+pub(crate) struct BytesMemory(pub(crate) Bytes);
 
 // SAFETY: `Bytes` memory is immutable and lives as long as the clone we hold;
 // the registration is read-only, so the device never writes it.

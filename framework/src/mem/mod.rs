@@ -15,7 +15,7 @@ pub use arena::{Arena, ArenaConfig, SlotMut};
 pub use cache::CacheConfig;
 pub use registry::{RegionEntry, Registry, Snapshot};
 pub use sys::HugePages;
-pub use window::{Revoked, Window};
+pub use window::{Exposure, Revoked, Window};
 
 use crate::error::{MemError, SgeError};
 use crate::sge::{AddressSpace, SgeBuilder};
@@ -114,6 +114,13 @@ impl Pd {
     /// exposed; read it after [`Window::revoke`].
     pub fn window(&self, len: usize, access: crate::verbs::Access) -> Result<Window, MemError> {
         Window::create(self.inner.transport.clone(), len, access)
+    }
+
+    /// Expose the bytes of `chunk` (and nothing else) to peers for RDMA READ
+    /// until the returned handle drops. `Bytes` are immutable, so reads race
+    /// with nothing.
+    pub fn expose_bytes(&self, chunk: &Bytes) -> Result<Exposure, MemError> {
+        Exposure::create(self.inner.transport.clone(), chunk)
     }
 
     /// The address-to-region table.

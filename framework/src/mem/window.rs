@@ -154,3 +154,44 @@ impl AsRef<[u8]> for Revoked {
         self.as_slice()
     }
 }
+
+/// Immutable `Bytes` exposed to a peer for RDMA READ (rendezvous sends): a
+/// registration of exactly the chunk's bytes, held until dropped.
+pub struct Exposure {
+    reg: Registration,
+    len: u64,
+    transport: Arc<dyn Transport>,
+}
+
+impl Exposure {
+    pub(crate) fn create(
+        transport: Arc<dyn Transport>,
+        chunk: &Bytes,
+    ) -> Result<Exposure, MemError> {
+        let mem = Arc::new(super::cache::BytesMemory(chunk.clone()));
+        let len = chunk.len();
+        let reg = transport.register_range(mem, 0, len, Access::REMOTE_READ)?;
+        Ok(Exposure {
+            reg,
+            len: len as u64,
+            transport,
+        })
+    }
+
+    /// What the peer reads.
+    pub fn remote(&self) -> RemoteRegion {
+        RemoteRegion {
+            addr: self.reg.iova,
+            len: self.len,
+            rkey: self.reg.rkey,
+        }
+    }
+}
+
+impl Drop for Exposure {
+    fn drop(&mut self) {
+        if let Err(e) = self.transport.deregister(self.reg.lkey) {
+            tracing::warn!(lkey = self.reg.lkey, "ending an exposure failed: {e}");
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! Endpoints: the protocol core driven over a queue pair.
+//!
+//! An [`Endpoint`] owns one connection: its queue pair, its registered
+//! receive slots and the sans-IO [`Connection`]. It is driven by whoever holds
+//! it (`&mut self`): no lock, no background thread. Three ways to wait:
+//! - busy polling: call [`Endpoint::progress`] in a loop (lowest latency);
+//! - blocking: [`Endpoint::recv_timeout`] / [`Endpoint::wait`] spin briefly, then
+//!   sleep on the transport's readiness hook (`QueuePair::arm`);
+//! - async: [`Endpoint::send`], [`Endpoint::recv`], [`Endpoint::close`] are
+//!   runtime-agnostic futures that arm the queue pair with the task's waker
+//!   (and a coarse timer for heartbeats), tested under tokio.
+//!
+//! Receive is zero-copy: [`Endpoint::try_recv`] returns `Bytes` pointing into
+//! the registered receive slot; dropping it (on any thread) returns the slot,
+//! which the progress loop reposts and turns into a credit for the peer.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::poll_fn;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::error::TransportError;
+use crate::mem::{Pd, SlotMut};
+use crate::proto::{ConnError, Connection, Event, Limits, Msg, Outcome, ProtoConfig, SendError};
+use crate::stats::CopySnapshot;
+use crate::transport::{Armed, Listener, QpConfig, QueuePair};
+use crate::verbs::{RecvRequest, RemoteRegion, WcStatus, WorkCompletion, WorkRequest};
+
+/// Settings of an endpoint.
+#[derive(Clone, Debug)]
+pub struct EndpointConfig {
+    /// Protocol settings.
+    pub proto: ProtoConfig,
+    /// Queue pair settings.
+    pub qp: QpConfig,
+    /// Spin this long before sleeping in blocking waits.
+    pub spin: Duration,
+    /// How long `connect`/`accept` wait for the peer's handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        let proto = ProtoConfig::default();
+        EndpointConfig {
+            qp: QpConfig {
+                max_send_wr: 256,
+                max_recv_wr: proto.recv_slots + proto.reserve,
+                max_send_sge: 8,
+                max_recv_sge: 1,
+                max_inline_data: 64,
+                rnr_retry: 7,
+                ..QpConfig::default()
+            },
+            proto,
+            spin: Duration::from_micros(50),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors of endpoint setup and receive.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointError {
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Memory for the endpoint could not be set up.
+    #[error(transparent)]
+    Mem(#[from] crate::error::MemError),
+    /// The connection failed.
+    #[error("connection failed: {0}")]
+    Conn(ConnError),
+    /// No handshake within the timeout.
+    #[error("no handshake from the peer within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// A wait ran out.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// What a receive found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recv {
+    /// A message.
+    Message(Bytes),
+    /// The peer closed: nothing more will come.
+    Eos,
+}
+
+/// A connected messaging endpoint.
+pub struct Endpoint {
+    pd: Pd,
+    qp: Box<dyn QueuePair>,
+    conn: Connection,
+    wc: Vec<WorkCompletion>,
+    received: VecDeque<Bytes>,
+    awaited: HashSet<u64>,
+    outcomes: HashMap<u64, Outcome>,
+    ops: HashMap<u64, (WcStatus, Option<SlotMut>)>,
+    eos: bool,
+    failed: Option<ConnError>,
+    next_tick: Instant,
+    tick_every: Duration,
+    spin: Duration,
+    sent_total: u64,
+    recv_total: u64,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("qp_num", &self.qp.qp_num())
+            .field("open", &self.conn.is_open())
+            .field("eos", &self.eos)
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// Connect to a listener at `addr` and complete the handshake.
+    pub fn connect(pd: &Pd, addr: &str, cfg: &EndpointConfig) -> Result<Endpoint, EndpointError> {
+        let qp = pd.transport().connect(addr, &cfg.qp, b"zcmsg\x01")?;
+        Self::establish(pd, qp, cfg)
+    }
+
+    /// Accept one connection from `listener` and complete the handshake.
+    pub fn accept(
+        pd: &Pd,
+        listener: &mut dyn Listener,
+        cfg: &EndpointConfig,
+    ) -> Result<Endpoint, EndpointError> {
+        let (qp, _private) = listener.accept(cfg.qp.connect_timeout)?;
+        Self::establish(pd, qp, cfg)
+    }
+
+    /// Start the protocol on an already connected queue pair and wait for the handshake.
+    pub fn establish(
+        pd: &Pd,
+        qp: Box<dyn QueuePair>,
+        cfg: &EndpointConfig,
+    ) -> Result<Endpoint, EndpointError> {
+        let mut ep = Self::start(pd, qp, cfg)?;
+        let deadline = Instant::now() + cfg.handshake_timeout;
+        while !ep.conn.is_open() {
+            ep.progress();
+            if let Some(e) = &ep.failed {
+                return Err(EndpointError::Conn(e.clone()));
+            }
+            if Instant::now() > deadline {
+                return Err(EndpointError::HandshakeTimeout(cfg.handshake_timeout));
+            }
+            ep.sleep_briefly(Instant::now());
+        }
+        Ok(ep)
+    }
+
+    /// Start the protocol without waiting for the handshake (it completes in `progress`).
+    pub fn start(
+        pd: &Pd,
+        qp: Box<dyn QueuePair>,
+        cfg: &EndpointConfig,
+    ) -> Result<Endpoint, EndpointError> {
+        let caps = pd.caps();
+        let q = qp.caps();
+        let lim = Limits {
+            max_send_wr: q.max_send_wr,
+            max_send_sge: q.max_send_sge,
+            max_sge_rd: caps.max_sge_rd.min(q.max_send_sge),
+            max_msg_sz: caps.max_msg_sz,
+            max_inline_data: q.max_inline_data,
+        };
+        let mut proto = cfg.proto.clone();
+        proto.slot_size = proto.slot_size.min(caps.max_msg_sz as usize);
+        let now = Instant::now();
+        let conn = Connection::new(pd.clone(), proto.clone(), lim, now)?;
+        let tick_every = (proto.heartbeat_interval / 4).max(Duration::from_millis(1));
+        let mut ep = Endpoint {
+            pd: pd.clone(),
+            qp,
+            conn,
+            wc: vec![WorkCompletion::EMPTY; 64],
+            received: VecDeque::with_capacity(proto.recv_slots as usize),
+            awaited: HashSet::new(),
+            outcomes: HashMap::new(),
+            ops: HashMap::new(),
+            eos: false,
+            failed: None,
+            next_tick: now + tick_every,
+            tick_every,
+            spin: cfg.spin,
+            sent_total: 0,
+            recv_total: 0,
+        };
+        ep.flush();
+        Ok(ep)
+    }
+
+    /// The protection domain.
+    pub fn pd(&self) -> &Pd {
+        &self.pd
+    }
+
+    /// Copies the framework made for everything built against this endpoint's PD.
+    pub fn copies(&self) -> CopySnapshot {
+        self.pd.stats().snapshot()
+    }
+
+    /// Largest message sent eagerly; larger ones go by rendezvous.
+    pub fn eager_limit(&self) -> usize {
+        self.conn.eager_limit()
+    }
+
+    /// Messages received so far.
+    pub fn received_count(&self) -> u64 {
+        self.recv_total
+    }
+
+    /// Do all work that is ready: poll completions, run timers, post. Returns
+    /// true if anything happened. Never blocks.
+    pub fn progress(&mut self) -> bool {
+        let now = Instant::now();
+        let mut did = false;
+        loop {
+            let n = self.qp.poll_cq(&mut self.wc);
+            if n == 0 {
+                break;
+            }
+            did = true;
+            for i in 0..n {
+                let wc = self.wc[i];
+                self.conn.on_completion(&wc, now);
+            }
+            if n < self.wc.len() {
+                break;
+            }
+        }
+        if now >= self.next_tick {
+            self.conn.on_tick(now);
+            self.next_tick = now + self.tick_every;
+        }
+        did |= self.flush();
+        did |= self.drain_events();
+        did
+    }
+
+    /// Post what the protocol has ready, one doorbell per queue.
+    fn flush(&mut self) -> bool {
+        let now = Instant::now();
+        let tx = self.conn.transmit(now);
+        if tx.is_empty() {
+            return false;
+        }
+        // Post from stack batches: no allocation per post, one doorbell per batch.
+        const BATCH: usize = 32;
+        let mut result = Ok(());
+        for chunk in tx.recvs.chunks(BATCH) {
+            let mut sg = [[crate::sge::Sge::default(); 1]; BATCH];
+            for (d, r) in sg.iter_mut().zip(chunk) {
+                d[0] = r.sge;
+            }
+            let mut wrs = [RecvRequest {
+                wr_id: 0,
+                sg_list: &[],
+            }; BATCH];
+            for ((w, r), s) in wrs.iter_mut().zip(chunk).zip(sg.iter()) {
+                *w = RecvRequest {
+                    wr_id: r.wr_id,
+                    sg_list: s,
+                };
+            }
+            if let Err(e) = self.qp.post_recv(&wrs[..chunk.len()]) {
+                result = Err(e.to_string());
+                break;
+            }
+        }
+        if result.is_ok() {
+            for chunk in tx.sends.chunks(BATCH) {
+                let mut wrs = [WorkRequest::send(0, &[]); BATCH];
+                for (w, s) in wrs.iter_mut().zip(chunk) {
+                    *w = WorkRequest::one_sided(
+                        s.wr_id,
+                        s.opcode,
+                        &tx.sges[s.sge_start as usize..(s.sge_start + s.sge_count) as usize],
+                        s.remote_addr,
+                        s.rkey,
+                    )
+                    .with_flags(s.flags);
+                }
+                if let Err(e) = self.qp.post_send(&wrs[..chunk.len()]) {
+                    result = Err(e.to_string());
+                    break;
+                }
+            }
+        }
+        if let Err(e) = result {
+            self.conn.fail(ConnError::Post(e), Outcome::Unknown);
+        }
+        true
+    }
+
+    fn drain_events(&mut self) -> bool {
+        let mut did = false;
+        while let Some(ev) = self.conn.poll_event() {
+            did = true;
+            match ev {
+                Event::Connected => {}
+                Event::Message(b) => {
+                    self.recv_total += 1;
+                    self.received.push_back(b);
+                }
+                Event::Sent { id, outcome } => {
+                    self.sent_total += 1;
+                    if self.awaited.remove(&id) {
+                        self.outcomes.insert(id, outcome);
+                    }
+                }
+                Event::OpDone { id, status, data } => {
+                    self.ops.insert(id, (status, data));
+                }
+                Event::PeerClosed => self.eos = true,
+                Event::Failed(e) => {
+                    tracing::debug!("endpoint failed: {e}");
+                    self.failed = Some(e);
+                }
+            }
+        }
+        did
+    }
+
+    /// Queue a message without waiting; returns its id. Its outcome is not
+    /// tracked (use [`Endpoint::send`] to learn it).
+    pub fn try_send(&mut self, msg: impl Into<Msg>) -> Result<u64, SendError> {
+        if let Some(e) = &self.failed {
+            return Err(SendError::Failed(e.clone()));
+        }
+        let id = self.conn.send(msg)?;
+        self.flush();
+        Ok(id)
+    }
+
+    /// Take a received message if one is there (after making progress).
+    /// `Ok(None)`: nothing yet. `Ok(Some(Recv::Eos))`: the peer closed.
+    pub fn try_recv(&mut self) -> Result<Option<Recv>, EndpointError> {
+        if self.received.is_empty() {
+            self.progress();
+        }
+        if let Some(b) = self.received.pop_front() {
+            // Returning slots early keeps the peer's credits flowing.
+            return Ok(Some(Recv::Message(b)));
+        }
+        if self.eos {
+            return Ok(Some(Recv::Eos));
+        }
+        if let Some(e) = &self.failed {
+            return Err(EndpointError::Conn(e.clone()));
+        }
+        Ok(None)
+    }
+
+    /// Block up to `timeout` for a message: spin first, then sleep on the
+    /// transport's readiness hook.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Recv, EndpointError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.try_recv()? {
+                return Ok(r);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(EndpointError::Timeout(timeout));
+            }
+            if now + self.spin < deadline {
+                self.spin_or_sleep(deadline);
+            }
+        }
+    }
+
+    /// Make progress until `done(self)` or `timeout`.
+    pub fn wait(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&mut Endpoint) -> bool,
+    ) -> Result<(), EndpointError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.progress();
+            if done(self) {
+                return Ok(());
+            }
+            if let Some(e) = &self.failed {
+                return Err(EndpointError::Conn(e.clone()));
+            }
+            if Instant::now() >= deadline {
+                return Err(EndpointError::Timeout(timeout));
+            }
+            self.spin_or_sleep(deadline);
+        }
+    }
+
+    fn spin_or_sleep(&mut self, deadline: Instant) {
+        let start = Instant::now();
+        while start.elapsed() < self.spin {
+            if self.progress() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        let waker = crate::util::thread_waker();
+        if self.qp.arm(&waker) == Armed::Armed {
+            let until = deadline.min(self.next_tick);
+            std::thread::park_timeout(until.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    fn sleep_briefly(&mut self, now: Instant) {
+        self.spin_or_sleep(now + Duration::from_millis(5));
+    }
+
+    /// Send a message and wait (asynchronously) for its outcome.
+    pub async fn send(&mut self, msg: impl Into<Msg>) -> Result<Outcome, SendError> {
+        if let Some(e) = &self.failed {
+            return Err(SendError::Failed(e.clone()));
+        }
+        let id = self.conn.send(msg)?;
+        self.awaited.insert(id);
+        self.flush();
+        let out = poll_fn(|cx| {
+            self.progress();
+            if let Some(o) = self.outcomes.remove(&id) {
+                return Poll::Ready(o);
+            }
+            self.park_task(cx);
+            Poll::Pending
+        })
+        .await;
+        Ok(out)
+    }
+
+    /// Receive the next message asynchronously; `Ok(None)` at end of stream.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, EndpointError> {
+        poll_fn(|cx| match self.try_recv() {
+            Ok(Some(Recv::Message(b))) => Poll::Ready(Ok(Some(b))),
+            Ok(Some(Recv::Eos)) => Poll::Ready(Ok(None)),
+            Err(e) => Poll::Ready(Err(e)),
+            Ok(None) => {
+                self.park_task(cx);
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Graceful close: everything sent before goes first, then the peer sees
+    /// end-of-stream. Waits until our close was delivered. A second close or a
+    /// send after close is a typed error.
+    pub async fn close(&mut self) -> Result<(), SendError> {
+        self.conn.close()?;
+        self.flush();
+        poll_fn(|cx| {
+            self.progress();
+            if self.conn.close_done() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(e) = &self.failed {
+                return Poll::Ready(Err(SendError::Failed(e.clone())));
+            }
+            self.park_task(cx);
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Close without waiting (the close goes out with later progress).
+    pub fn try_close(&mut self) -> Result<(), SendError> {
+        self.conn.close()?;
+        self.flush();
+        Ok(())
+    }
+
+    /// One-sided RDMA WRITE of `chunks` into the peer's `remote` region; waits
+    /// for completion.
+    pub async fn write(
+        &mut self,
+        chunks: impl Into<Msg>,
+        remote: RemoteRegion,
+    ) -> Result<WcStatus, SendError> {
+        let id = self.conn.write(chunks, remote)?;
+        self.flush();
+        let (status, _) = self.wait_op(id).await;
+        Ok(status)
+    }
+
+    /// One-sided RDMA READ of the peer's `remote` region into `dest`; returns
+    /// the slot with its length set.
+    pub async fn read(
+        &mut self,
+        remote: RemoteRegion,
+        dest: SlotMut,
+    ) -> Result<SlotMut, SendError> {
+        let len = remote.len as usize;
+        let id = self.conn.read(remote, dest)?;
+        self.flush();
+        match self.wait_op(id).await {
+            (WcStatus::Success, Some(mut s)) => {
+                s.set_len(len);
+                Ok(s)
+            }
+            (st, _) => Err(SendError::Failed(ConnError::Completion(st))),
+        }
+    }
+
+    async fn wait_op(&mut self, id: u64) -> (WcStatus, Option<SlotMut>) {
+        poll_fn(|cx| {
+            self.progress();
+            if let Some(r) = self.ops.remove(&id) {
+                return Poll::Ready(r);
+            }
+            self.park_task(cx);
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Register the task's waker: with the queue pair for completions and with
+    /// the coarse timer for heartbeats.
+    fn park_task(&mut self, cx: &mut std::task::Context<'_>) {
+        match self.qp.arm(cx.waker()) {
+            Armed::Ready => cx.waker().wake_by_ref(),
+            Armed::Armed => crate::util::wake_at(cx.waker().clone(), self.next_tick),
+        }
+    }
+
+    /// The queue pair (e.g. to read its state).
+    pub fn qp(&self) -> &dyn QueuePair {
+        &*self.qp
+    }
+
+    /// The failure, if the connection failed.
+    pub fn failure(&self) -> Option<&ConnError> {
+        self.failed.as_ref()
+    }
+
+    /// True once the peer closed and everything it sent was received.
+    pub fn is_eos(&self) -> bool {
+        self.eos && self.received.is_empty()
+    }
+
+    /// True once our own close went out and everything before it resolved.
+    pub fn close_delivered(&self) -> bool {
+        self.conn.close_done()
+    }
+
+    /// Receives currently posted (diagnostics).
+    pub fn posted_receives(&self) -> u32 {
+        self.conn.posted_receives()
+    }
+
+    /// Data credits toward the peer (diagnostics).
+    pub fn credits(&self) -> i64 {
+        self.conn.credits()
+    }
+}

@@ -1,0 +1,1480 @@
+//! The connection state machine, free of I/O and clocks.
+//!
+//! Inputs: work completions ([`Connection::on_completion`]), timer ticks
+//! ([`Connection::on_tick`], with the time passed in), and application calls
+//! ([`Connection::send`], [`Connection::close`], [`Connection::write`],
+//! [`Connection::read`]). Outputs: work requests to post
+//! ([`Connection::transmit`]) and events ([`Connection::poll_event`]).
+//! The same core runs on every transport and under the deterministic
+//! simulation in the tests.
+//!
+//! # Flow control
+//! Each side keeps `recv_slots + reserve` receives posted and announces that
+//! number in `Hello`. A sender holds one credit per receive slot the peer has
+//! posted and reported; every header carries the credits its sender returns
+//! (slots reposted since its last report). Data (eager and rendezvous
+//! requests) is sent only while more than `reserve` credits remain; control
+//! messages (credit returns, rendezvous releases, close, heartbeats) may use
+//! the reserve, so two sides out of data credits still make progress. A
+//! receiver that holds received messages holds their slots: at most
+//! `recv_slots` messages can be held per connection, and then the sender
+//! waits (back-pressure), while control traffic still flows.
+//!
+//! # Ordering
+//! Messages are delivered in the order they were sent, across eager and
+//! rendezvous: a rendezvous message's successors wait until its data is read.
+//!
+//! # Outcomes
+//! Each send ends `Delivered` (eager: the peer's device acknowledged the
+//! SEND into a posted receive; rendezvous: the peer read the data and
+//! released it), `Failed` (known not delivered: never posted, or refused by
+//! the peer with an access/length error), or `Unknown` (the connection died
+//! after the request was posted, so the data may have reached the peer).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::wire::{self, Header, Kind, WireError, HDR, MAGIC, VERSION};
+use crate::mem::{Arena, ArenaConfig, Exposure, HugePages, Pd, SlotMut, UnregisteredPolicy};
+use crate::sge::{RwPlan, Sge};
+use crate::stats::CopyReason;
+use crate::verbs::{Opcode, RemoteRegion, SendFlags, WcStatus, WorkCompletion};
+
+/// Protocol settings of one connection.
+#[derive(Clone, Debug)]
+pub struct ProtoConfig {
+    /// Receive slots for data messages (the credits the peer gets).
+    pub recv_slots: u32,
+    /// Extra receive slots reserved for control messages.
+    pub reserve: u32,
+    /// Bytes per receive slot; messages up to `slot_size - 24` go eager.
+    pub slot_size: usize,
+    /// Largest message accepted (rendezvous above the eager limit).
+    pub max_message: u64,
+    /// Send a heartbeat after this long without sending anything.
+    pub heartbeat_interval: Duration,
+    /// Declare the peer dead after this long without receiving anything.
+    pub heartbeat_timeout: Duration,
+    /// Request a completion at least every this many send-queue requests.
+    pub signal_every: u32,
+    /// Return credits explicitly once this many are owed.
+    pub credit_batch: u32,
+    /// What to do with payload chunks outside registered memory.
+    pub policy: UnregisteredPolicy,
+}
+
+impl Default for ProtoConfig {
+    fn default() -> Self {
+        ProtoConfig {
+            recv_slots: 128,
+            reserve: 8,
+            slot_size: 8192 + HDR,
+            max_message: 1 << 30,
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(5),
+            signal_every: 16,
+            credit_batch: 32,
+            policy: UnregisteredPolicy::Bounce,
+        }
+    }
+}
+
+/// Limits of the queue pair and device the connection runs on.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Send queue depth.
+    pub max_send_wr: u32,
+    /// SGEs per send request.
+    pub max_send_sge: u32,
+    /// SGEs per RDMA READ.
+    pub max_sge_rd: u32,
+    /// Largest message per request.
+    pub max_msg_sz: u32,
+    /// Inline limit of the queue pair.
+    pub max_inline_data: u32,
+}
+
+/// A message: one chunk or a list of chunks (sent vectored, never concatenated).
+#[derive(Debug)]
+pub enum Msg {
+    /// One chunk.
+    One(Bytes),
+    /// Several chunks.
+    Many(Vec<Bytes>),
+}
+
+impl Msg {
+    fn chunks(&mut self) -> &mut [Bytes] {
+        match self {
+            Msg::One(b) => std::slice::from_mut(b),
+            Msg::Many(v) => v,
+        }
+    }
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Msg::One(b) => b.len() as u64,
+            Msg::Many(v) => v.iter().map(|b| b.len() as u64).sum(),
+        }
+    }
+    /// True if no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Bytes> for Msg {
+    fn from(b: Bytes) -> Msg {
+        Msg::One(b)
+    }
+}
+
+impl From<Vec<Bytes>> for Msg {
+    fn from(v: Vec<Bytes>) -> Msg {
+        Msg::Many(v)
+    }
+}
+
+impl From<&'static [u8]> for Msg {
+    fn from(b: &'static [u8]) -> Msg {
+        Msg::One(Bytes::from_static(b))
+    }
+}
+
+/// How a send ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// The peer has it.
+    Delivered,
+    /// Known not delivered.
+    Failed,
+    /// The connection died after the data may have reached the peer.
+    Unknown,
+}
+
+/// Why a connection failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    /// A work request completed with an error (the queue pair is in error).
+    #[error("work request failed: {0}")]
+    Completion(WcStatus),
+    /// Nothing heard from the peer for the heartbeat timeout.
+    #[error("peer silent for {0:?}: heartbeat timeout")]
+    HeartbeatTimeout(Duration),
+    /// The peer sent something that is not the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The transport refused a post.
+    #[error("post refused: {0}")]
+    Post(String),
+    /// Closed locally.
+    #[error("connection closed")]
+    Closed,
+}
+
+/// Errors of application calls.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// `close()` was called: no more sends.
+    #[error("endpoint closed")]
+    Closed,
+    /// `close()` was called twice.
+    #[error("endpoint already closed")]
+    AlreadyClosed,
+    /// The message exceeds the connection's limit.
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Message bytes.
+        len: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// The connection failed.
+    #[error("connection failed: {0}")]
+    Failed(ConnError),
+    /// Building the scatter-gather list failed (e.g. unregistered memory under `Reject`).
+    #[error("bad buffer: {0}")]
+    Buffer(String),
+}
+
+/// What the application learns.
+#[derive(Debug)]
+pub enum Event {
+    /// The handshake finished.
+    Connected,
+    /// A message, zero-copy: it points into a registered receive slot.
+    Message(Bytes),
+    /// A send finished.
+    Sent {
+        /// The id `send` returned.
+        id: u64,
+        /// How.
+        outcome: Outcome,
+    },
+    /// A one-sided write or read finished.
+    OpDone {
+        /// The id `write`/`read` returned.
+        id: u64,
+        /// Its status.
+        status: WcStatus,
+        /// For reads: the destination, filled.
+        data: Option<SlotMut>,
+    },
+    /// The peer closed: no more messages will come (end of stream).
+    PeerClosed,
+    /// The connection failed; every pending operation has been resolved.
+    Failed(ConnError),
+}
+
+/// A send-queue request to post; its SGEs are `sges[sge_start..sge_start+sge_count]`
+/// of [`Transmit::sges`].
+#[derive(Clone, Copy, Debug)]
+pub struct SendOp {
+    /// Work request id.
+    pub wr_id: u64,
+    /// Operation.
+    pub opcode: Opcode,
+    /// Flags.
+    pub flags: SendFlags,
+    /// First SGE.
+    pub sge_start: u32,
+    /// SGE count.
+    pub sge_count: u32,
+    /// Remote address for one-sided operations.
+    pub remote_addr: u64,
+    /// Remote key for one-sided operations.
+    pub rkey: u32,
+}
+
+/// A receive to post.
+#[derive(Clone, Copy, Debug)]
+pub struct RecvOp {
+    /// Work request id.
+    pub wr_id: u64,
+    /// Where the message lands.
+    pub sge: Sge,
+}
+
+/// One batch of work for the driver: post `recvs`, then `sends` (one doorbell each).
+pub struct Transmit<'a> {
+    /// Send-queue requests.
+    pub sends: &'a [SendOp],
+    /// Receives.
+    pub recvs: &'a [RecvOp],
+    /// SGEs the sends refer to.
+    pub sges: &'a [Sge],
+}
+
+impl Transmit<'_> {
+    /// True if there is nothing to post.
+    pub fn is_empty(&self) -> bool {
+        self.sends.is_empty() && self.recvs.is_empty()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Handshake,
+    Open,
+    Failed,
+}
+
+enum Inflight {
+    Eager {
+        id: u64,
+        _msg: Msg,
+        _hdr: Option<SlotMut>,
+    },
+    Rts {
+        _hdr: SlotMut,
+    },
+    Control {
+        _hdr: Option<SlotMut>,
+        kind: Kind,
+    },
+    Read {
+        seq: u32,
+        last: bool,
+    },
+    Op {
+        id: u64,
+        last: bool,
+        _owners: Option<Msg>,
+        dest: Option<SlotMut>,
+    },
+}
+
+enum Out {
+    Data { id: u64, msg: Msg },
+    Close,
+}
+
+struct RdvOut {
+    id: u64,
+    seq: u32,
+    _exposures: Vec<Exposure>,
+    _msg: Msg,
+}
+
+enum Incoming {
+    Ready(Bytes),
+    Reading {
+        seq: u32,
+        dest: Option<SlotMut>,
+        len: usize,
+    },
+    Eos,
+}
+
+struct ReadJob {
+    seq: u32,
+    regions: Vec<RemoteRegion>,
+    len: u64,
+}
+
+struct OpJob {
+    id: u64,
+    opcode: Opcode,
+    owners: Option<Msg>,
+    dest: Option<SlotMut>,
+    remote: RemoteRegion,
+}
+
+/// The sans-IO protocol core of one connection.
+pub struct Connection {
+    cfg: ProtoConfig,
+    lim: Limits,
+    pd: Pd,
+    state: State,
+    // Receive side.
+    recv_arena: Arena,
+    recv_table: Vec<Option<SlotMut>>,
+    free_pos: Vec<u32>,
+    posted: u32,
+    initial_posted: bool,
+    owed: u32,
+    expected_seq: u32,
+    incoming: VecDeque<Incoming>,
+    reads: VecDeque<ReadJob>,
+    rdv_arenas: Vec<Arena>,
+    peer_closed: bool,
+    // Send side.
+    hdr_arena: Arena,
+    peer_credits: i64,
+    hello_seen: bool,
+    next_seq: u32,
+    next_id: u64,
+    next_wr: u64,
+    ctrl: VecDeque<(Kind, u32)>,
+    data: VecDeque<Out>,
+    ops: VecDeque<OpJob>,
+    inflight: VecDeque<(u64, Inflight)>,
+    sq_used: u32,
+    since_signal: u32,
+    rdv_out: VecDeque<RdvOut>,
+    local_closed: bool,
+    close_posted: bool,
+    // Output.
+    sends: Vec<SendOp>,
+    recvs: Vec<RecvOp>,
+    sges: Vec<Sge>,
+    inline_hdrs: Vec<[u8; HDR]>,
+    events: VecDeque<Event>,
+    last_sent: Instant,
+    last_recv: Instant,
+    plan: RwPlan,
+    scratch: Vec<Sge>,
+    regions: Vec<RemoteRegion>,
+}
+
+const MAX_RDV_ARENAS: usize = 64;
+
+impl Connection {
+    /// A connection over a queue pair with limits `lim`, its memory from `pd`.
+    /// The handshake is queued at once.
+    pub fn new(
+        pd: Pd,
+        cfg: ProtoConfig,
+        lim: Limits,
+        now: Instant,
+    ) -> Result<Connection, crate::error::MemError> {
+        let slots = (cfg.recv_slots + cfg.reserve) as usize;
+        if cfg.slot_size <= 2 * HDR || cfg.recv_slots == 0 || cfg.reserve < 2 {
+            return Err(crate::error::MemError::Config(
+                "slot_size must exceed 48 bytes, recv_slots > 0, reserve >= 2".into(),
+            ));
+        }
+        let recv_arena = pd.arena(ArenaConfig {
+            huge_pages: HugePages::Never,
+            ..ArenaConfig::new(cfg.slot_size, slots)
+        })?;
+        let hdr_slots = lim.max_send_wr as usize + 2;
+        let hdr_arena = pd.arena(ArenaConfig {
+            huge_pages: HugePages::Never,
+            ..ArenaConfig::new(64 + wire::HDR + 4096, hdr_slots)
+        })?;
+        let mut c = Connection {
+            recv_table: (0..slots).map(|_| None).collect(),
+            free_pos: (0..slots as u32).rev().collect(),
+            cfg,
+            lim,
+            pd,
+            state: State::Handshake,
+            recv_arena,
+            posted: 0,
+            initial_posted: false,
+            owed: 0,
+            expected_seq: 0,
+            incoming: VecDeque::with_capacity(slots),
+            reads: VecDeque::new(),
+            rdv_arenas: Vec::new(),
+            peer_closed: false,
+            hdr_arena,
+            peer_credits: 0,
+            hello_seen: false,
+            next_seq: 0,
+            next_id: 1,
+            next_wr: 1,
+            ctrl: VecDeque::with_capacity(64),
+            data: VecDeque::with_capacity(256),
+            ops: VecDeque::new(),
+            inflight: VecDeque::with_capacity(hdr_slots),
+            sq_used: 0,
+            since_signal: 0,
+            rdv_out: VecDeque::new(),
+            local_closed: false,
+            close_posted: false,
+            sends: Vec::with_capacity(hdr_slots),
+            recvs: Vec::with_capacity(slots),
+            sges: Vec::with_capacity(hdr_slots * 4),
+            inline_hdrs: Vec::with_capacity(hdr_slots),
+            events: VecDeque::with_capacity(slots + 16),
+            last_sent: now,
+            last_recv: now,
+            plan: RwPlan::new(),
+            scratch: Vec::with_capacity(32),
+            regions: Vec::new(),
+        };
+        c.ctrl.push_back((Kind::Hello, 0));
+        Ok(c)
+    }
+
+    /// Largest eager payload.
+    pub fn eager_limit(&self) -> usize {
+        self.recv_arena.slot_size() - HDR
+    }
+
+    /// True once the peer's handshake arrived.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// True after a failure.
+    pub fn is_failed(&self) -> bool {
+        self.state == State::Failed
+    }
+
+    /// True after the peer closed and everything it sent was delivered.
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    /// True if nothing is queued or in flight (a closed connection is drained).
+    pub fn is_idle(&self) -> bool {
+        self.data.is_empty()
+            && self.ctrl.is_empty()
+            && self.ops.is_empty()
+            && self.rdv_out.is_empty()
+            && self.inflight.is_empty()
+    }
+
+    /// True once our close went out and everything before it resolved.
+    pub fn close_done(&self) -> bool {
+        self.close_posted
+            && self.rdv_out.is_empty()
+            && self.data.is_empty()
+            && self
+                .inflight
+                .iter()
+                .all(|(_, f)| !matches!(f, Inflight::Eager { .. }))
+    }
+
+    /// Data credits left (for tests and diagnostics).
+    pub fn credits(&self) -> i64 {
+        self.peer_credits
+    }
+
+    /// Receives currently posted.
+    pub fn posted_receives(&self) -> u32 {
+        self.posted
+    }
+
+    /// Queue a message; returns its id. It goes eager or by rendezvous by size.
+    pub fn send(&mut self, msg: impl Into<Msg>) -> Result<u64, SendError> {
+        if self.local_closed {
+            return Err(SendError::Closed);
+        }
+        if let State::Failed = self.state {
+            return Err(SendError::Failed(ConnError::Closed));
+        }
+        let msg = msg.into();
+        let len = msg.len();
+        if len > self.cfg.max_message {
+            return Err(SendError::TooLarge {
+                len,
+                max: self.cfg.max_message,
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.data.push_back(Out::Data { id, msg });
+        Ok(id)
+    }
+
+    /// Queue a one-sided RDMA WRITE of `chunks` into `remote` (lengths must match).
+    pub fn write(
+        &mut self,
+        chunks: impl Into<Msg>,
+        remote: RemoteRegion,
+    ) -> Result<u64, SendError> {
+        let msg = chunks.into();
+        if msg.len() != remote.len {
+            return Err(SendError::Buffer(format!(
+                "{} bytes for a {}-byte remote region",
+                msg.len(),
+                remote.len
+            )));
+        }
+        self.push_op(Opcode::RdmaWrite, Some(msg), None, remote)
+    }
+
+    /// Queue a one-sided RDMA READ of `remote` into `dest` (its first `remote.len` bytes).
+    pub fn read(&mut self, remote: RemoteRegion, dest: SlotMut) -> Result<u64, SendError> {
+        if remote.len > dest.capacity() as u64 {
+            return Err(SendError::Buffer(format!(
+                "{}-byte read into a {}-byte slot",
+                remote.len,
+                dest.capacity()
+            )));
+        }
+        self.push_op(Opcode::RdmaRead, None, Some(dest), remote)
+    }
+
+    fn push_op(
+        &mut self,
+        opcode: Opcode,
+        owners: Option<Msg>,
+        dest: Option<SlotMut>,
+        remote: RemoteRegion,
+    ) -> Result<u64, SendError> {
+        if self.state == State::Failed {
+            return Err(SendError::Failed(ConnError::Closed));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ops.push_back(OpJob {
+            id,
+            opcode,
+            owners,
+            dest,
+            remote,
+        });
+        Ok(id)
+    }
+
+    /// Graceful close: everything queued before goes first, then the peer sees end-of-stream.
+    pub fn close(&mut self) -> Result<(), SendError> {
+        if self.local_closed {
+            return Err(SendError::AlreadyClosed);
+        }
+        self.local_closed = true;
+        self.data.push_back(Out::Close);
+        Ok(())
+    }
+
+    /// Next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Timer input.
+    pub fn on_tick(&mut self, now: Instant) {
+        if self.state == State::Failed {
+            return;
+        }
+        if now.saturating_duration_since(self.last_recv) > self.cfg.heartbeat_timeout {
+            self.fail(
+                ConnError::HeartbeatTimeout(self.cfg.heartbeat_timeout),
+                Outcome::Unknown,
+            );
+            return;
+        }
+        if self.state == State::Open
+            && now.saturating_duration_since(self.last_sent) >= self.cfg.heartbeat_interval
+            && self.ctrl.is_empty()
+        {
+            self.ctrl.push_back((Kind::Heartbeat, 0));
+        }
+        // Idle: return what we owe even below the batch size.
+        if self.owed > 0
+            && self.ctrl.is_empty()
+            && self.data.is_empty()
+            && now.saturating_duration_since(self.last_sent) >= self.cfg.heartbeat_interval / 8
+        {
+            self.ctrl.push_back((Kind::Credit, 0));
+        }
+    }
+
+    /// Completion input.
+    pub fn on_completion(&mut self, wc: &WorkCompletion, now: Instant) {
+        if self.is_recv_id(wc.wr_id) {
+            self.on_recv(wc, now);
+        } else {
+            self.on_send_completion(wc);
+        }
+    }
+
+    fn is_recv_id(&self, wr_id: u64) -> bool {
+        wr_id & RECV_BIT != 0
+    }
+
+    fn on_send_completion(&mut self, wc: &WorkCompletion) {
+        if wc.status != WcStatus::Success {
+            // Retire what completed before it, then fail.
+            self.retire_through(wc.wr_id.wrapping_sub(1));
+            let outcome = match wc.status {
+                WcStatus::RemAccessErr
+                | WcStatus::RemInvReqErr
+                | WcStatus::LocLenErr
+                | WcStatus::LocProtErr => Outcome::Failed,
+                _ => Outcome::Unknown,
+            };
+            self.fail(ConnError::Completion(wc.status), outcome);
+            return;
+        }
+        self.retire_through(wc.wr_id);
+    }
+
+    fn retire_through(&mut self, wr_id: u64) {
+        while let Some((id, _)) = self.inflight.front() {
+            if *id > wr_id {
+                break;
+            }
+            let Some((_, f)) = self.inflight.pop_front() else {
+                break;
+            };
+            self.sq_used -= 1;
+            match f {
+                Inflight::Eager { id, .. } => self.events.push_back(Event::Sent {
+                    id,
+                    outcome: Outcome::Delivered,
+                }),
+                Inflight::Rts { .. } => {}
+                Inflight::Control { kind, .. } => {
+                    if kind == Kind::Close {
+                        self.close_posted = true;
+                    }
+                }
+                Inflight::Read { seq, last } => {
+                    if last {
+                        self.finish_read(seq);
+                    }
+                }
+                Inflight::Op {
+                    id, last, mut dest, ..
+                } => {
+                    if last {
+                        self.events.push_back(Event::OpDone {
+                            id,
+                            status: WcStatus::Success,
+                            data: dest.take(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_read(&mut self, seq: u32) {
+        for e in self.incoming.iter_mut() {
+            if let Incoming::Reading { seq: s, dest, len } = e {
+                if *s == seq {
+                    if let Some(mut d) = dest.take() {
+                        d.set_len(*len);
+                        *e = Incoming::Ready(d.freeze());
+                    }
+                    break;
+                }
+            }
+        }
+        self.ctrl.push_back((Kind::Done, seq));
+        self.deliver();
+    }
+
+    fn deliver(&mut self) {
+        while let Some(front) = self.incoming.front() {
+            match front {
+                Incoming::Reading { .. } => break,
+                Incoming::Ready(_) | Incoming::Eos => {}
+            }
+            match self.incoming.pop_front() {
+                Some(Incoming::Ready(b)) => self.events.push_back(Event::Message(b)),
+                Some(Incoming::Eos) => {
+                    self.peer_closed = true;
+                    self.events.push_back(Event::PeerClosed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_recv(&mut self, wc: &WorkCompletion, now: Instant) {
+        let pos = (wc.wr_id & !RECV_BIT) as usize;
+        let Some(mut slot) = self.recv_table.get_mut(pos).and_then(Option::take) else {
+            return;
+        };
+        self.free_pos.push(pos as u32);
+        self.posted = self.posted.saturating_sub(1);
+        if wc.status != WcStatus::Success {
+            // Keep flushed slots out of circulation; the connection is over.
+            drop(slot);
+            self.fail(ConnError::Completion(wc.status), Outcome::Unknown);
+            return;
+        }
+        self.last_recv = now;
+        slot.set_len((wc.byte_len as usize).min(slot.capacity()));
+        let hdr = match Header::decode(slot.as_slice()) {
+            Ok(h) => h,
+            Err(e) => return self.protocol_error(e),
+        };
+        self.peer_credits += i64::from(hdr.credits);
+        let payload = slot.len() - HDR;
+        match hdr.kind {
+            Kind::Hello => {
+                let version = (hdr.aux & 0xffff) as u16;
+                if hdr.aux & !0xffff != MAGIC {
+                    return self.protocol_error(WireError::Handshake(
+                        "not a zcmsg peer (bad magic)".into(),
+                    ));
+                }
+                if version != VERSION {
+                    return self.protocol_error(WireError::Handshake(format!(
+                        "peer speaks version {version}, we speak {VERSION}"
+                    )));
+                }
+                if self.hello_seen {
+                    return self.protocol_error(WireError::Handshake("second Hello".into()));
+                }
+                if hdr.len == 0 || hdr.len > 1 << 20 {
+                    return self.protocol_error(WireError::Handshake(format!(
+                        "peer offers {} receive slots",
+                        hdr.len
+                    )));
+                }
+                self.hello_seen = true;
+                self.peer_credits += hdr.len as i64;
+                if self.state == State::Handshake {
+                    self.state = State::Open;
+                    self.events.push_back(Event::Connected);
+                }
+            }
+            _ if !self.hello_seen => {
+                return self
+                    .protocol_error(WireError::Handshake(format!("{:?} before Hello", hdr.kind)));
+            }
+            Kind::Eager => {
+                if hdr.len != payload as u64 {
+                    return self.protocol_error(WireError::BadLength {
+                        said: hdr.len,
+                        got: payload as u64,
+                    });
+                }
+                if !self.check_seq(hdr.seq) {
+                    return;
+                }
+                let b = slot.freeze().slice(HDR..);
+                self.incoming.push_back(Incoming::Ready(b));
+                self.deliver();
+            }
+            Kind::Rts => {
+                if !self.check_seq(hdr.seq) {
+                    return;
+                }
+                if hdr.len > self.cfg.max_message || hdr.len == 0 {
+                    return self
+                        .protocol_error(WireError::BadRendezvous(format!("{} bytes", hdr.len)));
+                }
+                let mut regions = Vec::new();
+                if let Err(e) =
+                    wire::decode_regions(&slot.as_slice()[HDR..], hdr.aux, hdr.len, &mut regions)
+                {
+                    return self.protocol_error(e);
+                }
+                self.incoming.push_back(Incoming::Reading {
+                    seq: hdr.seq,
+                    dest: None,
+                    len: hdr.len as usize,
+                });
+                self.reads.push_back(ReadJob {
+                    seq: hdr.seq,
+                    regions,
+                    len: hdr.len,
+                });
+            }
+            Kind::Done => match self.rdv_out.front() {
+                Some(r) if r.seq == hdr.seq => {
+                    if let Some(r) = self.rdv_out.pop_front() {
+                        self.events.push_back(Event::Sent {
+                            id: r.id,
+                            outcome: Outcome::Delivered,
+                        });
+                    }
+                }
+                _ => {
+                    return self.protocol_error(WireError::BadRendezvous(format!(
+                        "release of unknown message {}",
+                        hdr.seq
+                    )))
+                }
+            },
+            Kind::Credit | Kind::Heartbeat => {}
+            Kind::Close => {
+                self.incoming.push_back(Incoming::Eos);
+                self.deliver();
+            }
+        }
+    }
+
+    fn check_seq(&mut self, seq: u32) -> bool {
+        if seq != self.expected_seq {
+            self.protocol_error(WireError::BadRendezvous(format!(
+                "message {seq} out of order, expected {}",
+                self.expected_seq
+            )));
+            return false;
+        }
+        self.expected_seq = self.expected_seq.wrapping_add(1);
+        true
+    }
+
+    fn protocol_error(&mut self, e: WireError) {
+        tracing::warn!("peer violated the protocol: {e}");
+        self.fail(ConnError::Protocol(e.to_string()), Outcome::Unknown);
+    }
+
+    /// The connection is over: resolve every pending operation.
+    pub fn fail(&mut self, err: ConnError, inflight_outcome: Outcome) {
+        if self.state == State::Failed {
+            return;
+        }
+        self.state = State::Failed;
+        while let Some((_, f)) = self.inflight.pop_front() {
+            match f {
+                Inflight::Eager { id, .. } => self.events.push_back(Event::Sent {
+                    id,
+                    outcome: inflight_outcome,
+                }),
+                Inflight::Op { id, last: true, .. } => self.events.push_back(Event::OpDone {
+                    id,
+                    status: WcStatus::WrFlushErr,
+                    data: None,
+                }),
+                _ => {}
+            }
+        }
+        self.sq_used = 0;
+        while let Some(r) = self.rdv_out.pop_front() {
+            self.events.push_back(Event::Sent {
+                id: r.id,
+                outcome: Outcome::Unknown,
+            });
+        }
+        while let Some(o) = self.data.pop_front() {
+            if let Out::Data { id, .. } = o {
+                self.events.push_back(Event::Sent {
+                    id,
+                    outcome: Outcome::Failed,
+                });
+            }
+        }
+        while let Some(op) = self.ops.pop_front() {
+            self.events.push_back(Event::OpDone {
+                id: op.id,
+                status: WcStatus::WrFlushErr,
+                data: None,
+            });
+        }
+        self.ctrl.clear();
+        self.reads.clear();
+        self.events.push_back(Event::Failed(err));
+    }
+
+    /// Output: what to post now. Call [`Connection::posted`] after posting
+    /// (or [`Connection::fail`] if the transport refused).
+    pub fn transmit(&mut self, now: Instant) -> Transmit<'_> {
+        self.sends.clear();
+        self.recvs.clear();
+        self.sges.clear();
+        self.inline_hdrs.clear();
+        if self.state != State::Failed {
+            self.fill_receives();
+            self.fill_control(now);
+            self.fill_reads();
+            self.fill_ops();
+            self.fill_data(now);
+            if self.owed >= self.cfg.credit_batch && self.peer_credits > 0 && self.sq_room() {
+                self.post_control(Kind::Credit, 0, now);
+            }
+            // Signal the last request of the batch so completions come promptly at low load.
+            if let Some(last) = self.sends.last_mut() {
+                if !last.flags.contains(SendFlags::SIGNALED) {
+                    last.flags |= SendFlags::SIGNALED;
+                    self.since_signal = 0;
+                }
+            }
+        }
+        Transmit {
+            sends: &self.sends,
+            recvs: &self.recvs,
+            sges: &self.sges,
+        }
+    }
+
+    fn sq_room(&self) -> bool {
+        self.sq_used < self.lim.max_send_wr
+    }
+
+    fn fill_receives(&mut self) {
+        let target = self.cfg.recv_slots + self.cfg.reserve;
+        while self.posted < target {
+            let Some(pos) = self.free_pos.last().copied() else {
+                break;
+            };
+            let Some(slot) = self.recv_arena.alloc() else {
+                break;
+            };
+            self.free_pos.pop();
+            self.recvs.push(RecvOp {
+                wr_id: RECV_BIT | u64::from(pos),
+                sge: slot.sge(),
+            });
+            self.recv_table[pos as usize] = Some(slot);
+            self.posted += 1;
+            if self.initial_posted {
+                self.owed += 1;
+            }
+        }
+        self.initial_posted = true;
+    }
+
+    fn take_owed(&mut self) -> u16 {
+        let c = self.owed.min(u32::from(u16::MAX));
+        self.owed -= c;
+        c as u16
+    }
+
+    fn next_signal(&mut self, force: bool) -> SendFlags {
+        self.since_signal += 1;
+        if force
+            || self.since_signal >= self.cfg.signal_every
+            || self.sq_used + 1 >= self.lim.max_send_wr / 2
+        {
+            self.since_signal = 0;
+            SendFlags::SIGNALED
+        } else {
+            SendFlags::NONE
+        }
+    }
+
+    fn push_wr(&mut self, op: SendOp, f: Inflight) {
+        self.sends.push(op);
+        self.inflight.push_back((op.wr_id, f));
+        self.sq_used += 1;
+    }
+
+    fn fill_control(&mut self, now: Instant) {
+        while let Some(&(kind, seq)) = self.ctrl.front() {
+            let allowed = kind == Kind::Hello || self.peer_credits > 0;
+            if !allowed || !self.sq_room() {
+                break;
+            }
+            self.ctrl.pop_front();
+            self.post_control(kind, seq, now);
+        }
+    }
+
+    /// A header-only message: inline when the queue pair allows, else from a header slot.
+    fn post_control(&mut self, kind: Kind, seq: u32, now: Instant) {
+        let hdr = Header {
+            kind,
+            flags: 0,
+            credits: if kind == Kind::Hello {
+                0
+            } else {
+                self.take_owed()
+            },
+            seq,
+            len: if kind == Kind::Hello {
+                u64::from(self.cfg.recv_slots + self.cfg.reserve)
+            } else {
+                0
+            },
+            aux: if kind == Kind::Hello {
+                MAGIC | u64::from(VERSION)
+            } else {
+                0
+            },
+        };
+        let wr_id = self.next_wr;
+        self.next_wr += 1;
+        let sge_start = self.sges.len() as u32;
+        let mut flags = self.next_signal(false);
+        let mut hold = None;
+        if self.lim.max_inline_data as usize >= HDR
+            && self.inline_hdrs.len() < self.inline_hdrs.capacity()
+        {
+            self.inline_hdrs.push(hdr.to_bytes());
+            let b = self
+                .inline_hdrs
+                .last()
+                .map(|b| Sge::inline(b))
+                .unwrap_or_default();
+            self.sges.push(b);
+            flags |= SendFlags::INLINE;
+            self.pd.stats().add(CopyReason::Inline, HDR as u64);
+        } else {
+            let Some(mut s) = self.hdr_arena.alloc() else {
+                self.ctrl.push_front((kind, seq));
+                return;
+            };
+            s.set_len(HDR);
+            hdr.encode(s.as_mut_slice());
+            self.sges.push(s.sge_filled());
+            hold = Some(s);
+        }
+        self.peer_credits -= 1;
+        self.last_sent = now;
+        let op = SendOp {
+            wr_id,
+            opcode: Opcode::Send,
+            flags,
+            sge_start,
+            sge_count: 1,
+            remote_addr: 0,
+            rkey: 0,
+        };
+        self.push_wr(op, Inflight::Control { _hdr: hold, kind });
+    }
+
+    fn fill_reads(&mut self) {
+        while let Some(job) = self.reads.front() {
+            let len = job.len as usize;
+            let regions = job.regions.clone();
+            // Destination: a registered slot big enough, reused across messages.
+            let dest = match self.rdv_dest(len) {
+                Some(d) => d,
+                None => break,
+            };
+            // Plan all READs of this message; post only if the send queue has room for all.
+            let mut plans: Vec<(RemoteRegion, usize)> = Vec::with_capacity(regions.len());
+            let mut off = 0usize;
+            for r in &regions {
+                plans.push((*r, off));
+                off += r.len as usize;
+            }
+            let mut total_wrs = 0usize;
+            for (r, off) in &plans {
+                self.scratch.clear();
+                self.scratch.push(dest.sge_range(*off, r.len as usize));
+                match self
+                    .plan
+                    .build(&self.scratch, *r, self.lim.max_sge_rd, self.lim.max_msg_sz)
+                {
+                    Ok(n) => total_wrs += n,
+                    Err(e) => {
+                        let e = WireError::BadRendezvous(e.to_string());
+                        return self.protocol_error(e);
+                    }
+                }
+            }
+            if self.sq_used as usize + total_wrs > self.lim.max_send_wr as usize {
+                drop(dest);
+                break;
+            }
+            let Some(job) = self.reads.pop_front() else {
+                break;
+            };
+            let mut posted = 0usize;
+            for (r, off) in &plans {
+                self.scratch.clear();
+                self.scratch.push(dest.sge_range(*off, r.len as usize));
+                if self
+                    .plan
+                    .build(&self.scratch, *r, self.lim.max_sge_rd, self.lim.max_msg_sz)
+                    .is_err()
+                {
+                    break;
+                }
+                for sp in self.plan.spans().to_vec() {
+                    posted += 1;
+                    let last = posted == total_wrs;
+                    let sge_start = self.sges.len() as u32;
+                    self.sges.extend_from_slice(
+                        &self.plan.sges()
+                            [sp.sge_start as usize..(sp.sge_start + sp.sge_count) as usize],
+                    );
+                    let wr_id = self.next_wr;
+                    self.next_wr += 1;
+                    let flags = self.next_signal(last);
+                    let op = SendOp {
+                        wr_id,
+                        opcode: Opcode::RdmaRead,
+                        flags,
+                        sge_start,
+                        sge_count: sp.sge_count,
+                        remote_addr: sp.remote_addr,
+                        rkey: r.rkey,
+                    };
+                    self.push_wr(op, Inflight::Read { seq: job.seq, last });
+                }
+            }
+            for e in self.incoming.iter_mut() {
+                if let Incoming::Reading { seq, dest: d, .. } = e {
+                    if *seq == job.seq {
+                        *d = Some(dest);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn rdv_dest(&mut self, len: usize) -> Option<SlotMut> {
+        let len = len.max(1);
+        if let Some(s) = self
+            .rdv_arenas
+            .iter()
+            .filter(|a| a.slot_size() >= len)
+            .find_map(|a| a.alloc())
+        {
+            return Some(s);
+        }
+        if self.rdv_arenas.len() >= MAX_RDV_ARENAS {
+            // Every destination is held by the application: wait for one to come home.
+            return None;
+        }
+        let class = len.next_power_of_two().max(64 << 10);
+        let slots = ((32usize << 20) / class).clamp(1, 8);
+        match self.pd.arena(ArenaConfig {
+            huge_pages: HugePages::Never,
+            ..ArenaConfig::new(class, slots)
+        }) {
+            Ok(a) => {
+                let s = a.alloc();
+                self.rdv_arenas.push(a);
+                s
+            }
+            Err(e) => {
+                tracing::warn!("cannot allocate a {class}-byte rendezvous destination: {e}");
+                None
+            }
+        }
+    }
+
+    fn fill_ops(&mut self) {
+        while let Some(job) = self.ops.front_mut() {
+            self.scratch.clear();
+            let built = match (&mut job.owners, &job.dest) {
+                (Some(m), _) => self
+                    .pd
+                    .builder(self.cfg.policy)
+                    .list(m.chunks(), &mut self.scratch)
+                    .map_err(|e| e.to_string()),
+                (None, Some(d)) => {
+                    self.scratch.push(d.sge_range(0, job.remote.len as usize));
+                    Ok(())
+                }
+                _ => Err("nothing to transfer".to_string()),
+            };
+            let max_sge = if job.opcode == Opcode::RdmaRead {
+                self.lim.max_sge_rd
+            } else {
+                self.lim.max_send_sge
+            };
+            let n = built.and_then(|_| {
+                self.plan
+                    .build(&self.scratch, job.remote, max_sge, self.lim.max_msg_sz)
+                    .map_err(|e| e.to_string())
+            });
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    let id = job.id;
+                    self.ops.pop_front();
+                    tracing::debug!("one-sided operation {id} refused: {e}");
+                    self.events.push_back(Event::OpDone {
+                        id,
+                        status: WcStatus::LocProtErr,
+                        data: None,
+                    });
+                    continue;
+                }
+            };
+            if self.sq_used as usize + n > self.lim.max_send_wr as usize {
+                break;
+            }
+            let Some(mut job) = self.ops.pop_front() else {
+                break;
+            };
+            if n == 0 {
+                self.events.push_back(Event::OpDone {
+                    id: job.id,
+                    status: WcStatus::Success,
+                    data: job.dest.take(),
+                });
+                continue;
+            }
+            let spans = self.plan.spans().to_vec();
+            for (i, sp) in spans.iter().enumerate() {
+                let last = i + 1 == n;
+                let sge_start = self.sges.len() as u32;
+                self.sges.extend_from_slice(
+                    &self.plan.sges()
+                        [sp.sge_start as usize..(sp.sge_start + sp.sge_count) as usize],
+                );
+                let wr_id = self.next_wr;
+                self.next_wr += 1;
+                let flags = self.next_signal(last);
+                let op = SendOp {
+                    wr_id,
+                    opcode: job.opcode,
+                    flags,
+                    sge_start,
+                    sge_count: sp.sge_count,
+                    remote_addr: sp.remote_addr,
+                    rkey: job.remote.rkey,
+                };
+                let f = if last {
+                    Inflight::Op {
+                        id: job.id,
+                        last,
+                        _owners: job.owners.take(),
+                        dest: job.dest.take(),
+                    }
+                } else {
+                    Inflight::Op {
+                        id: job.id,
+                        last,
+                        _owners: None,
+                        dest: None,
+                    }
+                };
+                self.push_wr(op, f);
+            }
+        }
+    }
+
+    fn fill_data(&mut self, now: Instant) {
+        if self.state != State::Open {
+            return;
+        }
+        while self.sq_room() && self.peer_credits > i64::from(self.cfg.reserve) {
+            let Some(out) = self.data.pop_front() else {
+                break;
+            };
+            match out {
+                Out::Close => {
+                    self.post_control(Kind::Close, 0, now);
+                }
+                Out::Data { id, mut msg } => {
+                    let len = msg.len();
+                    let r = if len as usize <= self.eager_limit() {
+                        self.post_eager(id, &mut msg, now)
+                    } else {
+                        self.post_rts(id, &mut msg, now)
+                    };
+                    match r {
+                        Ok(Some(f)) => {
+                            let _ = f;
+                        }
+                        Ok(None) => {
+                            // No header slot free: retry later, in order.
+                            self.data.push_front(Out::Data { id, msg });
+                            break;
+                        }
+                        Err(e) => {
+                            self.events.push_back(Event::Sent {
+                                id,
+                                outcome: Outcome::Failed,
+                            });
+                            tracing::debug!("send {id} refused: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn post_eager(
+        &mut self,
+        id: u64,
+        msg: &mut Msg,
+        now: Instant,
+    ) -> Result<Option<()>, SendError> {
+        let len = msg.len();
+        let hdr = Header {
+            kind: Kind::Eager,
+            flags: 0,
+            credits: 0,
+            seq: self.next_seq,
+            len,
+            aux: 0,
+        };
+        let sge_start = self.sges.len() as u32;
+        let wr_id = self.next_wr;
+        let inline = len as usize + HDR <= self.lim.max_inline_data as usize
+            && self.inline_hdrs.len() < self.inline_hdrs.capacity();
+        let mut flags = self.next_signal(false);
+        let mut hold = None;
+        if inline {
+            let mut h = hdr;
+            h.credits = self.take_owed();
+            self.inline_hdrs.push(h.to_bytes());
+            let b = self
+                .inline_hdrs
+                .last()
+                .map(|b| Sge::inline(b))
+                .unwrap_or_default();
+            self.sges.push(b);
+            for c in msg.chunks().iter().filter(|c| !c.is_empty()) {
+                self.sges.push(Sge::inline(c));
+            }
+            flags |= SendFlags::INLINE;
+            self.pd.stats().add(CopyReason::Inline, len + HDR as u64);
+        } else {
+            let Some(mut s) = self.hdr_arena.alloc() else {
+                self.since_signal = self.since_signal.saturating_sub(1);
+                return Ok(None);
+            };
+            // Build the payload SGEs first (the header takes one SGE).
+            let max = self.lim.max_send_sge.saturating_sub(1).max(1);
+            let mut tmp = std::mem::take(&mut self.scratch);
+            tmp.clear();
+            let built = self.pd.builder(self.cfg.policy).send(
+                msg.chunks(),
+                max,
+                self.lim.max_msg_sz.saturating_sub(HDR as u32),
+                &mut tmp,
+            );
+            if let Err(e) = built {
+                self.scratch = tmp;
+                self.since_signal = self.since_signal.saturating_sub(1);
+                return Err(SendError::Buffer(e.to_string()));
+            }
+            let mut h = hdr;
+            h.credits = self.take_owed();
+            s.set_len(HDR);
+            h.encode(s.as_mut_slice());
+            self.sges.push(s.sge_filled());
+            self.sges.extend_from_slice(&tmp);
+            self.scratch = tmp;
+            hold = Some(s);
+        }
+        self.next_wr += 1;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.peer_credits -= 1;
+        self.last_sent = now;
+        let sge_count = self.sges.len() as u32 - sge_start;
+        let op = SendOp {
+            wr_id,
+            opcode: Opcode::Send,
+            flags,
+            sge_start,
+            sge_count,
+            remote_addr: 0,
+            rkey: 0,
+        };
+        let owned = std::mem::replace(msg, Msg::One(Bytes::new()));
+        self.push_wr(
+            op,
+            Inflight::Eager {
+                id,
+                _msg: owned,
+                _hdr: hold,
+            },
+        );
+        Ok(Some(()))
+    }
+
+    fn post_rts(&mut self, id: u64, msg: &mut Msg, now: Instant) -> Result<Option<()>, SendError> {
+        let len = msg.len();
+        let max_regions = (self.hdr_arena.slot_size() - HDR) / RemoteRegion::WIRE_LEN;
+        let nonempty = msg.chunks().iter().filter(|c| !c.is_empty()).count();
+        if nonempty > max_regions {
+            return Err(SendError::Buffer(format!(
+                "{nonempty} chunks exceed the rendezvous limit of {max_regions}"
+            )));
+        }
+        let Some(mut s) = self.hdr_arena.alloc() else {
+            return Ok(None);
+        };
+        // Expose exactly the message's chunks for reading.
+        let mut exposures = Vec::with_capacity(nonempty);
+        self.regions.clear();
+        for c in msg.chunks().iter().filter(|c| !c.is_empty()) {
+            match self.pd.expose_bytes(c) {
+                Ok(e) => {
+                    self.regions.push(e.remote());
+                    exposures.push(e);
+                }
+                Err(e) => return Err(SendError::Buffer(e.to_string())),
+            }
+        }
+        let seq = self.next_seq;
+        let hdr = Header {
+            kind: Kind::Rts,
+            flags: 0,
+            credits: self.take_owed(),
+            seq,
+            len,
+            aux: self.regions.len() as u64,
+        };
+        let body = HDR + self.regions.len() * RemoteRegion::WIRE_LEN;
+        s.set_len(body);
+        hdr.encode(s.as_mut_slice());
+        wire::encode_regions(&self.regions, &mut s.as_mut_slice()[HDR..]);
+        let sge_start = self.sges.len() as u32;
+        self.sges.push(s.sge_filled());
+        let wr_id = self.next_wr;
+        self.next_wr += 1;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.peer_credits -= 1;
+        self.last_sent = now;
+        let flags = self.next_signal(false);
+        let op = SendOp {
+            wr_id,
+            opcode: Opcode::Send,
+            flags,
+            sge_start,
+            sge_count: 1,
+            remote_addr: 0,
+            rkey: 0,
+        };
+        let owned = std::mem::replace(msg, Msg::One(Bytes::new()));
+        self.rdv_out.push_back(RdvOut {
+            id,
+            seq,
+            _exposures: exposures,
+            _msg: owned,
+        });
+        self.push_wr(op, Inflight::Rts { _hdr: s });
+        Ok(Some(()))
+    }
+}
+
+/// Receive work request ids carry this bit, so flushed receives are recognised.
+pub const RECV_BIT: u64 = 1 << 63;

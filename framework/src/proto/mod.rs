@@ -1,0 +1,11 @@
+//! The sans-IO protocol: framing, handshake, eager and rendezvous messages,
+//! credit flow control, close and heartbeats. No I/O, no clocks: see
+//! [`conn::Connection`].
+
+pub mod conn;
+pub mod wire;
+
+pub use conn::{
+    ConnError, Connection, Event, Limits, Msg, Outcome, ProtoConfig, RecvOp, SendError, SendOp,
+    Transmit,
+};

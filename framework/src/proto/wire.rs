@@ -1,0 +1,230 @@
+//! The wire format: a 24-byte header at the start of every SEND.
+//!
+//! ```text
+//! 0      1      2         4         8                16               24
+//! | kind | flags| credits | seq     | len             | aux            |
+//! ```
+//! All fields little-endian. `credits` returns receive slots the sender of
+//! this message reposted since its last report (piggybacked flow control).
+
+use crate::verbs::RemoteRegion;
+
+/// Protocol version carried by `Hello`.
+pub const VERSION: u16 = 1;
+/// Header length in bytes.
+pub const HDR: usize = 24;
+/// Magic in `Hello`'s aux field, so a non-zcmsg peer is recognised at once.
+pub const MAGIC: u64 = 0x7a63_6d73_6731_0000; // "zcmsg1\0\0"
+
+/// What a message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Handshake: version, receive slots, limits.
+    Hello = 1,
+    /// A whole message in this SEND.
+    Eager = 2,
+    /// Rendezvous request to send: the payload names the sender's regions.
+    Rts = 3,
+    /// Rendezvous done: the receiver has read message `seq`; release it.
+    Done = 4,
+    /// Explicit credit return.
+    Credit = 5,
+    /// No more messages from this side.
+    Close = 6,
+    /// Liveness.
+    Heartbeat = 7,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Hello,
+            2 => Kind::Eager,
+            3 => Kind::Rts,
+            4 => Kind::Done,
+            5 => Kind::Credit,
+            6 => Kind::Close,
+            7 => Kind::Heartbeat,
+            _ => return None,
+        })
+    }
+
+    /// Data messages consume data credits and are delivered to the application.
+    pub fn is_data(self) -> bool {
+        matches!(self, Kind::Eager | Kind::Rts)
+    }
+}
+
+/// A decoded header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Message kind.
+    pub kind: Kind,
+    /// Reserved flags (0).
+    pub flags: u8,
+    /// Receive slots returned.
+    pub credits: u16,
+    /// Data: message sequence number; Done: the sequence released.
+    pub seq: u32,
+    /// Eager/Rts: payload length; Hello: receive slots offered.
+    pub len: u64,
+    /// Rts: number of regions; Hello: magic | version.
+    pub aux: u64,
+}
+
+/// Why a header or payload was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Fewer bytes than a header.
+    #[error("truncated header: {0} bytes")]
+    Truncated(usize),
+    /// Unknown kind byte.
+    #[error("unknown message kind {0}")]
+    BadKind(u8),
+    /// The header's length disagrees with the bytes received.
+    #[error("header says {said} payload bytes, {got} arrived")]
+    BadLength {
+        /// Claimed.
+        said: u64,
+        /// Received.
+        got: u64,
+    },
+    /// A handshake from something that is not a zcmsg peer, or another version.
+    #[error("handshake refused: {0}")]
+    Handshake(String),
+    /// A rendezvous descriptor that does not parse.
+    #[error("malformed rendezvous descriptor: {0}")]
+    BadRendezvous(String),
+}
+
+impl Header {
+    /// Encode into the first `HDR` bytes of `out`.
+    pub fn encode(&self, out: &mut [u8]) {
+        out[0] = self.kind as u8;
+        out[1] = self.flags;
+        out[2..4].copy_from_slice(&self.credits.to_le_bytes());
+        out[4..8].copy_from_slice(&self.seq.to_le_bytes());
+        out[8..16].copy_from_slice(&self.len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.aux.to_le_bytes());
+    }
+
+    /// Encode into a fresh array.
+    pub fn to_bytes(&self) -> [u8; HDR] {
+        let mut b = [0u8; HDR];
+        self.encode(&mut b);
+        b
+    }
+
+    /// Decode, checking the kind.
+    pub fn decode(b: &[u8]) -> Result<Header, WireError> {
+        if b.len() < HDR {
+            return Err(WireError::Truncated(b.len()));
+        }
+        let kind = Kind::from_u8(b[0]).ok_or(WireError::BadKind(b[0]))?;
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        Ok(Header {
+            kind,
+            flags: b[1],
+            credits: u16::from_le_bytes([b[2], b[3]]),
+            seq: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            len: u64_at(8),
+            aux: u64_at(16),
+        })
+    }
+}
+
+/// Encode a rendezvous descriptor (the regions) after the header.
+pub fn encode_regions(regions: &[RemoteRegion], out: &mut [u8]) -> usize {
+    let mut off = 0;
+    for r in regions {
+        out[off..off + RemoteRegion::WIRE_LEN].copy_from_slice(&r.to_bytes());
+        off += RemoteRegion::WIRE_LEN;
+    }
+    off
+}
+
+/// Decode `n` regions whose lengths must add up to `total`.
+pub fn decode_regions(
+    b: &[u8],
+    n: u64,
+    total: u64,
+    out: &mut Vec<RemoteRegion>,
+) -> Result<(), WireError> {
+    out.clear();
+    let need = (n as usize)
+        .checked_mul(RemoteRegion::WIRE_LEN)
+        .ok_or_else(|| WireError::BadRendezvous("region count overflows".into()))?;
+    if n == 0 || b.len() < need {
+        return Err(WireError::BadRendezvous(format!(
+            "{n} regions need {need} bytes, {} arrived",
+            b.len()
+        )));
+    }
+    let mut sum = 0u64;
+    for i in 0..n as usize {
+        let r = RemoteRegion::from_bytes(&b[i * RemoteRegion::WIRE_LEN..])
+            .ok_or_else(|| WireError::BadRendezvous("region wraps the address space".into()))?;
+        sum = sum
+            .checked_add(r.len)
+            .ok_or_else(|| WireError::BadRendezvous("lengths overflow".into()))?;
+        out.push(r);
+    }
+    if sum != total {
+        return Err(WireError::BadRendezvous(format!(
+            "regions hold {sum} bytes, header says {total}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_rejects_garbage() {
+        let h = Header {
+            kind: Kind::Rts,
+            flags: 0,
+            credits: 513,
+            seq: 0xdead_beef,
+            len: 1 << 40,
+            aux: 3,
+        };
+        assert_eq!(Header::decode(&h.to_bytes()), Ok(h));
+        assert_eq!(
+            Header::decode(&h.to_bytes()[..23]),
+            Err(WireError::Truncated(23))
+        );
+        let mut bad = h.to_bytes();
+        bad[0] = 99;
+        assert_eq!(Header::decode(&bad), Err(WireError::BadKind(99)));
+    }
+
+    #[test]
+    fn regions_must_add_up() {
+        let rs = [
+            RemoteRegion {
+                addr: 4096,
+                len: 100,
+                rkey: 1,
+            },
+            RemoteRegion {
+                addr: 8192,
+                len: 28,
+                rkey: 2,
+            },
+        ];
+        let mut buf = [0u8; 64];
+        let n = encode_regions(&rs, &mut buf);
+        let mut out = Vec::new();
+        decode_regions(&buf[..n], 2, 128, &mut out).unwrap();
+        assert_eq!(out, rs);
+        assert!(decode_regions(&buf[..n], 2, 129, &mut out).is_err());
+        assert!(decode_regions(&buf[..n - 1], 2, 128, &mut out).is_err());
+        assert!(decode_regions(&buf[..n], 0, 0, &mut out).is_err());
+        assert!(decode_regions(&buf[..n], u64::MAX, 128, &mut out).is_err());
+    }
+}

@@ -1,0 +1,318 @@
+//! Request/response on top of an endpoint, with Mercury-style bulk handles.
+//!
+//! A call is one message: a 16-byte RPC header chunk followed by the request
+//! chunks (vectored, never concatenated); the reply likewise. Handlers get
+//! the request as zero-copy `Bytes` (a slice of the receive slot) and reply
+//! with `Bytes` chunks. Bulk data does not travel in messages: the request
+//! names a [`RemoteRegion`] of the client's, and the server pulls it
+//! ([`Rpc::bulk_pull`], an RDMA READ into its own registered memory) or
+//! pushes into it ([`Rpc::bulk_push`], an RDMA WRITE), so the server decides
+//! when its memory is used.
+//!
+//! RPC header: `kind u8 (1 request, 2 reply, 3 error) | pad u8 | method u16 | pad u32 | call id u64`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes};
+
+use crate::endpoint::{Endpoint, EndpointError, Recv};
+use crate::mem::{Arena, ArenaConfig, HugePages, SlotMut};
+use crate::proto::{Msg, SendError};
+use crate::verbs::{RemoteRegion, WcStatus};
+
+const RPC_HDR: usize = 16;
+const REQUEST: u8 = 1;
+const REPLY: u8 = 2;
+const ERROR: u8 = 3;
+
+/// Errors of RPC calls.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// No reply within the timeout. The call may still run on the server.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The server has no handler for the method.
+    #[error("no handler for method {0}")]
+    NoSuchMethod(u16),
+    /// The handler returned an error message.
+    #[error("handler failed: {0}")]
+    Handler(String),
+    /// A malformed RPC message.
+    #[error("malformed RPC message: {0}")]
+    Malformed(String),
+    /// Sending failed.
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// The endpoint failed or the peer closed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The peer closed the connection.
+    #[error("peer closed the connection")]
+    Closed,
+}
+
+/// What a handler returns: reply chunks, or an error message.
+pub type Reply = Result<Vec<Bytes>, String>;
+
+type Handler = Box<dyn FnMut(&mut BulkCtx<'_>, Bytes) -> Reply + Send>;
+
+/// Lets a handler move bulk data with one-sided operations while it runs.
+pub struct BulkCtx<'a> {
+    ep: &'a mut Endpoint,
+    scratch: &'a Arena,
+}
+
+impl BulkCtx<'_> {
+    /// Pull the client's `remote` region into a registered slot (RDMA READ).
+    pub fn pull(&mut self, remote: RemoteRegion) -> Result<SlotMut, RpcError> {
+        let dest = self
+            .scratch
+            .alloc()
+            .ok_or_else(|| RpcError::Handler("no bulk buffer free".into()))?;
+        if remote.len as usize > dest.capacity() {
+            return Err(RpcError::Handler(format!(
+                "bulk of {} bytes exceeds the server's bulk buffer of {}",
+                remote.len,
+                dest.capacity()
+            )));
+        }
+        Ok(block_on_ep(self.ep.read(remote, dest))?)
+    }
+
+    /// Push `data` into the client's `remote` region (RDMA WRITE).
+    pub fn push(&mut self, data: impl Into<Msg>, remote: RemoteRegion) -> Result<(), RpcError> {
+        match block_on_ep(self.ep.write(data, remote))? {
+            WcStatus::Success => Ok(()),
+            st => Err(RpcError::Handler(format!("bulk push failed: {st}"))),
+        }
+    }
+}
+
+/// Drive a future that only needs the endpoint's own progress (its waker
+/// wakes this thread).
+fn block_on_ep<F: std::future::Future>(f: F) -> F::Output {
+    let waker = crate::util::thread_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_millis(1));
+    }
+}
+
+/// An RPC peer: client, server or both over one endpoint.
+pub struct Rpc {
+    ep: Endpoint,
+    handlers: HashMap<u16, Handler>,
+    replies: HashMap<u64, Result<Bytes, RpcError>>,
+    next_call: u64,
+    hdrs: Arena,
+    bulk: Arena,
+}
+
+impl std::fmt::Debug for Rpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rpc")
+            .field("endpoint", &self.ep)
+            .field("methods", &self.handlers.len())
+            .finish()
+    }
+}
+
+impl Rpc {
+    /// RPC over `ep`; the server side pulls bulk data into buffers of
+    /// `bulk_size` bytes (four of them).
+    pub fn new(ep: Endpoint, bulk_size: usize) -> Result<Rpc, EndpointError> {
+        let hdrs = ep.pd().arena(ArenaConfig {
+            huge_pages: HugePages::Never,
+            ..ArenaConfig::new(64, 1024)
+        })?;
+        let bulk = ep.pd().arena(ArenaConfig {
+            huge_pages: HugePages::Never,
+            ..ArenaConfig::new(bulk_size.max(4096), 4)
+        })?;
+        Ok(Rpc {
+            ep,
+            handlers: HashMap::new(),
+            replies: HashMap::new(),
+            next_call: 1,
+            hdrs,
+            bulk,
+        })
+    }
+
+    /// The endpoint (e.g. to expose memory for bulk transfers).
+    pub fn endpoint(&mut self) -> &mut Endpoint {
+        &mut self.ep
+    }
+
+    /// Register `handler` for `method`.
+    pub fn handle(
+        &mut self,
+        method: u16,
+        handler: impl FnMut(&mut BulkCtx<'_>, Bytes) -> Reply + Send + 'static,
+    ) {
+        self.handlers.insert(method, Box::new(handler));
+    }
+
+    fn header(&self, kind: u8, method: u16, call: u64) -> Result<Bytes, RpcError> {
+        let mut s = self
+            .hdrs
+            .alloc()
+            .ok_or_else(|| RpcError::Handler("no RPC header slot free".into()))?;
+        s.put_u8(kind);
+        s.put_u8(0);
+        s.put_u16_le(method);
+        s.put_u32_le(0);
+        s.put_u64_le(call);
+        Ok(s.freeze())
+    }
+
+    /// Start a call without waiting; returns its id for [`Rpc::poll_reply`].
+    pub fn start_call(&mut self, method: u16, request: impl Into<Msg>) -> Result<u64, RpcError> {
+        let call = self.next_call;
+        self.next_call += 1;
+        let mut chunks = vec![self.header(REQUEST, method, call)?];
+        match request.into() {
+            Msg::One(b) => chunks.push(b),
+            Msg::Many(v) => chunks.extend(v),
+        }
+        self.ep.try_send(chunks)?;
+        Ok(call)
+    }
+
+    /// Make progress: serve requests, collect replies. Returns true if anything happened.
+    pub fn progress(&mut self) -> Result<bool, RpcError> {
+        let mut did = self.ep.progress();
+        loop {
+            match self.ep.try_recv()? {
+                None => break,
+                Some(Recv::Eos) => {
+                    if did {
+                        break;
+                    }
+                    return Err(RpcError::Closed);
+                }
+                Some(Recv::Message(m)) => {
+                    did = true;
+                    self.dispatch(m)?;
+                }
+            }
+        }
+        Ok(did)
+    }
+
+    fn dispatch(&mut self, mut m: Bytes) -> Result<(), RpcError> {
+        if m.len() < RPC_HDR {
+            return Err(RpcError::Malformed(format!("{}-byte message", m.len())));
+        }
+        let mut h = m.split_to(RPC_HDR);
+        let kind = h.get_u8();
+        h.advance(1);
+        let method = h.get_u16_le();
+        h.advance(4);
+        let call = h.get_u64_le();
+        match kind {
+            REQUEST => {
+                let reply = match self.handlers.get_mut(&method) {
+                    Some(f) => {
+                        let mut ctx = BulkCtx {
+                            ep: &mut self.ep,
+                            scratch: &self.bulk,
+                        };
+                        f(&mut ctx, m)
+                    }
+                    None => Err(format!("no handler for method {method}")),
+                };
+                let (kind, body) = match reply {
+                    Ok(chunks) => (REPLY, chunks),
+                    Err(e) => (ERROR, vec![Bytes::from(e.into_bytes())]),
+                };
+                let mut chunks = vec![self.header(kind, method, call)?];
+                chunks.extend(body);
+                self.ep.try_send(chunks)?;
+            }
+            REPLY => {
+                self.replies.insert(call, Ok(m));
+            }
+            ERROR => {
+                let text = String::from_utf8_lossy(&m).into_owned();
+                let err = if text.starts_with("no handler for method") {
+                    RpcError::NoSuchMethod(method)
+                } else {
+                    RpcError::Handler(text)
+                };
+                self.replies.insert(call, Err(err));
+            }
+            k => return Err(RpcError::Malformed(format!("RPC kind {k}"))),
+        }
+        Ok(())
+    }
+
+    /// The reply to `call`, if it arrived.
+    pub fn poll_reply(&mut self, call: u64) -> Option<Result<Bytes, RpcError>> {
+        self.replies.remove(&call)
+    }
+
+    /// Call `method` and wait up to `timeout` for the reply (blocking, spinning
+    /// first, then sleeping on the transport's readiness).
+    pub fn call(
+        &mut self,
+        method: u16,
+        request: impl Into<Msg>,
+        timeout: Duration,
+    ) -> Result<Bytes, RpcError> {
+        let call = self.start_call(method, request)?;
+        self.wait_reply(call, timeout)
+    }
+
+    /// Wait for the reply to a started call.
+    pub fn wait_reply(&mut self, call: u64, timeout: Duration) -> Result<Bytes, RpcError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.progress()?;
+            if let Some(r) = self.replies.remove(&call) {
+                return r;
+            }
+            if Instant::now() >= deadline {
+                return Err(RpcError::Timeout(timeout));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let before = self.ep.received_count();
+            match self.ep.wait(left.min(Duration::from_millis(10)), |e| {
+                e.received_count() > before || e.failure().is_some() || e.is_eos()
+            }) {
+                Ok(()) | Err(EndpointError::Timeout(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Serve requests until the peer closes or `timeout` passes without traffic.
+    pub fn serve(&mut self, idle_timeout: Duration) -> Result<(), RpcError> {
+        let mut last = Instant::now();
+        loop {
+            match self.progress() {
+                Ok(true) => last = Instant::now(),
+                Ok(false) => {}
+                Err(RpcError::Closed) => {
+                    // The peer is done: close our side too, and wait until it went out.
+                    self.ep.try_close()?;
+                    return self
+                        .ep
+                        .wait(idle_timeout, |e| e.close_delivered())
+                        .map_err(RpcError::from);
+                }
+                Err(e) => return Err(e),
+            }
+            if last.elapsed() > idle_timeout {
+                return Err(RpcError::Timeout(idle_timeout));
+            }
+            std::hint::spin_loop();
+        }
+    }
+}

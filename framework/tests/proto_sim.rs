@@ -1,0 +1,587 @@
+//! Deterministic simulation of the protocol core: two `Connection`s joined by
+//! a simulated reliable-connected wire (in-order per queue), with completions
+//! delivered in seeded random interleavings across queues and sides, fake
+//! time, lost peers, failed queue pairs and forged messages.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes};
+use zcmsg::proto::wire::{Header, Kind};
+use zcmsg::proto::{ConnError, Connection, Event, Limits, Outcome, ProtoConfig, RecvOp};
+use zcmsg::testing::RegistryOnly;
+use zcmsg::{
+    AddressSpace, Arena, ArenaConfig, Opcode, Pd, SendFlags, WcOpcode, WcStatus, WorkCompletion,
+};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+struct Side {
+    dev: Arc<RegistryOnly>,
+    pd: Pd,
+    conn: Connection,
+    rq: VecDeque<RecvOp>,
+    send_cq: VecDeque<WorkCompletion>,
+    recv_cq: VecDeque<WorkCompletion>,
+    got: Vec<Vec<u8>>,
+    outcomes: Vec<(u64, Outcome)>,
+    failed: Option<ConnError>,
+    eos: bool,
+    /// The application holds received messages instead of dropping them.
+    hold: bool,
+    held: Vec<Bytes>,
+    /// SENDs waiting for a receive (receiver-not-ready retry on the wire).
+    inbound: VecDeque<Vec<u8>>,
+    /// A dead side does nothing; the wire answers its peer's requests with
+    /// nothing (no completion) unless `nak` is set.
+    dead: bool,
+}
+
+fn cfg() -> ProtoConfig {
+    ProtoConfig {
+        recv_slots: 16,
+        reserve: 4,
+        slot_size: 1024 + 24,
+        credit_batch: 4,
+        signal_every: 4,
+        heartbeat_interval: Duration::from_millis(50),
+        heartbeat_timeout: Duration::from_millis(500),
+        ..ProtoConfig::default()
+    }
+}
+
+fn lim() -> Limits {
+    Limits {
+        max_send_wr: 32,
+        max_send_sge: 4,
+        max_sge_rd: 4,
+        max_msg_sz: 64 << 10,
+        max_inline_data: 64,
+    }
+}
+
+fn side(now: Instant, cfg: ProtoConfig) -> Side {
+    let dev = Arc::new(RegistryOnly::new(AddressSpace::Cpu));
+    let pd = Pd::new(dev.clone());
+    let conn = Connection::new(pd.clone(), cfg, lim(), now).unwrap();
+    Side {
+        dev,
+        pd,
+        conn,
+        rq: VecDeque::new(),
+        send_cq: VecDeque::new(),
+        recv_cq: VecDeque::new(),
+        got: Vec::new(),
+        outcomes: Vec::new(),
+        failed: None,
+        eos: false,
+        hold: false,
+        held: Vec::new(),
+        inbound: VecDeque::new(),
+        dead: false,
+    }
+}
+
+/// Post side `i`'s transmit batch onto the wire, executing it against `j`.
+fn pump(a: &mut Side, b: &mut Side, now: Instant) {
+    if a.dead {
+        return;
+    }
+    let dev_b = b.dev.clone();
+    let Side {
+        conn,
+        dev,
+        rq,
+        send_cq,
+        inbound,
+        recv_cq,
+        ..
+    } = a;
+    let tx = conn.transmit(now);
+    rq.extend(tx.recvs.iter().copied());
+    // Receives just posted take SENDs that were waiting (RNR retry).
+    while !inbound.is_empty() && !rq.is_empty() {
+        let (Some(data), Some(r)) = (inbound.pop_front(), rq.pop_front()) else {
+            break;
+        };
+        let n = dev
+            .scatter(&[r.sge], &data)
+            .expect("receive slot too small");
+        recv_cq.push_back(WorkCompletion {
+            wr_id: r.wr_id,
+            status: WcStatus::Success,
+            opcode: WcOpcode::Recv,
+            byte_len: n as u32,
+            imm_data: None,
+            qp_num: 2,
+        });
+    }
+    for op in tx.sends {
+        let sg = &tx.sges[op.sge_start as usize..(op.sge_start + op.sge_count) as usize];
+        let signaled = op.flags.contains(SendFlags::SIGNALED);
+        if b.dead {
+            // The peer is gone: nothing comes back (the RC retry is still running).
+            continue;
+        }
+        let status = match op.opcode {
+            Opcode::Send => {
+                let data = dev
+                    .gather(sg, op.flags.contains(SendFlags::INLINE))
+                    .unwrap();
+                if b.rq.is_empty() || !b.inbound.is_empty() {
+                    // Only the handshake may arrive before the peer posted
+                    // receives (RC retries it); anything else means the sender
+                    // ignored its credits.
+                    let hello = Header::decode(&data).map(|h| h.kind) == Ok(Kind::Hello);
+                    assert!(
+                        hello || !b.inbound.is_empty(),
+                        "credit flow control violated: a SEND arrived with no receive posted"
+                    );
+                    b.inbound.push_back(data);
+                    if signaled {
+                        send_cq.push_back(WorkCompletion {
+                            wr_id: op.wr_id,
+                            status: WcStatus::Success,
+                            opcode: WcOpcode::Send,
+                            byte_len: 0,
+                            imm_data: None,
+                            qp_num: 1,
+                        });
+                    }
+                    continue;
+                }
+                let r = b.rq.pop_front().expect("checked above");
+                let n = dev_b
+                    .scatter(&[r.sge], &data)
+                    .expect("receive slot too small");
+                b.recv_cq.push_back(WorkCompletion {
+                    wr_id: r.wr_id,
+                    status: WcStatus::Success,
+                    opcode: WcOpcode::Recv,
+                    byte_len: n as u32,
+                    imm_data: None,
+                    qp_num: 2,
+                });
+                WcStatus::Success
+            }
+            Opcode::RdmaRead => {
+                let len: u64 = sg.iter().map(|s| u64::from(s.length())).sum();
+                match dev_b.read_remote(op.rkey, op.remote_addr, len) {
+                    Ok(data) => {
+                        dev.scatter(sg, &data).unwrap();
+                        WcStatus::Success
+                    }
+                    Err(s) => s,
+                }
+            }
+            Opcode::RdmaWrite => {
+                let data = dev.gather(sg, false).unwrap();
+                dev_b
+                    .write_remote(op.rkey, op.remote_addr, &data)
+                    .err()
+                    .unwrap_or(WcStatus::Success)
+            }
+            other => panic!("unexpected opcode {other:?}"),
+        };
+        if signaled || status != WcStatus::Success {
+            send_cq.push_back(WorkCompletion {
+                wr_id: op.wr_id,
+                status,
+                opcode: WcOpcode::for_send(op.opcode),
+                byte_len: 0,
+                imm_data: None,
+                qp_num: 1,
+            });
+        }
+    }
+}
+
+fn drain(s: &mut Side) {
+    while let Some(ev) = s.conn.poll_event() {
+        match ev {
+            Event::Message(m) => {
+                // The test keeps a copy; the application's Bytes (and with it
+                // the receive slot) is held only while `hold` is set.
+                s.got.push(m.to_vec());
+                if s.hold {
+                    s.held.push(m);
+                }
+            }
+            Event::Sent { id, outcome } => s.outcomes.push((id, outcome)),
+            Event::PeerClosed => s.eos = true,
+            Event::Failed(e) => s.failed = Some(e),
+            Event::Connected | Event::OpDone { .. } => {}
+        }
+    }
+    if !s.hold {
+        s.held.clear();
+    }
+}
+
+/// One random step: deliver one completion somewhere, or pump, or tick.
+fn step(sides: &mut [Side; 2], rng: &mut Rng, now: Instant) {
+    let i = rng.below(2) as usize;
+    let (a, b) = sides.split_at_mut(1);
+    let (me, peer) = if i == 0 {
+        (&mut a[0], &mut b[0])
+    } else {
+        (&mut b[0], &mut a[0])
+    };
+    if me.dead {
+        return;
+    }
+    match rng.below(5) {
+        0 | 1 => {
+            if let Some(wc) = me.recv_cq.pop_front() {
+                me.conn.on_completion(&wc, now);
+            }
+        }
+        2 => {
+            if let Some(wc) = me.send_cq.pop_front() {
+                me.conn.on_completion(&wc, now);
+            }
+        }
+        3 => pump(me, peer, now),
+        _ => me.conn.on_tick(now),
+    }
+    drain(me);
+}
+
+fn message(rng: &mut Rng, arena: &Arena, id: u64) -> (Vec<Bytes>, Vec<u8>) {
+    let sizes = [0usize, 1, 40, 500, 1000, 1024, 1025, 3000, 20_000, 150_000];
+    let size = sizes[rng.below(sizes.len() as u64) as usize];
+    let content: Vec<u8> = (0..size).map(|k| (k as u64 * 31 + id * 7) as u8).collect();
+    let nchunks = 1 + rng.below(6) as usize;
+    let mut chunks = Vec::new();
+    let mut off = 0;
+    for c in 0..nchunks {
+        let end = if c + 1 == nchunks {
+            size
+        } else {
+            off + (size - off) / 2
+        };
+        let part = &content[off..end];
+        off = end;
+        // Registered (arena) or foreign (bounced) memory, at random.
+        if part.len() <= arena.slot_size() && rng.below(2) == 0 {
+            let mut s = arena.alloc().expect("arena slot");
+            s.put_slice(part);
+            chunks.push(s.freeze());
+        } else {
+            chunks.push(Bytes::copy_from_slice(part));
+        }
+    }
+    (chunks, content)
+}
+
+fn run_exchange(seed: u64, hold_for: usize) {
+    let t0 = Instant::now();
+    let mut rng = Rng(seed | 1);
+    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    let arenas: Vec<Arena> = sides
+        .iter()
+        .map(|s| s.pd.arena(ArenaConfig::new(160 << 10, 1024)).unwrap())
+        .collect();
+    const N: u64 = 120;
+    let mut expect: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+    let mut ids: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let mut queued = [0u64; 2];
+    sides[1].hold = hold_for > 0;
+    let mut now = t0;
+    for n in 0..400_000u64 {
+        now += Duration::from_micros(20);
+        // Keep feeding messages.
+        for k in 0..2 {
+            if queued[k] < N && rng.below(4) == 0 {
+                let (chunks, content) = message(&mut rng, &arenas[k], queued[k] + 1000 * k as u64);
+                let id = sides[k].conn.send(chunks).unwrap();
+                ids[k].push(id);
+                expect[k].push(content);
+                queued[k] += 1;
+            }
+        }
+        step(&mut sides, &mut rng, now);
+        // The holding receiver lets go after a while: no deadlock meanwhile.
+        if sides[1].hold && n as usize > hold_for {
+            sides[1].hold = false;
+            sides[1].held.clear();
+        }
+        let done = (0..2).all(|k| {
+            queued[k] == N
+                && sides[1 - k].got.len() as u64 == N
+                && sides[k].outcomes.len() as u64 == N
+        });
+        if done {
+            break;
+        }
+    }
+    for k in 0..2 {
+        let peer = &sides[1 - k];
+        assert!(
+            sides[k].failed.is_none(),
+            "seed {seed}: side {k} failed: {:?}",
+            sides[k].failed
+        );
+        assert_eq!(
+            peer.got.len(),
+            expect[k].len(),
+            "seed {seed}: side {} got {} of {} messages",
+            1 - k,
+            peer.got.len(),
+            expect[k].len()
+        );
+        for (i, (m, e)) in peer.got.iter().zip(&expect[k]).enumerate() {
+            assert_eq!(
+                &m[..],
+                &e[..],
+                "seed {seed}: message {i} from side {k} differs"
+            );
+        }
+        let mut o = sides[k].outcomes.clone();
+        o.sort();
+        let want: Vec<(u64, Outcome)> = ids[k].iter().map(|&i| (i, Outcome::Delivered)).collect();
+        assert_eq!(
+            o, want,
+            "seed {seed}: every send of side {k} delivered exactly once"
+        );
+    }
+}
+
+#[test]
+fn random_interleavings_deliver_everything_in_order_exactly_once() {
+    for seed in 1..=12u64 {
+        run_exchange(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0);
+    }
+}
+
+#[test]
+fn a_receiver_holding_every_message_stalls_the_sender_without_deadlock() {
+    for seed in 1..=4u64 {
+        run_exchange(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), 20_000);
+    }
+}
+
+#[test]
+fn holding_receiver_caps_data_in_flight_at_its_slots() {
+    let t0 = Instant::now();
+    let mut rng = Rng(77);
+    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    sides[1].hold = true;
+    for _ in 0..200 {
+        sides[0].conn.send(Bytes::from_static(b"x")).unwrap();
+    }
+    let mut now = t0;
+    for _ in 0..150_000 {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+    }
+    // At most recv_slots data messages can be outstanding while the app holds them.
+    assert_eq!(
+        sides[1].got.len(),
+        16,
+        "the holder got exactly its data slots' worth"
+    );
+    assert!(sides[0].failed.is_none() && sides[1].failed.is_none());
+    // Control traffic still flows: heartbeats kept both alive past the timeout.
+    assert!(now - t0 > cfg().heartbeat_timeout);
+}
+
+#[test]
+fn a_silent_peer_is_declared_dead_and_every_pending_send_resolves() {
+    let t0 = Instant::now();
+    let mut rng = Rng(5);
+    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    let mut now = t0;
+    for _ in 0..2000 {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+    }
+    assert!(sides[0].conn.is_open() && sides[1].conn.is_open());
+    sides[1].dead = true;
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(
+            sides[0]
+                .conn
+                .send(Bytes::from_static(b"into the void"))
+                .unwrap(),
+        );
+    }
+    while sides[0].failed.is_none() && now - t0 < Duration::from_secs(5) {
+        now += Duration::from_millis(1);
+        step(&mut sides, &mut rng, now);
+    }
+    assert!(
+        matches!(sides[0].failed, Some(ConnError::HeartbeatTimeout(_))),
+        "{:?}",
+        sides[0].failed
+    );
+    let mut resolved: Vec<u64> = sides[0].outcomes.iter().map(|o| o.0).collect();
+    resolved.sort();
+    assert_eq!(resolved, ids, "every pending send resolved once");
+    // Posted-but-unacknowledged ones are Unknown, never-posted ones Failed.
+    assert!(sides[0].outcomes.iter().all(|o| o.1 != Outcome::Delivered));
+    assert!(sides[0].outcomes.iter().any(|o| o.1 == Outcome::Failed));
+}
+
+#[test]
+fn a_failed_work_request_fails_the_connection_with_typed_outcomes() {
+    let t0 = Instant::now();
+    let mut rng = Rng(9);
+    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    let mut now = t0;
+    while !(sides[0].conn.is_open() && sides[1].conn.is_open()) {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+    }
+    let id = sides[0].conn.send(Bytes::from_static(b"one")).unwrap();
+    let (a, b) = sides.split_at_mut(1);
+    pump(&mut a[0], &mut b[0], now);
+    let s0 = &mut a[0];
+    // The device reports the request failed: retries exhausted, peer gone.
+    let mut wc = s0
+        .send_cq
+        .pop_back()
+        .expect("the last request of a batch is signaled");
+    wc.status = WcStatus::RetryExcErr;
+    s0.conn.on_completion(&wc, now);
+    drain(s0);
+    assert_eq!(
+        s0.failed,
+        Some(ConnError::Completion(WcStatus::RetryExcErr))
+    );
+    assert!(
+        s0.outcomes.contains(&(id, Outcome::Unknown)),
+        "{:?}",
+        s0.outcomes
+    );
+    assert!(s0.conn.send(Bytes::from_static(b"late")).is_err());
+}
+
+#[test]
+fn forged_headers_and_wrong_versions_are_protocol_errors() {
+    let t0 = Instant::now();
+    // A Hello from another version.
+    let mut s = side(t0, cfg());
+    let tx = s.conn.transmit(t0);
+    let recv = tx.recvs[0];
+    let bad = Header {
+        kind: Kind::Hello,
+        flags: 0,
+        credits: 0,
+        seq: 0,
+        len: 16,
+        aux: zcmsg::proto::wire::MAGIC | 99,
+    };
+    s.dev.scatter(&[recv.sge], &bad.to_bytes()).unwrap();
+    s.conn.on_completion(
+        &WorkCompletion {
+            wr_id: recv.wr_id,
+            status: WcStatus::Success,
+            opcode: WcOpcode::Recv,
+            byte_len: 24,
+            imm_data: None,
+            qp_num: 1,
+        },
+        t0,
+    );
+    drain(&mut s);
+    assert!(
+        matches!(&s.failed, Some(ConnError::Protocol(m)) if m.contains("version 99")),
+        "{:?}",
+        s.failed
+    );
+
+    // Garbage instead of a header, and an eager header whose length lies.
+    for garbage in [vec![0xffu8; 24], {
+        let mut h = Header {
+            kind: Kind::Eager,
+            flags: 0,
+            credits: 0,
+            seq: 0,
+            len: 1000,
+            aux: 0,
+        }
+        .to_bytes()
+        .to_vec();
+        h.extend_from_slice(&[1, 2, 3]);
+        h
+    }] {
+        let t0 = Instant::now();
+        let mut rng = Rng(3);
+        let mut sides = [side(t0, cfg()), side(t0, cfg())];
+        let mut now = t0;
+        while !(sides[0].conn.is_open() && sides[1].conn.is_open()) {
+            now += Duration::from_micros(10);
+            step(&mut sides, &mut rng, now);
+        }
+        let s = &mut sides[0];
+        let r = s.rq.pop_front().expect("a posted receive");
+        let n = s.dev.scatter(&[r.sge], &garbage).unwrap();
+        s.conn.on_completion(
+            &WorkCompletion {
+                wr_id: r.wr_id,
+                status: WcStatus::Success,
+                opcode: WcOpcode::Recv,
+                byte_len: n as u32,
+                imm_data: None,
+                qp_num: 1,
+            },
+            now,
+        );
+        drain(s);
+        assert!(
+            matches!(s.failed, Some(ConnError::Protocol(_))),
+            "{:?}",
+            s.failed
+        );
+    }
+}
+
+#[test]
+fn close_is_end_of_stream_after_everything_sent_before() {
+    let t0 = Instant::now();
+    let mut rng = Rng(11);
+    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    for i in 0..10u8 {
+        sides[0].conn.send(Bytes::from(vec![i; 3000])).unwrap();
+    }
+    sides[0].conn.close().unwrap();
+    assert!(sides[0].conn.close().is_err(), "second close is an error");
+    assert!(
+        sides[0].conn.send(Bytes::from_static(b"late")).is_err(),
+        "send after close is an error"
+    );
+    let mut now = t0;
+    for _ in 0..100_000 {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+        if sides[1].eos {
+            break;
+        }
+    }
+    assert!(sides[1].eos, "the peer saw end of stream");
+    assert_eq!(
+        sides[1].got.len(),
+        10,
+        "everything sent before close arrived first"
+    );
+    assert!(sides[1]
+        .got
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.len() == 3000 && m[0] == i as u8));
+    assert!(sides[1].failed.is_none(), "end of stream is not an error");
+}
