@@ -24,7 +24,7 @@ struct Setup {
 fn setup(regions: usize) -> Setup {
     let pd = Pd::new(Arc::new(RegistryOnly::new(AddressSpace::Iova)));
     let arenas: Vec<Arena> = (0..regions)
-        .map(|_| pd.arena(ArenaConfig::new(4096, CHUNKS)).unwrap())
+        .map(|_| pd.arena(ArenaConfig::new(4096, 2 * CHUNKS)).unwrap())
         .collect();
     // Spread the chunks over the regions with a fixed stride so lookups vary.
     let chunks: Vec<Bytes> = (0..CHUNKS)
@@ -93,6 +93,25 @@ fn bench(c: &mut Criterion) {
             },
         );
     }
+    // The common case: all chunks of a message from one arena (16 regions registered).
+    let mut s = setup(16);
+    let arena = &s._arenas[3];
+    s.chunks = (0..CHUNKS)
+        .map(|i| {
+            let mut slot = arena.alloc().unwrap();
+            slot.put_slice(&[i as u8; 512]);
+            slot.freeze().slice(64..320)
+        })
+        .collect();
+    let mut out: Vec<Sge> = Vec::with_capacity(64);
+    g.bench_function("builder_list_same_arena/16", |b| {
+        let builder = s.pd.builder(UnregisteredPolicy::Reject);
+        b.iter(|| {
+            out.clear();
+            builder.list(black_box(&mut s.chunks), &mut out).unwrap();
+            black_box(&out);
+        })
+    });
     g.finish();
 }
 

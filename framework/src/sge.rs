@@ -133,17 +133,24 @@ impl<'a> SgeBuilder<'a> {
         // One lock-free snapshot for the whole list; the common case (a chunk
         // inside one arena) never leaves this loop.
         let snap = self.pd.registry().snapshot();
+        // Chunks of one message usually share an arena: try the last hit first.
+        let mut last: Option<&crate::mem::RegionEntry> = None;
         for c in chunks.iter_mut() {
             let (addr, len) = (c.as_ptr() as u64, c.len() as u64);
             if len == 0 {
                 continue;
             }
-            if let Some(e) = snap.find(addr) {
+            let hit = match last {
+                Some(e) if e.base <= addr && addr < e.end() => Some(e),
+                _ => snap.find(addr),
+            };
+            if let Some(e) = hit {
                 if addr + len <= e.end()
                     && e.owner & crate::mem::CACHE_OWNER == 0
                     && len <= u64::from(u32::MAX)
                 {
                     out.push(Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey));
+                    last = Some(e);
                     continue;
                 }
             }

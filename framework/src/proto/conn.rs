@@ -783,8 +783,7 @@ impl Connection {
                 }
             }
             _ if !self.hello_seen => {
-                return self
-                    .protocol_error(WireError::Handshake(format!("{:?} before Hello", hdr.kind)));
+                self.protocol_error(WireError::Handshake(format!("{:?} before Hello", hdr.kind)));
             }
             Kind::Eager => {
                 if hdr.len != payload as u64 {
@@ -834,12 +833,10 @@ impl Connection {
                         });
                     }
                 }
-                _ => {
-                    return self.protocol_error(WireError::BadRendezvous(format!(
-                        "release of unknown message {}",
-                        hdr.seq
-                    )))
-                }
+                _ => self.protocol_error(WireError::BadRendezvous(format!(
+                    "release of unknown message {}",
+                    hdr.seq
+                ))),
             },
             Kind::Credit | Kind::Heartbeat => {}
             Kind::Close => {
@@ -1298,10 +1295,8 @@ impl Connection {
                         self.post_rts(id, &mut msg, now)
                     };
                     match r {
-                        Ok(Some(f)) => {
-                            let _ = f;
-                        }
-                        Ok(None) => {
+                        Ok(true) => {}
+                        Ok(false) => {
                             // No header slot free: retry later, in order.
                             self.data.push_front(Out::Data { id, msg });
                             break;
@@ -1319,12 +1314,7 @@ impl Connection {
         }
     }
 
-    fn post_eager(
-        &mut self,
-        id: u64,
-        msg: &mut Msg,
-        now: Instant,
-    ) -> Result<Option<()>, SendError> {
+    fn post_eager(&mut self, id: u64, msg: &mut Msg, now: Instant) -> Result<bool, SendError> {
         let len = msg.len();
         let hdr = Header {
             kind: Kind::Eager,
@@ -1358,7 +1348,7 @@ impl Connection {
         } else {
             let Some(mut s) = self.hdr_arena.alloc() else {
                 self.since_signal = self.since_signal.saturating_sub(1);
-                return Ok(None);
+                return Ok(false);
             };
             // Build the payload SGEs first (the header takes one SGE).
             let max = self.lim.max_send_sge.saturating_sub(1).max(1);
@@ -1407,10 +1397,10 @@ impl Connection {
                 _hdr: hold,
             },
         );
-        Ok(Some(()))
+        Ok(true)
     }
 
-    fn post_rts(&mut self, id: u64, msg: &mut Msg, now: Instant) -> Result<Option<()>, SendError> {
+    fn post_rts(&mut self, id: u64, msg: &mut Msg, now: Instant) -> Result<bool, SendError> {
         let len = msg.len();
         let max_regions = (self.hdr_arena.slot_size() - HDR) / RemoteRegion::WIRE_LEN;
         let nonempty = msg.chunks().iter().filter(|c| !c.is_empty()).count();
@@ -1420,7 +1410,7 @@ impl Connection {
             )));
         }
         let Some(mut s) = self.hdr_arena.alloc() else {
-            return Ok(None);
+            return Ok(false);
         };
         // Expose exactly the message's chunks for reading.
         let mut exposures = Vec::with_capacity(nonempty);
@@ -1472,7 +1462,7 @@ impl Connection {
             _msg: owned,
         });
         self.push_wr(op, Inflight::Rts { _hdr: s });
-        Ok(Some(()))
+        Ok(true)
     }
 }
 
