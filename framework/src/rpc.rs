@@ -5,8 +5,8 @@
 //! the request as zero-copy `Bytes` (a slice of the receive slot) and reply
 //! with `Bytes` chunks. Bulk data does not travel in messages: the request
 //! names a [`RemoteRegion`] of the client's, and the server pulls it
-//! ([`Rpc::bulk_pull`], an RDMA READ into its own registered memory) or
-//! pushes into it ([`Rpc::bulk_push`], an RDMA WRITE), so the server decides
+//! ([`BulkCtx::pull`], an RDMA READ into its own registered memory) or
+//! pushes into it ([`BulkCtx::push`], an RDMA WRITE), so the server decides
 //! when its memory is used.
 //!
 //! RPC header: `kind u8 (1 request, 2 reply, 3 error) | pad u8 | method u16 | pad u32 | call id u64`.

@@ -910,8 +910,9 @@ impl Connection {
         self.events.push_back(Event::Failed(err));
     }
 
-    /// Output: what to post now. Call [`Connection::posted`] after posting
-    /// (or [`Connection::fail`] if the transport refused).
+    /// Output: what to post now, receives first. The requests count as posted
+    /// when this returns; if the transport refuses them, call
+    /// [`Connection::fail`].
     pub fn transmit(&mut self, now: Instant) -> Transmit<'_> {
         self.sends.clear();
         self.recvs.clear();
