@@ -27,6 +27,8 @@ pub struct CopyStats {
     inline_ops: AtomicU64,
     coalesce_bytes: AtomicU64,
     coalesce_ops: AtomicU64,
+    handoff_bytes: AtomicU64,
+    handoff_ops: AtomicU64,
 }
 
 /// A point-in-time reading of [`CopyStats`].
@@ -44,6 +46,11 @@ pub struct CopySnapshot {
     pub coalesce_bytes: u64,
     /// Coalescing copies.
     pub coalesce_ops: u64,
+    /// Bytes handed to an in-process peer as the sender's own `Bytes` (not
+    /// copied at all, by the framework or the device; not in `total_bytes`).
+    pub handoff_bytes: u64,
+    /// Messages handed over in process.
+    pub handoff_ops: u64,
 }
 
 impl CopySnapshot {
@@ -61,6 +68,8 @@ impl CopySnapshot {
             inline_ops: self.inline_ops - earlier.inline_ops,
             coalesce_bytes: self.coalesce_bytes - earlier.coalesce_bytes,
             coalesce_ops: self.coalesce_ops - earlier.coalesce_ops,
+            handoff_bytes: self.handoff_bytes - earlier.handoff_bytes,
+            handoff_ops: self.handoff_ops - earlier.handoff_ops,
         }
     }
 }
@@ -78,6 +87,13 @@ impl CopyStats {
         o.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Count one in-process handoff of `bytes` (no copy).
+    #[inline]
+    pub fn add_handoff(&self, bytes: u64) {
+        self.handoff_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.handoff_ops.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Read all counters.
     pub fn snapshot(&self) -> CopySnapshot {
         CopySnapshot {
@@ -87,6 +103,8 @@ impl CopyStats {
             inline_ops: self.inline_ops.load(Ordering::Relaxed),
             coalesce_bytes: self.coalesce_bytes.load(Ordering::Relaxed),
             coalesce_ops: self.coalesce_ops.load(Ordering::Relaxed),
+            handoff_bytes: self.handoff_bytes.load(Ordering::Relaxed),
+            handoff_ops: self.handoff_ops.load(Ordering::Relaxed),
         }
     }
 }

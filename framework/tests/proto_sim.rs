@@ -286,10 +286,11 @@ fn message(rng: &mut Rng, arena: &Arena, id: u64) -> (Vec<Bytes>, Vec<u8>) {
     (chunks, content)
 }
 
-fn run_exchange(seed: u64, hold_for: usize) {
+fn run_exchange(seed: u64, hold_for: usize, handoff: bool) {
     let t0 = Instant::now();
     let mut rng = Rng(seed | 1);
-    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    let c = ProtoConfig { handoff, ..cfg() };
+    let mut sides = [side(t0, c.clone()), side(t0, c)];
     let arenas: Vec<Arena> = sides
         .iter()
         .map(|s| s.pd.arena(ArenaConfig::new(160 << 10, 1024)).unwrap())
@@ -349,6 +350,15 @@ fn run_exchange(seed: u64, hold_for: usize) {
                 "seed {seed}: message {i} from side {k} differs"
             );
         }
+        let h = sides[k].pd.stats().snapshot();
+        if handoff {
+            assert!(
+                h.handoff_ops > 0,
+                "seed {seed}: single-chunk messages were handed over"
+            );
+        } else {
+            assert_eq!(h.handoff_ops, 0);
+        }
         let mut o = sides[k].outcomes.clone();
         o.sort();
         let want: Vec<(u64, Outcome)> = ids[k].iter().map(|&i| (i, Outcome::Delivered)).collect();
@@ -362,14 +372,22 @@ fn run_exchange(seed: u64, hold_for: usize) {
 #[test]
 fn random_interleavings_deliver_everything_in_order_exactly_once() {
     for seed in 1..=12u64 {
-        run_exchange(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0);
+        run_exchange(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, false);
+    }
+}
+
+#[test]
+fn the_in_process_handoff_passes_the_same_exchange() {
+    for seed in 1..=6u64 {
+        run_exchange(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, true);
+        run_exchange(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), 20_000, true);
     }
 }
 
 #[test]
 fn a_receiver_holding_every_message_stalls_the_sender_without_deadlock() {
     for seed in 1..=4u64 {
-        run_exchange(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), 20_000);
+        run_exchange(seed.wrapping_mul(0x2545_f491_4f6c_dd1d), 20_000, false);
     }
 }
 

@@ -32,9 +32,10 @@
 //! after the request was posted, so the data may have reached the peer).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 
 use super::wire::{self, Header, Kind, WireError, HDR, MAGIC, VERSION};
 use crate::mem::{Arena, ArenaConfig, Exposure, HugePages, Pd, SlotMut, UnregisteredPolicy};
@@ -63,6 +64,10 @@ pub struct ProtoConfig {
     pub credit_batch: u32,
     /// What to do with payload chunks outside registered memory.
     pub policy: UnregisteredPolicy,
+    /// In-process fast path: when the peer is in this process, hand
+    /// single-chunk messages over as the sender's own `Bytes` (counted as
+    /// `handoff`, not copied by the device).
+    pub handoff: bool,
 }
 
 impl Default for ProtoConfig {
@@ -77,6 +82,7 @@ impl Default for ProtoConfig {
             signal_every: 16,
             credit_batch: 32,
             policy: UnregisteredPolicy::Bounce,
+            handoff: false,
         }
     }
 }
@@ -389,6 +395,8 @@ pub struct Connection {
     plan: RwPlan,
     scratch: Vec<Sge>,
     regions: Vec<RemoteRegion>,
+    handoff_in: Option<Arc<super::handoff::Channel>>,
+    handoff_out: Option<Arc<super::handoff::Channel>>,
 }
 
 const MAX_RDV_ARENAS: usize = 64;
@@ -458,7 +466,12 @@ impl Connection {
             plan: RwPlan::new(),
             scratch: Vec::with_capacity(32),
             regions: Vec::new(),
+            handoff_in: None,
+            handoff_out: None,
         };
+        if c.cfg.handoff {
+            c.handoff_in = Some(super::handoff::open(slots));
+        }
         c.ctrl.push_back((Kind::Hello, 0));
         Ok(c)
     }
@@ -777,6 +790,12 @@ impl Connection {
                 }
                 self.hello_seen = true;
                 self.peer_credits += hdr.len as i64;
+                if payload >= 16 && self.cfg.handoff {
+                    let p = &slot.as_slice()[HDR..HDR + 16];
+                    let nonce = u64::from_le_bytes(p[..8].try_into().unwrap_or([0; 8]));
+                    let token = u64::from_le_bytes(p[8..].try_into().unwrap_or([0; 8]));
+                    self.handoff_out = super::handoff::find(nonce, token);
+                }
                 if self.state == State::Handshake {
                     self.state = State::Open;
                     self.events.push_back(Event::Connected);
@@ -838,6 +857,22 @@ impl Connection {
                     hdr.seq
                 ))),
             },
+            Kind::Handoff => {
+                if !self.check_seq(hdr.seq) {
+                    return;
+                }
+                let got = self.handoff_in.as_ref().and_then(|c| c.pop());
+                match got {
+                    Some(b) if b.len() as u64 == hdr.len => {
+                        self.incoming.push_back(Incoming::Ready(b));
+                        self.deliver();
+                    }
+                    _ => self.protocol_error(WireError::BadLength {
+                        said: hdr.len,
+                        got: 0,
+                    }),
+                }
+            }
             Kind::Credit | Kind::Heartbeat => {}
             Kind::Close => {
                 self.incoming.push_back(Incoming::Eos);
@@ -1007,32 +1042,35 @@ impl Connection {
 
     /// A header-only message: inline when the queue pair allows, else from a header slot.
     fn post_control(&mut self, kind: Kind, seq: u32, now: Instant) {
+        self.post_header(kind, seq, 0, now);
+    }
+
+    /// A header-only message (Hello may carry the 16-byte handoff announcement):
+    /// inline when the queue pair allows, else from a header slot.
+    fn post_header(&mut self, kind: Kind, seq: u32, len: u64, now: Instant) -> bool {
+        let hello = kind == Kind::Hello;
         let hdr = Header {
             kind,
             flags: 0,
-            credits: if kind == Kind::Hello {
-                0
-            } else {
-                self.take_owed()
-            },
+            credits: if hello { 0 } else { self.take_owed() },
             seq,
-            len: if kind == Kind::Hello {
+            len: if hello {
                 u64::from(self.cfg.recv_slots + self.cfg.reserve)
             } else {
-                0
+                len
             },
-            aux: if kind == Kind::Hello {
-                MAGIC | u64::from(VERSION)
-            } else {
-                0
-            },
+            aux: if hello { MAGIC | u64::from(VERSION) } else { 0 },
         };
-        let wr_id = self.next_wr;
-        self.next_wr += 1;
+        let announce = self
+            .handoff_in
+            .as_ref()
+            .filter(|_| hello)
+            .map(|c| (super::handoff::process_nonce(), c.token()));
         let sge_start = self.sges.len() as u32;
-        let mut flags = self.next_signal(false);
+        let mut flags = SendFlags::NONE;
         let mut hold = None;
-        if self.lim.max_inline_data as usize >= HDR
+        if announce.is_none()
+            && self.lim.max_inline_data as usize >= HDR
             && self.inline_hdrs.len() < self.inline_hdrs.capacity()
         {
             self.inline_hdrs.push(hdr.to_bytes());
@@ -1046,14 +1084,23 @@ impl Connection {
             self.pd.stats().add(CopyReason::Inline, HDR as u64);
         } else {
             let Some(mut s) = self.hdr_arena.alloc() else {
-                self.ctrl.push_front((kind, seq));
-                return;
+                if !kind.is_data() {
+                    self.ctrl.push_front((kind, seq));
+                }
+                return false;
             };
             s.set_len(HDR);
             hdr.encode(s.as_mut_slice());
+            if let Some((nonce, token)) = announce {
+                s.put_u64_le(nonce);
+                s.put_u64_le(token);
+            }
             self.sges.push(s.sge_filled());
             hold = Some(s);
         }
+        flags |= self.next_signal(false);
+        let wr_id = self.next_wr;
+        self.next_wr += 1;
         self.peer_credits -= 1;
         self.last_sent = now;
         let op = SendOp {
@@ -1066,6 +1113,7 @@ impl Connection {
             rkey: 0,
         };
         self.push_wr(op, Inflight::Control { _hdr: hold, kind });
+        true
     }
 
     fn fill_reads(&mut self) {
@@ -1290,6 +1338,33 @@ impl Connection {
                 }
                 Out::Data { id, mut msg } => {
                     let len = msg.len();
+                    if let Some(ch) = self.handoff_out.clone() {
+                        let single = match &msg {
+                            Msg::One(b) => Some(b.clone()),
+                            Msg::Many(v) if v.len() == 1 => Some(v[0].clone()),
+                            Msg::Many(_) => None,
+                        };
+                        if let Some(b) = single {
+                            let seq = self.next_seq;
+                            if self.handoff(&ch, b, seq, len, now) {
+                                self.next_seq = self.next_seq.wrapping_add(1);
+                                // The header's completion means delivered.
+                                if let Some((_, Inflight::Control { _hdr, .. })) =
+                                    self.inflight.pop_back()
+                                {
+                                    self.inflight.push_back((
+                                        self.next_wr - 1,
+                                        Inflight::Eager {
+                                            id,
+                                            _msg: Msg::One(Bytes::new()),
+                                            _hdr,
+                                        },
+                                    ));
+                                }
+                                continue;
+                            }
+                        }
+                    }
                     let r = if len as usize <= self.eager_limit() {
                         self.post_eager(id, &mut msg, now)
                     } else {
@@ -1313,6 +1388,36 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Hand `b` to the in-process peer and send its header; false if the
+    /// queue or a header slot is not available (then nothing was sent).
+    fn handoff(
+        &mut self,
+        ch: &super::handoff::Channel,
+        b: Bytes,
+        seq: u32,
+        len: u64,
+        now: Instant,
+    ) -> bool {
+        let inline_ok = self.lim.max_inline_data as usize >= HDR
+            && self.inline_hdrs.len() < self.inline_hdrs.capacity();
+        if !inline_ok && self.hdr_arena.free_slots() == 0 {
+            return false;
+        }
+        if ch.push(b).is_err() {
+            return false;
+        }
+        if !self.post_header(Kind::Handoff, seq, len, now) {
+            // Checked above: a header is always available here.
+            self.fail(
+                ConnError::Protocol("handoff header could not be posted".into()),
+                Outcome::Unknown,
+            );
+            return false;
+        }
+        self.pd.stats().add_handoff(len);
+        true
     }
 
     fn post_eager(&mut self, id: u64, msg: &mut Msg, now: Instant) -> Result<bool, SendError> {

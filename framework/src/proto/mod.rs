@@ -3,6 +3,7 @@
 //! [`conn::Connection`].
 
 pub mod conn;
+pub mod handoff;
 pub mod wire;
 
 pub use conn::{

@@ -34,6 +34,10 @@ pub enum Kind {
     Close = 6,
     /// Liveness.
     Heartbeat = 7,
+    /// In-process handoff: the payload (`len` bytes) travels as the sender's
+    /// own `Bytes` through the peer's handoff queue; this SEND keeps order
+    /// and credits.
+    Handoff = 8,
 }
 
 impl Kind {
@@ -46,13 +50,14 @@ impl Kind {
             5 => Kind::Credit,
             6 => Kind::Close,
             7 => Kind::Heartbeat,
+            8 => Kind::Handoff,
             _ => return None,
         })
     }
 
     /// Data messages consume data credits and are delivered to the application.
     pub fn is_data(self) -> bool {
-        matches!(self, Kind::Eager | Kind::Rts)
+        matches!(self, Kind::Eager | Kind::Rts | Kind::Handoff)
     }
 }
 
