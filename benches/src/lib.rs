@@ -2,6 +2,7 @@
 //! the `zcperf` binary (perftest-style options and output) in `src/bin/`.
 //! Every figure is printed beside references measured in the same run.
 
+pub mod ep;
 pub mod raw;
 pub mod refs;
 pub mod report;

@@ -337,7 +337,14 @@ pub fn stream_bw(
         }
         let n = cli.qp.poll_cq(&mut cli.wc);
         for i in 0..n {
-            check(&cli.wc[i])?;
+            if let Err(e) = check(&cli.wc[i]) {
+                // Report every completion of the failure, not just the first flush.
+                let mut all = format!("{e}; completions:");
+                for w in &cli.wc[..n] {
+                    all += &format!(" [{} {:?} {}]", w.wr_id, w.opcode, w.status);
+                }
+                return Err(all);
+            }
             done_batches += 1;
         }
         if posted == iters && done_batches == posted_batches {

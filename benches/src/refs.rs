@@ -126,3 +126,48 @@ pub fn copy_bw(size: usize, iters: u64) -> f64 {
     }
     size as f64 * iters as f64 / start.elapsed().as_secs_f64()
 }
+
+/// UCX's own figures from `ucx_perftest` over shared memory (`UCX_TLS=sm`),
+/// server and client on 127.0.0.1, if `ucx_perftest` is installed (Debian
+/// package `ucx-utils`). Returns (median latency in µs, message rate in msg/s)
+/// from the "Final:" line for `tag_lat` or `tag_bw`.
+pub fn ucx_perftest(test: &str, size: usize, iters: u64) -> Option<(f64, f64)> {
+    use std::process::{Command, Stdio};
+    let run = |server: bool| {
+        let mut c = Command::new("ucx_perftest");
+        if !server {
+            c.arg("127.0.0.1");
+        }
+        c.args([
+            "-t",
+            test,
+            "-s",
+            &size.to_string(),
+            "-n",
+            &iters.to_string(),
+            "-f",
+            "-p",
+            "13337",
+        ])
+        .env("UCX_TLS", "sm,self")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
+        c
+    };
+    let mut srv = run(true).stdout(Stdio::null()).spawn().ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run(false).output();
+    let _ = srv.wait();
+    let out = out.ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("Final:"))?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // iterations, lat p50, lat avg, lat overall, bw avg, bw overall, rate avg, rate overall
+    (f.len() >= 8).then(|| (f[1], f[7]))
+}

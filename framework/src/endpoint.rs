@@ -10,6 +10,11 @@
 //!   runtime-agnostic futures that arm the queue pair with the task's waker
 //!   (and a coarse timer for heartbeats), tested under tokio.
 //!
+//! Liveness is driven by progress: heartbeats go out from `progress` (and
+//! every wait), so an endpoint nobody drives for longer than the peer's
+//! `heartbeat_timeout` looks dead to the peer. Raise the timeout for
+//! applications that compute for long stretches between calls.
+//!
 //! Receive is zero-copy: [`Endpoint::try_recv`] returns `Bytes` pointing into
 //! the registered receive slot; dropping it (on any thread) returns the slot,
 //! which the progress loop reposts and turns into a credit for the peer.
@@ -108,6 +113,7 @@ pub struct Endpoint {
     spin: Duration,
     sent_total: u64,
     recv_total: u64,
+    recv_slots: usize,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -195,6 +201,7 @@ impl Endpoint {
             spin: cfg.spin,
             sent_total: 0,
             recv_total: 0,
+            recv_slots: proto.recv_slots as usize,
         };
         ep.flush();
         Ok(ep)
@@ -213,6 +220,12 @@ impl Endpoint {
     /// Largest message sent eagerly; larger ones go by rendezvous.
     pub fn eager_limit(&self) -> usize {
         self.conn.eager_limit()
+    }
+
+    /// Receive slots for data messages: at most this many received messages
+    /// can be held by the application before the peer has to wait.
+    pub fn recv_slots(&self) -> usize {
+        self.recv_slots
     }
 
     /// Messages received so far.

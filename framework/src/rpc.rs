@@ -112,6 +112,7 @@ pub struct Rpc {
     next_call: u64,
     hdrs: Arena,
     bulk: Arena,
+    spill_after: usize,
 }
 
 impl std::fmt::Debug for Rpc {
@@ -135,7 +136,9 @@ impl Rpc {
             huge_pages: HugePages::Never,
             ..ArenaConfig::new(bulk_size.max(4096), 4)
         })?;
+        let spill_after = (ep.recv_slots() / 2).max(1);
         Ok(Rpc {
+            spill_after,
             ep,
             handlers: HashMap::new(),
             replies: HashMap::new(),
@@ -237,6 +240,18 @@ impl Rpc {
                 self.ep.try_send(chunks)?;
             }
             REPLY => {
+                // Replies nobody collected yet hold receive slots; past half of
+                // them, keep copies instead so the server can go on replying
+                // (counted as `spill`).
+                let m = if self.replies.len() >= self.spill_after {
+                    self.ep
+                        .pd()
+                        .stats()
+                        .add(crate::stats::CopyReason::Spill, m.len() as u64);
+                    Bytes::copy_from_slice(&m)
+                } else {
+                    m
+                };
                 self.replies.insert(call, Ok(m));
             }
             ERROR => {

@@ -16,6 +16,10 @@ pub enum CopyReason {
     Inline,
     /// Small chunks merged into one slot to fit `max_send_sge`.
     Coalesce,
+    /// Received messages copied out of their receive slots because the
+    /// application held more of them than the connection has slots (e.g. RPC
+    /// replies nobody has collected yet), so the peer can keep sending.
+    Spill,
 }
 
 /// Live counters, shared by a protection domain and its endpoints.
@@ -27,6 +31,8 @@ pub struct CopyStats {
     inline_ops: AtomicU64,
     coalesce_bytes: AtomicU64,
     coalesce_ops: AtomicU64,
+    spill_bytes: AtomicU64,
+    spill_ops: AtomicU64,
     handoff_bytes: AtomicU64,
     handoff_ops: AtomicU64,
 }
@@ -46,6 +52,10 @@ pub struct CopySnapshot {
     pub coalesce_bytes: u64,
     /// Coalescing copies.
     pub coalesce_ops: u64,
+    /// Bytes spilled out of receive slots.
+    pub spill_bytes: u64,
+    /// Spill copies.
+    pub spill_ops: u64,
     /// Bytes handed to an in-process peer as the sender's own `Bytes` (not
     /// copied at all, by the framework or the device; not in `total_bytes`).
     pub handoff_bytes: u64,
@@ -56,7 +66,7 @@ pub struct CopySnapshot {
 impl CopySnapshot {
     /// Every byte the framework copied, whatever the reason.
     pub fn total_bytes(&self) -> u64 {
-        self.bounce_bytes + self.inline_bytes + self.coalesce_bytes
+        self.bounce_bytes + self.inline_bytes + self.coalesce_bytes + self.spill_bytes
     }
 
     /// The difference `self - earlier`, counter by counter.
@@ -68,6 +78,8 @@ impl CopySnapshot {
             inline_ops: self.inline_ops - earlier.inline_ops,
             coalesce_bytes: self.coalesce_bytes - earlier.coalesce_bytes,
             coalesce_ops: self.coalesce_ops - earlier.coalesce_ops,
+            spill_bytes: self.spill_bytes - earlier.spill_bytes,
+            spill_ops: self.spill_ops - earlier.spill_ops,
             handoff_bytes: self.handoff_bytes - earlier.handoff_bytes,
             handoff_ops: self.handoff_ops - earlier.handoff_ops,
         }
@@ -82,6 +94,7 @@ impl CopyStats {
             CopyReason::Bounce => (&self.bounce_bytes, &self.bounce_ops),
             CopyReason::Inline => (&self.inline_bytes, &self.inline_ops),
             CopyReason::Coalesce => (&self.coalesce_bytes, &self.coalesce_ops),
+            CopyReason::Spill => (&self.spill_bytes, &self.spill_ops),
         };
         b.fetch_add(bytes, Ordering::Relaxed);
         o.fetch_add(1, Ordering::Relaxed);
@@ -103,6 +116,8 @@ impl CopyStats {
             inline_ops: self.inline_ops.load(Ordering::Relaxed),
             coalesce_bytes: self.coalesce_bytes.load(Ordering::Relaxed),
             coalesce_ops: self.coalesce_ops.load(Ordering::Relaxed),
+            spill_bytes: self.spill_bytes.load(Ordering::Relaxed),
+            spill_ops: self.spill_ops.load(Ordering::Relaxed),
             handoff_bytes: self.handoff_bytes.load(Ordering::Relaxed),
             handoff_ops: self.handoff_ops.load(Ordering::Relaxed),
         }

@@ -409,6 +409,18 @@ unsafe impl BufMut for SlotMut {
     }
 }
 
+impl Extend<u8> for SlotMut {
+    /// Append bytes.
+    ///
+    /// # Panics
+    /// If they do not fit the slot.
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+        for b in iter {
+            self.put_u8(b);
+        }
+    }
+}
+
 struct FrozenSlot {
     handle: SlotHandle,
     len: usize,

@@ -1,0 +1,227 @@
+//! zcperf: perftest-style benchmarks of zcmsg transports, each printed beside
+//! references measured in the same run.
+//!
+//! ```text
+//! zcperf                      # the summary on the in-process device
+//! zcperf send_lat -s 64 -n 100000
+//! zcperf send_bw -s 65536
+//! zcperf write_bw -s 1048576
+//! ```
+
+use std::sync::Arc;
+
+use clap::{Parser, ValueEnum};
+use zcmsg::{Opcode, Transport};
+use zcmsg_bench::raw::{self, Params};
+use zcmsg_bench::{refs, report};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Test {
+    /// Latency, SEND ping-pong and references, then message rate and bandwidth.
+    Summary,
+    /// SEND ping-pong latency (RTT/2), like ib_send_lat.
+    SendLat,
+    /// SEND stream bandwidth, like ib_send_bw.
+    SendBw,
+    /// RDMA WRITE stream bandwidth, like ib_write_bw.
+    WriteBw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Kind {
+    /// The in-process software device (no hardware needed).
+    Soft,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "zcperf",
+    about = "zcmsg benchmarks with perftest's options and columns"
+)]
+struct Args {
+    /// Which test.
+    #[arg(value_enum, default_value = "summary")]
+    test: Test,
+    /// Transport.
+    #[arg(long, value_enum, default_value = "soft")]
+    transport: Kind,
+    /// Message size in bytes (perftest -s).
+    #[arg(short = 's', long)]
+    size: Option<usize>,
+    /// Iterations (perftest -n).
+    #[arg(short = 'n', long)]
+    iters: Option<u64>,
+    /// Send queue depth (perftest -t).
+    #[arg(short = 't', long = "tx-depth", default_value_t = 128)]
+    tx_depth: u32,
+    /// Receive queue depth (perftest -r).
+    #[arg(short = 'r', long = "rx-depth", default_value_t = 512)]
+    rx_depth: u32,
+    /// Requests per post list (perftest -l).
+    #[arg(short = 'l', long = "post_list", default_value_t = 16)]
+    post_list: u32,
+    /// Do not send inline (perftest -I 0).
+    #[arg(long)]
+    no_inline: bool,
+}
+
+fn devices(kind: Kind) -> (Arc<dyn Transport>, Arc<dyn Transport>, String) {
+    match kind {
+        Kind::Soft => (
+            zcmsg_soft::SoftDevice::new() as Arc<dyn Transport>,
+            zcmsg_soft::SoftDevice::new() as Arc<dyn Transport>,
+            format!("zcperf-{}", std::process::id()),
+        ),
+    }
+}
+
+fn params(a: &Args, size: usize, iters: u64) -> Params {
+    Params {
+        size: a.size.unwrap_or(size),
+        iters: a.iters.unwrap_or(iters),
+        tx_depth: a.tx_depth,
+        rx_depth: a.rx_depth,
+        post_list: a.post_list,
+        inline: !a.no_inline,
+    }
+}
+
+fn run_lat(a: &Args, p: &Params, tag: &str) -> Result<f64, String> {
+    let (x, y, addr) = devices(a.transport);
+    let lat = raw::send_lat(x, y, &format!("{addr}-{tag}"), p)?;
+    let s = report::summarize(&lat.samples);
+    report::lat_header();
+    report::lat_row(p.size, p.iters, &s);
+    Ok(s.typical)
+}
+
+fn run_bw(a: &Args, p: &Params, op: Opcode, tag: &str) -> Result<(f64, f64), String> {
+    let (x, y, addr) = devices(a.transport);
+    let bw = raw::stream_bw(x, y, &format!("{addr}-{tag}"), p, op)?;
+    let secs = bw.elapsed.as_secs_f64();
+    let (bps, mps) = (bw.bytes as f64 / secs, bw.msgs as f64 / secs);
+    report::bw_header();
+    report::bw_row(p.size, p.iters, bps, mps);
+    Ok((bps, mps))
+}
+
+fn summary(a: &Args) -> Result<(), String> {
+    println!(
+        "zcperf summary on the {:?} transport: every figure beside references from the same run\n",
+        a.transport
+    );
+    println!("--- 64 B SEND ping-pong, one-way latency ---");
+    let lat = run_lat(a, &params(a, 64, 100_000), "lat")?;
+    let floor = refs::atomic_pingpong(1_000_000).as_nanos() as f64 / 1000.0;
+    let xbeam = refs::crossbeam_pingpong(200_000).as_nanos() as f64 / 1000.0;
+    println!("  zcmsg send_lat (median)      {lat:8.3} us");
+    println!(
+        "  floor: AtomicU64 ping-pong   {floor:8.3} us   zcmsg/floor     = {:.2}x",
+        lat / floor
+    );
+    println!(
+        "  crossbeam-channel bounded    {xbeam:8.3} us   zcmsg/crossbeam = {:.2}x",
+        lat / xbeam
+    );
+    match refs::ucx_perftest("tag_lat", 64, 100_000) {
+        Some((ucx, _)) => println!(
+            "  UCX sm tag_lat (median)      {ucx:8.3} us   zcmsg/ucx       = {:.2}x\n",
+            lat / ucx
+        ),
+        None => println!("  UCX: ucx_perftest not found (apt-get install ucx-utils)\n"),
+    }
+
+    println!("--- 64 B SEND message rate ---");
+    let (_, mps) = run_bw(a, &params(a, 64, 2_000_000), Opcode::Send, "rate")?;
+    let xr = refs::crossbeam_msgrate(2_000_000);
+    let sr = refs::spsc_msgrate(2_000_000);
+    println!("  zcmsg send_bw                {:8.2} Mmsg/s", mps / 1e6);
+    println!(
+        "  crossbeam-channel bounded    {:8.2} Mmsg/s   zcmsg/crossbeam = {:.2}x",
+        xr / 1e6,
+        mps / xr
+    );
+    println!(
+        "  SPSC ring (rtrb)             {:8.2} Mmsg/s   zcmsg/spsc      = {:.2}x",
+        sr / 1e6,
+        mps / sr
+    );
+    match refs::ucx_perftest("tag_bw", 64, 2_000_000) {
+        Some((_, ucx)) => println!(
+            "  UCX sm tag_bw                {:8.2} Mmsg/s   zcmsg/ucx       = {:.2}x\n",
+            ucx / 1e6,
+            mps / ucx
+        ),
+        None => println!("  UCX: ucx_perftest not found (apt-get install ucx-utils)\n"),
+    }
+
+    println!("--- endpoints (framing, credits, zero-copy receive) against the raw device ---");
+    let (x, y, addr) = devices(a.transport);
+    let ep_lat = zcmsg_bench::ep::ping_pong(x, y, &format!("{addr}-eplat"), 64, 100_000)?;
+    let ep_lat = report::summarize(&ep_lat).typical;
+    println!(
+        "  endpoint 64 B latency (median) {ep_lat:8.3} us   endpoint/raw    = {:.2}x",
+        ep_lat / lat
+    );
+    let (x, y, addr) = devices(a.transport);
+    let (ep_rate, _, _) =
+        zcmsg_bench::ep::stream(x, y, &format!("{addr}-eprate"), 64, 1_000_000, false)?;
+    println!(
+        "  endpoint 64 B message rate   {:8.2} Mmsg/s   endpoint/raw    = {:.2}x\n",
+        ep_rate / 1e6,
+        ep_rate / mps
+    );
+
+    println!("--- 1 MiB RDMA WRITE and SEND bandwidth ---");
+    let (wbps, _) = run_bw(a, &params(a, 1 << 20, 4000), Opcode::RdmaWrite, "write")?;
+    let (sbps, _) = run_bw(a, &params(a, 1 << 20, 4000), Opcode::Send, "sendbw")?;
+    let copy = refs::copy_bw(1 << 20, 4000);
+    let gb = |x: f64| x / 1e9;
+    println!(
+        "  zcmsg write_bw               {:8.2} GB/s   write/copy      = {:.2}x",
+        gb(wbps),
+        wbps / copy
+    );
+    println!(
+        "  zcmsg send_bw                {:8.2} GB/s   send/copy       = {:.2}x",
+        gb(sbps),
+        sbps / copy
+    );
+    println!("  copy_from_slice 1 MiB        {:8.2} GB/s", gb(copy));
+    for handoff in [false, true] {
+        let (x, y, addr) = devices(a.transport);
+        let (_, bps, c) = zcmsg_bench::ep::stream(
+            x,
+            y,
+            &format!("{addr}-ep1m-{handoff}"),
+            1 << 20,
+            4000,
+            handoff,
+        )?;
+        println!(
+            "  endpoint 1 MiB stream, handoff {:<3}  {:8.2} GB/s   endpoint/copy   = {:.2}x   (framework copies {} B, handed over {} B)",
+            if handoff { "on" } else { "off" },
+            gb(bps),
+            bps / copy,
+            c.bounce_bytes + c.coalesce_bytes,
+            c.handoff_bytes
+        );
+    }
+    Ok(())
+}
+
+fn main() {
+    let a = Args::parse();
+    let r = match a.test {
+        Test::Summary => summary(&a),
+        Test::SendLat => run_lat(&a, &params(&a, 64, 100_000), "lat").map(|_| ()),
+        Test::SendBw => run_bw(&a, &params(&a, 65536, 100_000), Opcode::Send, "bw").map(|_| ()),
+        Test::WriteBw => {
+            run_bw(&a, &params(&a, 65536, 100_000), Opcode::RdmaWrite, "wbw").map(|_| ())
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("zcperf: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,483 @@
+//! Endpoint and RPC cases: the messaging layer on top of a transport. Every
+//! transport runs them through the same suite, so "works on every
+//! transport" is a test result, not a claim.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes};
+use zcmsg::{
+    Access, ArenaConfig, Endpoint, EndpointConfig, Outcome, Pd, Recv, RemoteRegion, Rpc, RpcError,
+    SendError, Transport,
+};
+
+use crate::Harness;
+
+/// Two devices and a listen address, from the transport under test.
+type Devices = (Arc<dyn Transport>, Arc<dyn Transport>, String);
+
+fn devices(h: &Harness) -> Devices {
+    (h.device(), h.device(), h.next_addr())
+}
+
+fn cfg() -> EndpointConfig {
+    let mut c = EndpointConfig::default();
+    c.proto.heartbeat_interval = Duration::from_millis(100);
+    // Generous: the cases fill and check up to 64 MiB between progress calls
+    // (in debug builds, and 10-50x slower under emulation).
+    c.proto.heartbeat_timeout = Duration::from_secs(30);
+    c
+}
+
+fn cfg_handoff() -> EndpointConfig {
+    let mut c = cfg();
+    c.proto.handoff = true;
+    c
+}
+
+/// Connect two endpoints (the accepting side in a thread).
+fn endpoint_pair(d: Devices, cfg: &EndpointConfig) -> (Endpoint, Endpoint) {
+    let (a, b, addr) = d;
+    let pd_b = Pd::new(b.clone());
+    let mut listener = b.listen(&addr, &cfg.qp).expect("listen");
+    let at = listener.local_addr();
+    let c2 = cfg.clone();
+    let acc =
+        std::thread::spawn(move || Endpoint::accept(&pd_b, &mut *listener, &c2).expect("accept"));
+    let pd_a = Pd::new(a);
+    let ea = Endpoint::connect(&pd_a, &at, cfg).expect("connect");
+    let eb = acc.join().expect("accept thread");
+    (ea, eb)
+}
+
+fn pattern(len: usize, seed: u64) -> impl Iterator<Item = u8> {
+    (0..len).map(move |i| ((i as u64).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 7) as u8)
+}
+
+fn checksum(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Echo server: returns every message (its own received `Bytes`, zero-copy),
+/// closes when the peer closes. Returns how many it echoed.
+fn echo_server(mut ep: Endpoint) -> std::thread::JoinHandle<Result<u64, String>> {
+    std::thread::spawn(move || {
+        let mut n = 0;
+        loop {
+            match ep
+                .recv_timeout(Duration::from_secs(60))
+                .map_err(|e| e.to_string())?
+            {
+                Recv::Message(m) => {
+                    ep.try_send(m).map_err(|e| e.to_string())?;
+                    n += 1;
+                }
+                Recv::Eos => {
+                    ep.try_close().map_err(|e| e.to_string())?;
+                    ep.wait(Duration::from_secs(30), |e| e.close_delivered())
+                        .map_err(|e| e.to_string())?;
+                    return Ok(n);
+                }
+            }
+        }
+    })
+}
+
+fn close_and_join(mut ep: Endpoint, server: std::thread::JoinHandle<Result<u64, String>>) -> u64 {
+    ep.try_close().expect("close");
+    ep.wait(Duration::from_secs(30), |e| e.is_eos())
+        .expect("end of stream from the server");
+    server.join().expect("server thread").expect("server")
+}
+
+/// Messages of every size class from 0 B to 64 MiB, across the eager /
+/// rendezvous threshold, echoed and checked byte for byte; registered memory
+/// goes with zero framework copies (no bounce, no coalescing).
+fn message_integrity_all_sizes_with(d: Devices, c: &EndpointConfig, max: usize) {
+    let (mut ep, srv) = endpoint_pair(d, c);
+    let server = echo_server(srv);
+    let eager = ep.eager_limit();
+    let mut sizes = vec![
+        0usize,
+        1,
+        63,
+        64,
+        4095,
+        eager - 1,
+        eager,
+        eager + 1,
+        64 << 10,
+        1 << 20,
+        (8 << 20) + 1,
+        64 << 20,
+    ];
+    sizes.retain(|&s| s <= max);
+    let arena = ep
+        .pd()
+        .arena(ArenaConfig::new(max.max(4096), 2))
+        .expect("arena");
+    let before = ep.copies();
+    for (i, &size) in sizes.iter().enumerate() {
+        let mut s = arena.alloc().expect("slot");
+        s.put_slice(&pattern(size, i as u64).collect::<Vec<u8>>());
+        let msg = s.freeze();
+        let want = checksum(&msg);
+        ep.try_send(msg).expect("send");
+        let echo = ep.recv_timeout(Duration::from_secs(120));
+        if let Err(e) = &echo {
+            let srv = server.join();
+            panic!("size {size}: echo failed: {e}; server: {srv:?}");
+        }
+        match echo.expect("checked") {
+            Recv::Message(m) => {
+                assert_eq!(m.len(), size, "size {size}: length");
+                assert_eq!(checksum(&m), want, "size {size}: content");
+            }
+            Recv::Eos => panic!("early end of stream"),
+        }
+    }
+    let c = ep.copies().since(&before);
+    assert_eq!(c.bounce_bytes, 0, "registered memory is never bounced");
+    assert_eq!(c.coalesce_bytes, 0, "single chunks are never coalesced");
+    assert_eq!(close_and_join(ep, server), sizes.len() as u64);
+}
+
+/// Vectored messages (many chunks, registered and foreign), eager and
+/// rendezvous: bytes and order kept; foreign bytes are bounced and counted.
+fn vectored_and_foreign_messages_with(d: Devices, c: &EndpointConfig) {
+    let (mut ep, srv) = endpoint_pair(d, c);
+    let server = echo_server(srv);
+    let arena = ep
+        .pd()
+        .arena(ArenaConfig::new(64 << 10, 64))
+        .expect("arena");
+    let eager = ep.eager_limit();
+    for (round, chunk_len) in [(0u64, 100usize), (1, eager / 3), (2, 50_000)] {
+        let mut chunks = Vec::new();
+        let mut all = Vec::new();
+        let mut foreign = 0u64;
+        for k in 0..20u64 {
+            let data: Vec<u8> = pattern(chunk_len, round * 100 + k).collect();
+            all.extend_from_slice(&data);
+            if k % 3 == 0 {
+                foreign += data.len() as u64;
+                chunks.push(Bytes::from(data));
+            } else {
+                let mut s = arena.alloc().expect("slot");
+                s.put_slice(&data);
+                chunks.push(s.freeze());
+            }
+        }
+        let before = ep.copies();
+        ep.try_send(chunks).expect("send");
+        match ep.recv_timeout(Duration::from_secs(60)).expect("echo") {
+            Recv::Message(m) => assert!(m[..] == all[..], "round {round}: vectored content"),
+            Recv::Eos => panic!("early end of stream"),
+        }
+        let c = ep.copies().since(&before);
+        if 20 * chunk_len <= eager {
+            assert_eq!(
+                c.bounce_bytes, foreign,
+                "round {round}: eager: foreign chunks bounced ({c:?})"
+            );
+        } else {
+            // Rendezvous registers every chunk where it lies: zero copies, foreign or not.
+            assert_eq!(
+                c.bounce_bytes + c.coalesce_bytes,
+                0,
+                "round {round}: rendezvous copies nothing ({c:?})"
+            );
+        }
+    }
+    close_and_join(ep, server);
+}
+
+/// A receiver that holds every message stops the sender at its receive
+/// slots, without deadlock; dropping them lets everything through.
+fn credit_exhaustion_and_recovery_with(d: Devices, c: &EndpointConfig) {
+    let slots = c.proto.recv_slots as usize;
+    let (mut tx, mut rx) = endpoint_pair(d, c);
+    let total = slots * 3;
+    for i in 0..total {
+        tx.try_send(Bytes::from(vec![i as u8; 100])).expect("queue");
+    }
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        tx.progress();
+        while let Some(Recv::Message(m)) = rx.try_recv().expect("recv") {
+            held.push(m);
+        }
+    }
+    if c.proto.handoff {
+        // Handed-over messages are the sender's memory, not receive slots:
+        // holding them stalls nothing.
+        assert_eq!(held.len(), total, "handoff: holding costs no receive slots");
+        return;
+    }
+    assert_eq!(
+        held.len(),
+        slots,
+        "a holding receiver gets exactly its receive slots"
+    );
+    assert!(
+        tx.failure().is_none() && rx.failure().is_none(),
+        "no deadlock, no failure"
+    );
+    drop(held);
+    let mut got = slots;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got < total {
+        tx.progress();
+        if let Some(Recv::Message(m)) = rx.try_recv().expect("recv") {
+            assert_eq!(m[0], got as u8, "order kept across the stall");
+            got += 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "recovery stalled at {got}/{total}"
+        );
+    }
+}
+
+/// Many concurrent RPC calls in flight, each answered once and matched.
+fn rpc_many_concurrent_calls_with(d: Devices, c: &EndpointConfig) {
+    let (ea, eb) = endpoint_pair(d, c);
+    let server = std::thread::spawn(move || {
+        let mut rpc = Rpc::new(eb, 1 << 20).expect("rpc");
+        rpc.handle(7, |_, req| {
+            let mut r = req.to_vec();
+            r.reverse();
+            Ok(vec![Bytes::from(r)])
+        });
+        rpc.serve(Duration::from_secs(30))
+    });
+    let mut rpc = Rpc::new(ea, 4096).expect("rpc");
+    let calls: Vec<(u64, Vec<u8>)> = (0..1000u64)
+        .map(|i| {
+            let req: Vec<u8> = pattern(10 + (i as usize % 200), i).collect();
+            (
+                rpc.start_call(7, Bytes::from(req.clone())).expect("call"),
+                req,
+            )
+        })
+        .collect();
+    for (id, req) in calls.into_iter().rev() {
+        let rep = rpc.wait_reply(id, Duration::from_secs(30)).expect("reply");
+        let mut want = req;
+        want.reverse();
+        assert_eq!(&rep[..], &want[..], "call {id}: reply matches its request");
+    }
+    match rpc.call(99, Bytes::from_static(b"?"), Duration::from_secs(10)) {
+        Err(RpcError::NoSuchMethod(99)) => {}
+        other => panic!("unknown method: {other:?}"),
+    }
+    rpc.endpoint().try_close().expect("close");
+    rpc.endpoint()
+        .wait(Duration::from_secs(30), |e| e.is_eos())
+        .expect("eos");
+    server.join().expect("server").expect("serve");
+}
+
+/// RPC with bulk handles: the server pulls 4 MiB from the client (READ) and
+/// pushes a transformed copy back (WRITE); the client checks its memory.
+fn rpc_bulk_pull_and_push_with(d: Devices, c: &EndpointConfig) {
+    let (ea, eb) = endpoint_pair(d, c);
+    let server = std::thread::spawn(move || {
+        let mut rpc = Rpc::new(eb, 4 << 20).expect("rpc");
+        rpc.handle(1, |bulk, req| {
+            let src = RemoteRegion::from_bytes(&req).ok_or("bad handle")?;
+            let dst =
+                RemoteRegion::from_bytes(&req[RemoteRegion::WIRE_LEN..]).ok_or("bad handle")?;
+            let mut data = bulk.pull(src).map_err(|e| e.to_string())?;
+            for b in data.as_mut_slice() {
+                *b = b.wrapping_add(1);
+            }
+            bulk.push(data.freeze(), dst).map_err(|e| e.to_string())?;
+            Ok(vec![])
+        });
+        rpc.serve(Duration::from_secs(30))
+    });
+    let mut rpc = Rpc::new(ea, 4096).expect("rpc");
+    let pd = rpc.endpoint().pd().clone();
+    let len = 4 << 20;
+    let mut src = pd.window(len, Access::REMOTE_READ).expect("window");
+    src.fill(41);
+    let mut dst = pd.window(len, Access::REMOTE_WRITE).expect("window");
+    dst.fill(0);
+    let mut req = Vec::new();
+    req.extend_from_slice(&src.remote().to_bytes());
+    req.extend_from_slice(&dst.remote().to_bytes());
+    rpc.call(1, Bytes::from(req), Duration::from_secs(60))
+        .expect("bulk call");
+    let out = dst.revoke();
+    assert!(
+        out.as_slice().iter().all(|&b| b == 42),
+        "the server's push landed in our window"
+    );
+    drop(src);
+    rpc.endpoint().try_close().expect("close");
+    rpc.endpoint()
+        .wait(Duration::from_secs(30), |e| e.is_eos())
+        .expect("eos");
+    server.join().expect("server").expect("serve");
+}
+
+/// Graceful close: everything before arrives, then end of stream (not an
+/// error); a second close and a send after close are typed errors.
+fn graceful_close_with(d: Devices, c: &EndpointConfig) {
+    let (mut a, mut b) = endpoint_pair(d, c);
+    for i in 0..50u8 {
+        a.try_send(Bytes::from(vec![i; 1000])).expect("send");
+    }
+    a.try_close().expect("close");
+    assert!(matches!(a.try_close(), Err(SendError::AlreadyClosed)));
+    assert!(matches!(
+        a.try_send(Bytes::from_static(b"x")),
+        Err(SendError::Closed)
+    ));
+    for i in 0..50u8 {
+        a.progress();
+        match b.recv_timeout(Duration::from_secs(10)).expect("recv") {
+            Recv::Message(m) => assert_eq!(m[0], i),
+            Recv::Eos => panic!("end of stream before message {i}"),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        a.progress();
+        if let Some(r) = b.try_recv().expect("no error at end of stream") {
+            assert_eq!(r, Recv::Eos);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no end of stream");
+    }
+}
+
+/// The peer vanishes mid-stream: every pending send resolves (never
+/// `Delivered` for what was not acknowledged) and the failure is reported
+/// within a bounded time.
+fn peer_failure_mid_stream_with(d: Devices, c: &EndpointConfig) {
+    let (mut a, b) = endpoint_pair(d, c);
+    let payload = Bytes::from(vec![9u8; 2000]);
+    for _ in 0..500 {
+        a.try_send(payload.clone()).expect("send");
+    }
+    drop(b);
+    let start = Instant::now();
+    let r = a.wait(Duration::from_secs(20), |e| e.failure().is_some());
+    assert!(r.is_ok(), "the failure is reported in time: {r:?}");
+    assert!(a.failure().is_some(), "failure recorded: {:?}", a.failure());
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "bounded detection"
+    );
+    assert!(
+        a.try_send(payload).is_err(),
+        "sends after a failure are refused"
+    );
+}
+
+/// Async API under tokio: send/recv/close futures, and a dropped send
+/// future leaves its buffer parked until the device is done with it.
+fn async_under_tokio_and_cancellation_with(d: Devices, c: &EndpointConfig) {
+    let (mut a, b) = endpoint_pair(d, c);
+    let server = echo_server(b);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let arena = a.pd().arena(ArenaConfig::new(1 << 20, 8)).expect("arena");
+        for i in 0..200u32 {
+            let size = if i % 10 == 0 { 200_000 } else { 1000 };
+            let mut s = arena.alloc().expect("slot");
+            s.extend(pattern(size, u64::from(i)));
+            let m = s.freeze();
+            let want = checksum(&m);
+            assert_eq!(a.send(m).await.expect("send"), Outcome::Delivered);
+            let echo = a.recv().await.expect("recv").expect("message");
+            assert_eq!(checksum(&echo), want);
+        }
+        // Cancel a large send right away: its buffer must stay parked.
+        let mut s = arena.alloc().expect("slot");
+        s.put_bytes(5, 900_000);
+        let big = s.freeze();
+        let ptr_free_before = arena.free_slots();
+        {
+            let fut = a.send(big);
+            let _ = tokio::time::timeout(Duration::from_micros(1), fut).await;
+        }
+        // The echo of the cancelled send still arrives intact: nothing was freed early.
+        let echo = tokio::time::timeout(Duration::from_secs(30), a.recv())
+            .await
+            .expect("echo in time")
+            .expect("recv")
+            .expect("message");
+        assert_eq!(echo.len(), 900_000);
+        assert!(echo.iter().all(|&b| b == 5));
+        drop(echo);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while arena.free_slots() <= ptr_free_before {
+            a.progress();
+            assert!(
+                Instant::now() < deadline,
+                "the parked slot came home after completion"
+            );
+            tokio::task::yield_now().await;
+        }
+        a.close().await.expect("close");
+        assert!(a.recv().await.expect("eos").is_none());
+    });
+    server.join().expect("server").expect("echo");
+}
+
+/// `message_integrity_all_sizes_with` through the device, then with the in-process handoff on.
+pub fn ep_message_integrity_all_sizes(h: &Harness) {
+    message_integrity_all_sizes_with(devices(h), &cfg(), 64 << 20);
+    message_integrity_all_sizes_with(devices(h), &cfg_handoff(), 64 << 20);
+}
+
+/// `vectored_and_foreign_messages_with` through the device, then with the in-process handoff on.
+pub fn ep_vectored_and_foreign_messages(h: &Harness) {
+    vectored_and_foreign_messages_with(devices(h), &cfg());
+    vectored_and_foreign_messages_with(devices(h), &cfg_handoff());
+}
+
+/// `credit_exhaustion_and_recovery_with` through the device, then with the in-process handoff on.
+pub fn ep_credit_exhaustion_and_recovery(h: &Harness) {
+    credit_exhaustion_and_recovery_with(devices(h), &cfg());
+    credit_exhaustion_and_recovery_with(devices(h), &cfg_handoff());
+}
+
+/// `rpc_many_concurrent_calls_with` through the device, then with the in-process handoff on.
+pub fn ep_rpc_many_concurrent_calls(h: &Harness) {
+    rpc_many_concurrent_calls_with(devices(h), &cfg());
+    rpc_many_concurrent_calls_with(devices(h), &cfg_handoff());
+}
+
+/// `rpc_bulk_pull_and_push_with` through the device, then with the in-process handoff on.
+pub fn ep_rpc_bulk_pull_and_push(h: &Harness) {
+    rpc_bulk_pull_and_push_with(devices(h), &cfg());
+    rpc_bulk_pull_and_push_with(devices(h), &cfg_handoff());
+}
+
+/// `graceful_close_with` through the device, then with the in-process handoff on.
+pub fn ep_graceful_close(h: &Harness) {
+    graceful_close_with(devices(h), &cfg());
+    graceful_close_with(devices(h), &cfg_handoff());
+}
+
+/// `peer_failure_mid_stream_with` through the device, then with the in-process handoff on.
+pub fn ep_peer_failure_mid_stream(h: &Harness) {
+    peer_failure_mid_stream_with(devices(h), &cfg());
+    peer_failure_mid_stream_with(devices(h), &cfg_handoff());
+}
+
+/// `async_under_tokio_and_cancellation_with` through the device, then with the in-process handoff on.
+pub fn ep_async_under_tokio_and_cancellation(h: &Harness) {
+    async_under_tokio_and_cancellation_with(devices(h), &cfg());
+    async_under_tokio_and_cancellation_with(devices(h), &cfg_handoff());
+}

@@ -1,0 +1,920 @@
+//! Every operation, its completion fields and its data.
+
+use super::prelude::*;
+
+/// SEND of messages of several sizes: payload byte for byte, `byte_len`,
+/// opcodes, `qp_num` and the absence of immediate data on both sides.
+pub fn send_recv_small(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let sa = p.a.arena(4096, 16);
+    let rb = p.b.arena(4096, 16);
+    let sizes = [1usize, 7, 8, 63, 64, 100, 1500, 4096];
+    let recvs = post_recvs(&mut p.qb, &rb, 100, sizes.len());
+    let mut sends = Vec::new();
+    for (i, &len) in sizes.iter().enumerate() {
+        let s = slot_with(&sa, &message(1, i as u64, len));
+        p.qa.post_send(&[WorkRequest::send(i as u64, &[s.sge_filled()])]);
+        sends.push(s);
+    }
+    let (qa_num, qb_num) = (p.qa.qp_num(), p.qb.qp_num());
+    for i in 0..sizes.len() {
+        let wc = p.qa.next("SEND completion");
+        expect_ok(&wc, i as u64, WcOpcode::Send, "sender");
+        assert_eq!(wc.qp_num, qa_num, "sender completion's qp_num");
+    }
+    for (i, (mut slot, &len)) in recvs.into_iter().zip(&sizes).enumerate() {
+        let wc = p.qb.next("receive completion");
+        expect_ok(&wc, 100 + i as u64, WcOpcode::Recv, "receiver");
+        assert_eq!(wc.byte_len as usize, len, "byte_len of message {i}");
+        assert_eq!(wc.imm_data, None, "a plain SEND carries no immediate");
+        assert_eq!(wc.qp_num, qb_num, "receiver completion's qp_num");
+        slot.set_len(len);
+        check_message(slot.as_slice(), 1, i as u64, len, "received payload");
+    }
+    p.qa.expect_idle(QUIET, "nothing else on the sender");
+    p.qb.expect_idle(QUIET, "nothing else on the receiver");
+}
+
+/// Zero-length SEND, SEND_WITH_IMM and RDMA_WRITE_WITH_IMM: each consumes a
+/// receive with `byte_len` 0 and leaves the receive buffer untouched.
+pub fn send_zero_length(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let rb = p.b.arena(256, 4);
+    let win = p.b.window(64, Access::REMOTE_WRITE);
+    let slots: Vec<SlotMut> = (0..3).map(|_| slot_filled(&rb, 0xEE)).collect();
+    for (i, s) in slots.iter().enumerate() {
+        p.qb.post_recv(&[RecvRequest {
+            wr_id: 10 + i as u64,
+            sg_list: &[s.sge()],
+        }]);
+    }
+    let r = win.remote();
+    p.qa.post_send(&[
+        WorkRequest::send(1, &[]),
+        WorkRequest {
+            opcode: Opcode::SendWithImm,
+            ..WorkRequest::send(2, &[])
+        }
+        .with_imm(0x1234_5678),
+        WorkRequest::one_sided(3, Opcode::RdmaWriteWithImm, &[], r.addr, r.rkey).with_imm(77),
+    ]);
+    let wcs = p.qa.take(3, "zero-length sends");
+    expect_ok(&wcs[0], 1, WcOpcode::Send, "empty SEND");
+    expect_ok(&wcs[1], 2, WcOpcode::Send, "empty SEND_WITH_IMM");
+    expect_ok(&wcs[2], 3, WcOpcode::RdmaWrite, "empty WRITE_WITH_IMM");
+    let wcs = p.qb.take(3, "zero-length receives");
+    let want = [
+        (10, WcOpcode::Recv, None),
+        (11, WcOpcode::Recv, Some(0x1234_5678)),
+        (12, WcOpcode::RecvRdmaWithImm, Some(77)),
+    ];
+    for (wc, (id, op, imm)) in wcs.iter().zip(want) {
+        expect_ok(wc, id, op, "zero-length receive");
+        assert_eq!(wc.byte_len, 0, "byte_len of an empty message: {wc:?}");
+        assert_eq!(wc.imm_data, imm, "immediate of {wc:?}");
+    }
+    for s in &slots {
+        check_filled(s.as_slice(), 0xEE, "receive buffer of an empty message");
+    }
+    check_filled(
+        win.revoke().as_slice(),
+        0,
+        "window after an empty WRITE_WITH_IMM",
+    );
+}
+
+/// SEND_WITH_IMM: immediate values (0, 1, patterns, `u32::MAX`) arrive
+/// unchanged in host order with the payload.
+pub fn send_with_imm(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let sa = p.a.arena(256, 8);
+    let rb = p.b.arena(256, 8);
+    let imms = [0u32, 1, 0xdead_beef, 0x8000_0001, u32::MAX, 0x0102_0304];
+    let recvs = post_recvs(&mut p.qb, &rb, 0, imms.len());
+    let mut keep = Vec::new();
+    for (i, &imm) in imms.iter().enumerate() {
+        let s = slot_with(&sa, &message(2, i as u64, 40 + i));
+        let sg = [s.sge_filled()];
+        let wr = WorkRequest {
+            opcode: Opcode::SendWithImm,
+            ..WorkRequest::send(i as u64, &sg)
+        }
+        .with_imm(imm);
+        p.qa.post_send(&[wr]);
+        keep.push(s);
+    }
+    for (i, wc) in p.qa.take(imms.len(), "SEND_WITH_IMM").iter().enumerate() {
+        expect_ok(wc, i as u64, WcOpcode::Send, "sender");
+    }
+    for (i, mut slot) in recvs.into_iter().enumerate() {
+        let wc = p.qb.next("receive with immediate");
+        expect_ok(&wc, i as u64, WcOpcode::Recv, "receiver");
+        assert_eq!(wc.imm_data, Some(imms[i]), "immediate of message {i}");
+        assert_eq!(wc.byte_len as usize, 40 + i);
+        slot.set_len(40 + i);
+        check_message(
+            slot.as_slice(),
+            2,
+            i as u64,
+            40 + i,
+            "payload with immediate",
+        );
+    }
+}
+
+/// RDMA_WRITE at several offsets and lengths: the bytes land exactly there,
+/// nothing else in the window changes, and no receive is consumed.
+pub fn rdma_write(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let sa = p.a.arena(64 << 10, 8);
+    let rb = p.b.arena(256, 2);
+    let win = p.b.window(256 << 10, Access::REMOTE_WRITE);
+    let r = win.remote();
+    let recv = post_recvs(&mut p.qb, &rb, 500, 1);
+    // (offset, len): tiny, odd, unaligned, page, large, up to the last byte.
+    let writes = [
+        (0usize, 1usize),
+        (3, 7),
+        (4093, 4099),
+        (16 << 10, 4096),
+        (64 << 10, 64 << 10),
+        ((256 << 10) - 1000, 1000),
+    ];
+    let srcs: Vec<SlotMut> = writes
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, len))| slot_with(&sa, &pattern(300 + i as u64, len)))
+        .collect();
+    for (i, (&(off, _), s)) in writes.iter().zip(&srcs).enumerate() {
+        p.qa.post_send(&[WorkRequest::one_sided(
+            i as u64,
+            Opcode::RdmaWrite,
+            &[s.sge_filled()],
+            r.addr + off as u64,
+            r.rkey,
+        )]);
+    }
+    for (i, wc) in p.qa.take(writes.len(), "RDMA WRITE").iter().enumerate() {
+        expect_ok(wc, i as u64, WcOpcode::RdmaWrite, "writer");
+    }
+    p.qb.expect_idle(QUIET, "an RDMA WRITE consumes no receive");
+    // The receive is still there: a SEND consumes it now.
+    let s = slot_with(&sa, &message(3, 0, 32));
+    p.qa.post_send(&[WorkRequest::send(99, &[s.sge_filled()])]);
+    expect_ok(&p.qa.next("SEND"), 99, WcOpcode::Send, "SEND after writes");
+    let wc = p.qb.next("receive after writes");
+    expect_ok(
+        &wc,
+        500,
+        WcOpcode::Recv,
+        "the receive posted before the writes",
+    );
+    let mut slot = recv.into_iter().next().expect("one receive");
+    slot.set_len(32);
+    check_message(slot.as_slice(), 3, 0, 32, "SEND after writes");
+
+    let mut want = vec![0u8; 256 << 10];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        want[off..off + len].copy_from_slice(&pattern(300 + i as u64, len));
+    }
+    check_bytes(win.revoke().as_slice(), &want, "window after RDMA WRITEs");
+}
+
+/// RDMA_WRITE_WITH_IMM consumes a receive (with or without a buffer),
+/// delivers the immediate and `byte_len`, writes only the window and never
+/// the receive buffer.
+pub fn rdma_write_with_imm(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let sa = p.a.arena(4096, 4);
+    let rb = p.b.arena(4096, 2);
+    let win = p.b.window(16 << 10, Access::REMOTE_WRITE);
+    let r = win.remote();
+    // Receive 1 has no SGE at all, receive 2 a buffer that must stay untouched.
+    p.qb.post_recv(&[RecvRequest {
+        wr_id: 1,
+        sg_list: &[],
+    }]);
+    let buf = slot_filled(&rb, 0xEE);
+    p.qb.post_recv(&[RecvRequest {
+        wr_id: 2,
+        sg_list: &[buf.sge()],
+    }]);
+    let s1 = slot_with(&sa, &pattern(41, 1000));
+    let s2 = slot_with(&sa, &pattern(42, 4096));
+    p.qa.post_send(&[
+        WorkRequest::one_sided(
+            10,
+            Opcode::RdmaWriteWithImm,
+            &[s1.sge_filled()],
+            r.addr + 100,
+            r.rkey,
+        )
+        .with_imm(0xCAFE_BABE),
+        WorkRequest::one_sided(
+            11,
+            Opcode::RdmaWriteWithImm,
+            &[s2.sge_filled()],
+            r.addr + 8192,
+            r.rkey,
+        )
+        .with_imm(7),
+    ]);
+    let wcs = p.qa.take(2, "WRITE_WITH_IMM");
+    expect_ok(&wcs[0], 10, WcOpcode::RdmaWrite, "writer");
+    expect_ok(&wcs[1], 11, WcOpcode::RdmaWrite, "writer");
+    let wcs = p.qb.take(2, "receives consumed by WRITE_WITH_IMM");
+    expect_ok(&wcs[0], 1, WcOpcode::RecvRdmaWithImm, "first receive");
+    assert_eq!(
+        (wcs[0].byte_len, wcs[0].imm_data),
+        (1000, Some(0xCAFE_BABE)),
+        "{:?}",
+        wcs[0]
+    );
+    expect_ok(&wcs[1], 2, WcOpcode::RecvRdmaWithImm, "second receive");
+    assert_eq!(
+        (wcs[1].byte_len, wcs[1].imm_data),
+        (4096, Some(7)),
+        "{:?}",
+        wcs[1]
+    );
+    check_filled(
+        buf.as_slice(),
+        0xEE,
+        "receive buffer consumed by a WRITE_WITH_IMM",
+    );
+    let mut want = vec![0u8; 16 << 10];
+    want[100..1100].copy_from_slice(&pattern(41, 1000));
+    want[8192..12288].copy_from_slice(&pattern(42, 4096));
+    check_bytes(
+        win.revoke().as_slice(),
+        &want,
+        "window after WRITE_WITH_IMM",
+    );
+}
+
+/// RDMA_READ of several sub-ranges of a peer's registered `Bytes`: the data,
+/// the opcode and `byte_len`; bytes past the read length stay untouched.
+pub fn rdma_read(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let src_arena = p.b.arena_with(ArenaConfig {
+        access: Access::REMOTE_READ,
+        ..ArenaConfig::new(64 << 10, 1)
+    });
+    let src = slot_with(&src_arena, &pattern(51, 64 << 10)).freeze();
+    let remote = remote_of(&src_arena, &src);
+    let da = p.a.arena(64 << 10, 8);
+    let reads = [
+        (0usize, 1usize),
+        (5, 13),
+        (4090, 8),
+        (1000, 30000),
+        (0, 64 << 10),
+    ];
+    let mut dsts: Vec<SlotMut> = reads.iter().map(|_| slot_filled(&da, 0xEE)).collect();
+    for (i, (&(off, len), d)) in reads.iter().zip(&dsts).enumerate() {
+        p.qa.post_send(&[WorkRequest::one_sided(
+            i as u64,
+            Opcode::RdmaRead,
+            &[d.sge_range(0, len)],
+            remote.addr + off as u64,
+            remote.rkey,
+        )]);
+    }
+    for (i, (&(off, len), d)) in reads.iter().zip(&mut dsts).enumerate() {
+        let wc = p.qa.next("RDMA READ");
+        expect_ok(&wc, i as u64, WcOpcode::RdmaRead, "reader");
+        assert_eq!(wc.byte_len as usize, len, "byte_len of a READ: {wc:?}");
+        check_bytes(&d.as_slice()[..len], &src[off..off + len], "read data");
+        check_filled(&d.as_slice()[len..], 0xEE, "bytes past the read length");
+    }
+    p.qb.expect_idle(QUIET, "a READ shows nothing on the responder");
+}
+
+/// ATOMIC_CMP_AND_SWP on 8-byte aligned words: the old value comes back to
+/// the local SGE, the swap happens only on a match.
+pub fn atomic_cmp_and_swp(h: &Harness) {
+    if !atomics_supported(h) {
+        return;
+    }
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let mut win = p.b.window(64, Access::REMOTE_ATOMIC);
+    win.fill(0);
+    let r = win.remote();
+    let la = p.a.arena(4096, 1);
+    let res = slot_filled(&la, 0xEE);
+    // (word, compare, swap, expected old)
+    let steps: [(u64, u64, u64, u64); 6] = [
+        (0, 0, 0x1111_2222_3333_4444, 0),
+        (0, 0, 5, 0x1111_2222_3333_4444), // no match: unchanged
+        (0, 0x1111_2222_3333_4444, u64::MAX, 0x1111_2222_3333_4444),
+        (1, 0, 42, 0),
+        (7, 0, 0x8000_0000_0000_0001, 0),
+        (7, 1, 3, 0x8000_0000_0000_0001), // no match
+    ];
+    for (i, &(w, cmp, swap, _)) in steps.iter().enumerate() {
+        p.qa.post_send(&[WorkRequest::one_sided(
+            i as u64,
+            Opcode::AtomicCmpAndSwp,
+            &[res.sge_range(i * 8, 8)],
+            r.addr + w * 8,
+            r.rkey,
+        )
+        .with_atomic(cmp, swap)]);
+    }
+    for (i, &(_, _, _, old)) in steps.iter().enumerate() {
+        let wc = p.qa.next("CAS");
+        expect_ok(&wc, i as u64, WcOpcode::CompSwap, "compare-and-swap");
+        assert_eq!(
+            u64_at(res.as_slice(), i * 8),
+            old,
+            "old value returned by CAS step {i}"
+        );
+    }
+    check_filled(
+        &res.as_slice()[steps.len() * 8..],
+        0xEE,
+        "result bytes past the atomics",
+    );
+    let words = words_of(win.revoke().as_slice());
+    let mut want = [0u64; 8];
+    want[0] = u64::MAX;
+    want[1] = 42;
+    want[7] = 0x8000_0000_0000_0001;
+    assert_eq!(words, want, "remote words after CAS");
+}
+
+/// ATOMIC_FETCH_AND_ADD: old values returned, sums wrap modulo 2^64.
+pub fn atomic_fetch_and_add(h: &Harness) {
+    if !atomics_supported(h) {
+        return;
+    }
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let mut win = p.b.window(64, Access::REMOTE_ATOMIC);
+    win.fill(0);
+    let r = win.remote();
+    let la = p.a.arena(4096, 1);
+    let res = slot_filled(&la, 0xEE);
+    let steps: [(u64, u64, u64); 6] = [
+        (0, 1, 0),
+        (0, 41, 1),
+        (0, u64::MAX, 42), // wraps: 42 + MAX = 41
+        (3, 1 << 40, 0),
+        (3, 1 << 40, 1 << 40),
+        (0, 0, 41),
+    ];
+    for (i, &(w, add, _)) in steps.iter().enumerate() {
+        p.qa.post_send(&[WorkRequest::one_sided(
+            i as u64,
+            Opcode::AtomicFetchAndAdd,
+            &[res.sge_range(i * 8, 8)],
+            r.addr + w * 8,
+            r.rkey,
+        )
+        .with_atomic(add, 0)]);
+    }
+    for (i, &(_, _, old)) in steps.iter().enumerate() {
+        let wc = p.qa.next("FAA");
+        expect_ok(&wc, i as u64, WcOpcode::FetchAdd, "fetch-and-add");
+        assert_eq!(
+            u64_at(res.as_slice(), i * 8),
+            old,
+            "old value returned by FAA step {i}"
+        );
+    }
+    let words = words_of(win.revoke().as_slice());
+    assert_eq!(words[0], 41, "word 0 after adds that wrap");
+    assert_eq!(words[3], 2 << 40, "word 3 after adds");
+    assert!(
+        words
+            .iter()
+            .enumerate()
+            .all(|(i, &w)| i == 0 || i == 3 || w == 0),
+        "untouched words changed: {words:?}"
+    );
+}
+
+/// Inline SENDs of 1 byte up to the queue pair's `max_inline_data`, also with
+/// two SGEs: the source (unregistered, lkey 0) is overwritten right after
+/// `post_send` returns and the receiver still gets the original bytes.
+pub fn inline_send(h: &Harness) {
+    let mut cfg = h.qp_config();
+    cfg.max_inline_data = h.caps().max_inline_data;
+    cfg.max_send_sge = cfg.max_send_sge.max(2.min(h.caps().max_send_sge));
+    let mut p = h.connected_pair(&cfg, &h.qp_config());
+    let m = p.qa.caps().max_inline_data as usize;
+    if m == 0 {
+        eprintln!("inline_send: the queue pair grants no inline data; nothing to check");
+        return;
+    }
+    let mut sizes = vec![1usize, 2, m / 2, m.saturating_sub(1), m];
+    sizes.retain(|&s| s > 0);
+    sizes.dedup();
+    let rb = p.b.arena(m.max(64), sizes.len() + 1);
+    let recvs = post_recvs(&mut p.qb, &rb, 0, sizes.len() + 1);
+    for (i, &len) in sizes.iter().enumerate() {
+        let mut buf = message(4, i as u64, len);
+        p.qa.post_send(&[WorkRequest::send(
+            i as u64,
+            &[Sge::new(buf.as_ptr() as u64, len as u32, 0)],
+        )
+        .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)]);
+        buf.fill(0xFF); // the device copied it at post time
+        drop(buf);
+    }
+    // Two SGEs, m bytes in all, when the queue pair allows two.
+    let two = p.qa.caps().max_send_sge >= 2 && m >= 2;
+    if two {
+        let mut whole = message(4, 99, m);
+        let (x, y) = whole.split_at(m / 2);
+        p.qa.post_send(&[WorkRequest::send(
+            99,
+            &[
+                Sge::new(x.as_ptr() as u64, x.len() as u32, 0),
+                Sge::new(y.as_ptr() as u64, y.len() as u32, 0),
+            ],
+        )
+        .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)]);
+        whole.fill(0xFF);
+    }
+    let n = sizes.len() + usize::from(two);
+    let wcs = p.qa.take(n, "inline SENDs");
+    for (i, wc) in wcs.iter().enumerate().take(sizes.len()) {
+        expect_ok(wc, i as u64, WcOpcode::Send, "inline SEND");
+    }
+    for (i, mut slot) in recvs.into_iter().enumerate().take(n) {
+        let wc = p.qb.next("inline message");
+        let (seq, len) = if i < sizes.len() {
+            (i as u64, sizes[i])
+        } else {
+            (99, m)
+        };
+        expect_ok(&wc, i as u64, WcOpcode::Recv, "receiver of inline data");
+        assert_eq!(wc.byte_len as usize, len);
+        slot.set_len(len);
+        check_message(
+            slot.as_slice(),
+            4,
+            seq,
+            len,
+            "inline payload (source overwritten after post)",
+        );
+    }
+}
+
+/// An inline RDMA_WRITE from an unregistered buffer overwritten right after
+/// the post: the window holds the original bytes.
+pub fn inline_write(h: &Harness) {
+    let mut cfg = h.qp_config();
+    cfg.max_inline_data = h.caps().max_inline_data;
+    let mut p = h.connected_pair(&cfg, &h.qp_config());
+    let m = p.qa.caps().max_inline_data as usize;
+    if m == 0 {
+        eprintln!("inline_write: the queue pair grants no inline data; nothing to check");
+        return;
+    }
+    let win = p.b.window(m + 64, Access::REMOTE_WRITE);
+    let r = win.remote();
+    let mut buf = pattern(61, m);
+    p.qa.post_send(&[WorkRequest::one_sided(
+        1,
+        Opcode::RdmaWrite,
+        &[Sge::new(buf.as_ptr() as u64, m as u32, 0)],
+        r.addr + 32,
+        r.rkey,
+    )
+    .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)]);
+    buf.fill(0xFF);
+    expect_ok(
+        &p.qa.next("inline WRITE"),
+        1,
+        WcOpcode::RdmaWrite,
+        "inline WRITE",
+    );
+    let mut want = vec![0u8; m + 64];
+    want[32..32 + m].copy_from_slice(&pattern(61, m));
+    check_bytes(
+        win.revoke().as_slice(),
+        &want,
+        "window after an inline WRITE",
+    );
+}
+
+/// Unsignaled successes produce no completion; a later signaled request
+/// covers them. Unsignaled WRITEs are visible to a signaled READ behind them.
+pub fn unsignaled_covered_by_signaled(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let sa = p.a.arena(4096, 16);
+    let rb = p.b.arena(4096, 16);
+    let k = 8;
+    let recvs = post_recvs(&mut p.qb, &rb, 0, k + 1);
+    let srcs: Vec<SlotMut> = (0..=k)
+        .map(|i| slot_with(&sa, &message(5, i as u64, 200 + i)))
+        .collect();
+    let sges: Vec<[Sge; 1]> = srcs.iter().map(|s| [s.sge_filled()]).collect();
+    let wrs: Vec<WorkRequest<'_>> = sges
+        .iter()
+        .enumerate()
+        .map(|(i, sg)| {
+            let f = if i == k {
+                SendFlags::SIGNALED
+            } else {
+                SendFlags::NONE
+            };
+            WorkRequest::send(i as u64, sg).with_flags(f)
+        })
+        .collect();
+    p.qa.post_send(&wrs);
+    expect_ok(
+        &p.qa.next("the signaled SEND"),
+        k as u64,
+        WcOpcode::Send,
+        "only the signaled SEND completes",
+    );
+    p.qa.expect_idle(QUIET, "unsignaled successes produce no completion");
+    for (i, mut slot) in recvs.into_iter().enumerate() {
+        let wc = p.qb.next("receive");
+        expect_ok(
+            &wc,
+            i as u64,
+            WcOpcode::Recv,
+            "every unsignaled SEND is delivered",
+        );
+        slot.set_len(200 + i);
+        check_message(
+            slot.as_slice(),
+            5,
+            i as u64,
+            200 + i,
+            "unsignaled SEND payload",
+        );
+    }
+
+    // Unsignaled WRITEs, then a signaled READ of the same bytes.
+    let win =
+        p.b.window(4 * 1024, Access::REMOTE_WRITE | Access::REMOTE_READ);
+    let r = win.remote();
+    let wsrc: Vec<SlotMut> = (0..4)
+        .map(|i| slot_with(&sa, &pattern(70 + i, 1024)))
+        .collect();
+    let wsg: Vec<[Sge; 1]> = wsrc.iter().map(|s| [s.sge_filled()]).collect();
+    let mut wrs: Vec<WorkRequest<'_>> = wsg
+        .iter()
+        .enumerate()
+        .map(|(i, sg)| {
+            WorkRequest::one_sided(
+                100 + i as u64,
+                Opcode::RdmaWrite,
+                sg,
+                r.addr + i as u64 * 1024,
+                r.rkey,
+            )
+            .with_flags(SendFlags::NONE)
+        })
+        .collect();
+    let dst = slot_filled(&sa, 0xEE);
+    let dsg = [dst.sge_range(0, 4096)];
+    wrs.push(WorkRequest::one_sided(
+        200,
+        Opcode::RdmaRead,
+        &dsg,
+        r.addr,
+        r.rkey,
+    ));
+    p.qa.post_send(&wrs);
+    let wc = p.qa.next("signaled READ behind unsignaled WRITEs");
+    expect_ok(&wc, 200, WcOpcode::RdmaRead, "only the READ completes");
+    p.qa.expect_idle(QUIET, "unsignaled WRITEs produce no completion");
+    let want: Vec<u8> = (0..4).flat_map(|i| pattern(70 + i, 1024)).collect();
+    check_bytes(
+        &dst.as_slice()[..4096],
+        &want,
+        "READ after unsignaled WRITEs sees them",
+    );
+    check_bytes(
+        win.revoke().as_slice(),
+        &want,
+        "window after unsignaled WRITEs",
+    );
+}
+
+/// One `post_send` of a list mixing every two-sided and one-sided opcode, one
+/// `post_recv` of a list: completions in order with the right ids, opcodes,
+/// immediates and data.
+pub fn post_list(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let sa = p.a.arena(1024, 64);
+    let rb = p.b.arena(1024, 64);
+    let win =
+        p.b.window(64 << 10, Access::REMOTE_WRITE | Access::REMOTE_READ);
+    let r = win.remote();
+    let n = 32usize;
+    // Every receive in one post_recv.
+    let rslots: Vec<SlotMut> = (0..n).map(|_| slot_filled(&rb, 0xEE)).collect();
+    let rsg: Vec<[Sge; 1]> = rslots.iter().map(|s| [s.sge()]).collect();
+    let rwrs: Vec<RecvRequest<'_>> = rsg
+        .iter()
+        .enumerate()
+        .map(|(i, sg)| RecvRequest {
+            wr_id: 1000 + i as u64,
+            sg_list: sg,
+        })
+        .collect();
+    p.qb.post_recv(&rwrs);
+    // Request i: kind i % 5 = SEND, SEND_WITH_IMM, WRITE, WRITE_WITH_IMM, READ (of what request i-2 wrote).
+    let srcs: Vec<SlotMut> = (0..n)
+        .map(|i| slot_with(&sa, &message(6, i as u64, 100 + i)))
+        .collect();
+    let dsts: Vec<SlotMut> = (0..n).map(|_| slot_filled(&sa, 0xEE)).collect();
+    let ssg: Vec<[Sge; 1]> = srcs.iter().map(|s| [s.sge_filled()]).collect();
+    let dsg: Vec<[Sge; 1]> = (0..n)
+        .map(|i| [dsts[i].sge_range(0, 100 + i.saturating_sub(2))])
+        .collect();
+    let slot_addr = |i: usize| r.addr + i as u64 * 1024;
+    let mut wrs = Vec::new();
+    for i in 0..n {
+        let wr = match i % 5 {
+            0 => WorkRequest::send(i as u64, &ssg[i]),
+            1 => WorkRequest {
+                opcode: Opcode::SendWithImm,
+                ..WorkRequest::send(i as u64, &ssg[i])
+            }
+            .with_imm(i as u32),
+            2 => WorkRequest::one_sided(i as u64, Opcode::RdmaWrite, &ssg[i], slot_addr(i), r.rkey),
+            3 => WorkRequest::one_sided(
+                i as u64,
+                Opcode::RdmaWriteWithImm,
+                &ssg[i],
+                slot_addr(i),
+                r.rkey,
+            )
+            .with_imm(i as u32),
+            _ => WorkRequest::one_sided(
+                i as u64,
+                Opcode::RdmaRead,
+                &dsg[i],
+                slot_addr(i - 2),
+                r.rkey,
+            ),
+        };
+        wrs.push(wr);
+    }
+    p.qa.post_send(&wrs);
+    for (i, wc) in p.qa.take(n, "post list").iter().enumerate() {
+        let op = match i % 5 {
+            0 | 1 => WcOpcode::Send,
+            2 | 3 => WcOpcode::RdmaWrite,
+            _ => WcOpcode::RdmaRead,
+        };
+        expect_ok(wc, i as u64, op, "post list completion (in order)");
+        if i % 5 == 4 {
+            let len = 100 + i - 2;
+            check_message(
+                &dsts[i].as_slice()[..len],
+                6,
+                i as u64 - 2,
+                len,
+                "READ of a WRITE earlier in the list",
+            );
+        }
+    }
+    // Receives are consumed by SEND, SEND_WITH_IMM and WRITE_WITH_IMM, in order.
+    let consumers: Vec<usize> = (0..n).filter(|i| i % 5 < 4 && i % 5 != 2).collect();
+    for (k, &i) in consumers.iter().enumerate() {
+        let wc = p.qb.next("receive of the post list");
+        let (op, imm) = match i % 5 {
+            0 => (WcOpcode::Recv, None),
+            1 => (WcOpcode::Recv, Some(i as u32)),
+            _ => (WcOpcode::RecvRdmaWithImm, Some(i as u32)),
+        };
+        expect_ok(&wc, 1000 + k as u64, op, "receive in order");
+        assert_eq!(wc.imm_data, imm, "immediate of request {i}");
+        assert_eq!(wc.byte_len as usize, 100 + i, "byte_len of request {i}");
+        if op == WcOpcode::Recv {
+            check_message(
+                &rslots[k].as_slice()[..100 + i],
+                6,
+                i as u64,
+                100 + i,
+                "received payload",
+            );
+        } else {
+            check_filled(
+                rslots[k].as_slice(),
+                0xEE,
+                "receive buffer consumed by WRITE_WITH_IMM",
+            );
+        }
+    }
+    p.qb.expect_idle(QUIET, "no further receive consumed");
+    let win = win.revoke();
+    for i in (0..n).filter(|i| i % 5 == 2 || i % 5 == 3) {
+        let off = i * 1024;
+        check_message(
+            &win.as_slice()[off..off + 100 + i],
+            6,
+            i as u64,
+            100 + i,
+            "window after list WRITEs",
+        );
+    }
+}
+
+/// Registered `Bytes` (whole slots and slices of them) through
+/// `SgeBuilder::send`, posted and delivered: the protection domain's copy
+/// counters stay at zero.
+pub fn zero_copy_send(h: &Harness) {
+    let mut cfg = h.qp_config();
+    cfg.max_send_sge = 4.min(h.caps().max_send_sge);
+    let mut p = h.connected_pair(&cfg, &h.qp_config());
+    let sa = p.a.arena(4096, 8);
+    let rb = p.b.arena(16 << 10, 1);
+    let recv = post_recvs(&mut p.qb, &rb, 0, 1);
+    let before = p.a.pd.stats().snapshot();
+    let whole = slot_with(&sa, &pattern(81, 3000)).freeze();
+    let other = slot_with(&sa, &pattern(82, 4096)).freeze();
+    let mut chunks = vec![
+        whole.slice(..1000),
+        other.slice(100..4000),
+        whole.slice(1000..),
+    ];
+    chunks.truncate(cfg.max_send_sge.max(1) as usize);
+    let want: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let mut sges = Vec::new();
+    p.a.pd
+        .builder(UnregisteredPolicy::Reject)
+        .send(
+            &mut chunks,
+            p.qa.caps().max_send_sge,
+            p.a.caps().max_msg_sz,
+            &mut sges,
+        )
+        .unwrap_or_else(|e| panic!("building SGEs from registered Bytes: {e}"));
+    p.qa.post_send(&[WorkRequest::send(1, &sges)]);
+    expect_ok(&p.qa.next("SEND"), 1, WcOpcode::Send, "zero-copy SEND");
+    let wc = p.qb.next("receive");
+    expect_ok(&wc, 0, WcOpcode::Recv, "receiver");
+    let mut slot = recv.into_iter().next().expect("one receive");
+    slot.set_len(wc.byte_len as usize);
+    check_bytes(slot.as_slice(), &want, "zero-copy payload");
+    let copied = p.a.pd.stats().snapshot().since(&before);
+    assert_eq!(
+        copied,
+        zcmsg::CopySnapshot::default(),
+        "framework copies during a send of registered Bytes"
+    );
+    assert_eq!(copied.total_bytes(), 0);
+    drop(chunks);
+}
+
+/// Poll one completion at a time (and with an empty buffer) while send and
+/// receive completions of both directions are waiting: every completion comes
+/// out exactly once, each kind in order, none lost when the buffer is full.
+pub fn poll_cq_small_batches(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let n = 16usize;
+    let (sa, ra) = (p.a.arena(256, 2 * n), p.a.arena(256, n));
+    let (sb, rb) = (p.b.arena(256, 2 * n), p.b.arena(256, n));
+    let a_recvs = post_recvs(&mut p.qa, &ra, 100, n);
+    let b_recvs = post_recvs(&mut p.qb, &rb, 100, n);
+    let mut keep = Vec::new();
+    for i in 0..n {
+        let x = slot_with(&sa, &message(62, i as u64, 64));
+        p.qa.post_send(&[WorkRequest::send(i as u64, &[x.sge_filled()])]);
+        let y = slot_with(&sb, &message(63, i as u64, 64));
+        p.qb.post_send(&[WorkRequest::send(i as u64, &[y.sge_filled()])]);
+        keep.push((x, y));
+    }
+    for (ep, batch, tag, recvs) in [
+        (&mut p.qa, 1usize, 63u64, &a_recvs),
+        (&mut p.qb, 3, 62, &b_recvs),
+    ] {
+        let what = format!("{}: polling {batch} at a time", ep.label());
+        let deadline = std::time::Instant::now() + ep.timeout();
+        let (mut sends, mut recvd) = (Vec::new(), Vec::new());
+        let mut buf = [WorkCompletion::EMPTY; 3];
+        while sends.len() + recvd.len() < 2 * n {
+            assert_eq!(
+                ep.qp().poll_cq(&mut []),
+                0,
+                "{what}: poll_cq with an empty buffer"
+            );
+            let got = ep.qp().poll_cq(&mut buf[..batch]);
+            assert!(
+                got <= batch,
+                "{what}: poll_cq returned {got} for a buffer of {batch}"
+            );
+            for wc in &buf[..got] {
+                if wc.opcode.is_recv() {
+                    recvd.push(*wc);
+                } else {
+                    sends.push(*wc);
+                }
+            }
+            if got == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: {} send and {} receive completions of {n} each within {:?}",
+                    sends.len(),
+                    recvd.len(),
+                    ep.timeout()
+                );
+                std::thread::yield_now();
+            }
+        }
+        for (i, wc) in sends.iter().enumerate() {
+            expect_ok(wc, i as u64, WcOpcode::Send, &what);
+        }
+        for (i, wc) in recvd.iter().enumerate() {
+            expect_ok(wc, 100 + i as u64, WcOpcode::Recv, &what);
+            check_message(&recvs[i].as_slice()[..64], tag, i as u64, 64, &what);
+        }
+        ep.expect_idle(QUIET, "every completion came out once");
+    }
+    drop(keep);
+}
+
+/// Both ends of a queue pair on one device (one host connecting to itself):
+/// SEND, WRITE, READ and an atomic work with the device's own keys on both sides.
+pub fn same_device_pair(h: &Harness) {
+    let a = h.host();
+    let (mut x, mut y) = h
+        .connect(&a, &a, 1, &h.qp_config(), &h.qp_config())
+        .pop()
+        .expect("one queue pair");
+    assert_ne!(
+        x.qp_num(),
+        y.qp_num(),
+        "two queue pairs of one device share a number"
+    );
+    let sa = a.arena(4096, 8);
+    let recv = post_recvs(&mut y, &sa, 7, 1);
+    let m = slot_with(&sa, &message(64, 0, 500));
+    x.post_send(&[WorkRequest::send(1, &[m.sge_filled()])]);
+    expect_ok(&x.next("SEND"), 1, WcOpcode::Send, "loopback SEND");
+    expect_ok(&y.next("receive"), 7, WcOpcode::Recv, "loopback receive");
+    check_message(
+        &recv[0].as_slice()[..500],
+        64,
+        0,
+        500,
+        "loopback SEND payload",
+    );
+
+    let access = if h.caps().atomics {
+        Access::REMOTE_WRITE | Access::REMOTE_READ | Access::REMOTE_ATOMIC
+    } else {
+        Access::REMOTE_WRITE | Access::REMOTE_READ
+    };
+    let win = a.window(8192, access);
+    let r = win.remote();
+    let w = slot_with(&sa, &pattern(65, 4096));
+    let d = slot_filled(&sa, 0xEE);
+    x.post_send(&[
+        WorkRequest::one_sided(2, Opcode::RdmaWrite, &[w.sge_filled()], r.addr + 8, r.rkey),
+        WorkRequest::one_sided(
+            3,
+            Opcode::RdmaRead,
+            &[d.sge_range(0, 4096)],
+            r.addr + 8,
+            r.rkey,
+        ),
+    ]);
+    expect_ok(&x.next("WRITE"), 2, WcOpcode::RdmaWrite, "loopback WRITE");
+    expect_ok(&x.next("READ"), 3, WcOpcode::RdmaRead, "loopback READ");
+    check_bytes(
+        &d.as_slice()[..4096],
+        &pattern(65, 4096),
+        "loopback READ of a loopback WRITE",
+    );
+    let mut want = vec![0u8; 8192];
+    want[8..4104].copy_from_slice(&pattern(65, 4096));
+    if h.caps().atomics {
+        let res = slot_filled(&sa, 0xEE);
+        y.post_send(&[WorkRequest::one_sided(
+            4,
+            Opcode::AtomicFetchAndAdd,
+            &[res.sge_range(0, 8)],
+            r.addr + 4096 + 8,
+            r.rkey,
+        )
+        .with_atomic(9, 0)]);
+        expect_ok(
+            &y.next("FAA"),
+            4,
+            WcOpcode::FetchAdd,
+            "loopback fetch-and-add",
+        );
+        let old: [u8; 8] = want[4104..4112].try_into().expect("8 bytes");
+        assert_eq!(
+            u64_at(res.as_slice(), 0),
+            u64::from_ne_bytes(old),
+            "old value of a loopback FAA"
+        );
+        want[4104..4112].copy_from_slice(&(u64::from_ne_bytes(old) + 9).to_ne_bytes());
+    }
+    check_bytes(
+        win.revoke().as_slice(),
+        &want,
+        "window after loopback WRITE and atomic",
+    );
+}

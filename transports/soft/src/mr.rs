@@ -1,0 +1,275 @@
+//! The device's region table: keys to registered memory.
+//!
+//! The table is immutable and sorted by key; register and deregister (rare:
+//! arenas register once) build a new one and publish it through an
+//! `ArcSwap`, so a lookup on the data path is one lock-free load plus a
+//! binary search, and the snapshot it returns keeps every region it names
+//! (and so its memory, an `Arc<dyn RegionMemory>`) alive while the device
+//! copies. That the device no longer *touches* a region once `deregister`
+//! returns is the job of the quiescence protocol in `device.rs`.
+//!
+//! Keys: each registration gets an even local key and the odd remote key
+//! after it (`rkey = lkey + 1`), so an lkey used as an rkey, or the reverse,
+//! fails. Keys come from a per-device counter that visits every even 32-bit
+//! value except 0 once before it is exhausted (2^31 - 1 registrations per
+//! device), so a key is never reused while the device lives: a stale key can
+//! only fail. Each device starts its counter at a different point, so a key
+//! of one device (protection domain) is unlikely to name a region of another.
+
+use std::sync::Arc;
+
+use zcmsg::{Access, RegionMemory};
+
+/// One registration.
+pub(crate) struct Mr {
+    pub(crate) lkey: u32,
+    mem: Arc<dyn RegionMemory>,
+    /// Offset of the first registered byte in `mem`.
+    offset: usize,
+    /// Device (= CPU) address of the first registered byte.
+    pub(crate) addr: u64,
+    pub(crate) len: u64,
+    pub(crate) access: Access,
+}
+
+impl Mr {
+    pub(crate) fn new(
+        lkey: u32,
+        mem: Arc<dyn RegionMemory>,
+        offset: usize,
+        len: usize,
+        access: Access,
+    ) -> Mr {
+        let addr = (mem.as_ptr() as u64).wrapping_add(offset as u64);
+        Mr {
+            lkey,
+            mem,
+            offset,
+            addr,
+            len: len as u64,
+            access,
+        }
+    }
+
+    pub(crate) fn rkey(&self) -> u32 {
+        self.lkey | 1
+    }
+}
+
+/// Which key of a registration a request names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KeyKind {
+    /// An SGE's `lkey`.
+    Local,
+    /// A one-sided request's `rkey`.
+    Remote,
+}
+
+/// An immutable snapshot of the registrations, sorted by local key.
+#[derive(Default)]
+pub(crate) struct MrTable {
+    keys: Vec<u32>,
+    mrs: Vec<Arc<Mr>>,
+}
+
+impl MrTable {
+    fn find(&self, lkey: u32) -> Option<&Mr> {
+        let i = self.keys.binary_search(&lkey).ok()?;
+        Some(&self.mrs[i])
+    }
+
+    /// Number of registrations.
+    pub(crate) fn len(&self) -> usize {
+        self.mrs.len()
+    }
+
+    /// Translate `[addr, addr + len)` named by `key` into a CPU address, if
+    /// the key is live and of the right kind, the registration grants
+    /// `need`, and the range lies inside it (checked arithmetic throughout).
+    /// `len` must be positive; zero-length SGEs are never translated.
+    #[inline]
+    pub(crate) fn translate(
+        &self,
+        key: u32,
+        kind: KeyKind,
+        need: Access,
+        addr: u64,
+        len: u64,
+    ) -> Option<usize> {
+        let is_remote = key & 1 == 1;
+        if is_remote != (kind == KeyKind::Remote) {
+            return None;
+        }
+        let mr = self.find(key & !1)?;
+        if !mr.access.contains(need) {
+            return None;
+        }
+        let off = addr.checked_sub(mr.addr)?;
+        let end = off.checked_add(len)?;
+        if end > mr.len {
+            return None;
+        }
+        // `off + mr.offset` stays inside `mem` (checked at registration that
+        // `offset + len <= mem.len()`), so it fits a usize.
+        let off = usize::try_from(off).ok()?.checked_add(mr.offset)?;
+        Some(mr.mem.as_ptr().wrapping_add(off).expose_provenance())
+    }
+
+    /// A table with `mr` added.
+    pub(crate) fn with(&self, mr: Mr) -> MrTable {
+        let i = self.keys.partition_point(|k| *k < mr.lkey);
+        let mut keys = Vec::with_capacity(self.keys.len() + 1);
+        keys.extend_from_slice(&self.keys[..i]);
+        keys.push(mr.lkey);
+        keys.extend_from_slice(&self.keys[i..]);
+        let mut mrs = Vec::with_capacity(self.mrs.len() + 1);
+        mrs.extend_from_slice(&self.mrs[..i]);
+        mrs.push(Arc::new(mr));
+        mrs.extend_from_slice(&self.mrs[i..]);
+        MrTable { keys, mrs }
+    }
+
+    /// A table without the registration of `lkey`, and that registration.
+    pub(crate) fn without(&self, lkey: u32) -> Option<(MrTable, Arc<Mr>)> {
+        let i = self.keys.binary_search(&lkey).ok()?;
+        let mut keys = self.keys.clone();
+        let mut mrs = self.mrs.clone();
+        keys.remove(i);
+        let mr = mrs.remove(i);
+        Some((MrTable { keys, mrs }, mr))
+    }
+}
+
+/// Hands out local keys: every even value but 0, once each.
+pub(crate) struct KeyAlloc {
+    next: u32,
+    left: u32,
+}
+
+impl KeyAlloc {
+    /// A counter starting at a point derived from the device id.
+    pub(crate) fn new(device_id: u64) -> KeyAlloc {
+        let start = ((device_id as u32).wrapping_mul(0x9E37_79B9).rotate_left(16)) & !1;
+        KeyAlloc {
+            next: start.max(2),
+            left: (1u32 << 31) - 1,
+        }
+    }
+
+    /// The next local key, or `None` when all were used.
+    pub(crate) fn next(&mut self) -> Option<u32> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let key = self.next;
+        self.next = self.next.wrapping_add(2);
+        if self.next == 0 {
+            self.next = 2;
+        }
+        Some(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    struct Buf(Box<[u8]>);
+    // SAFETY: a boxed slice never moves or shrinks while the `Buf` lives.
+    unsafe impl RegionMemory for Buf {
+        fn as_ptr(&self) -> *mut u8 {
+            self.0.as_ptr() as *mut u8
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    #[test]
+    fn keys_are_even_nonzero_distinct_and_wrap_without_repeating() {
+        let mut k = KeyAlloc::new(7);
+        let mut seen = HashSet::new();
+        for _ in 0..10_000 {
+            let key = k.next().unwrap();
+            assert!(key != 0 && key % 2 == 0);
+            assert!(seen.insert(key));
+        }
+        // Near the top of the key space the counter wraps to 2, skipping 0.
+        let mut k = KeyAlloc {
+            next: u32::MAX - 3,
+            left: 5,
+        };
+        let keys: Vec<u32> = std::iter::from_fn(|| k.next()).collect();
+        assert_eq!(keys, vec![u32::MAX - 3, u32::MAX - 1, 2, 4, 6]);
+        assert_eq!(k.next(), None, "exhausted counters refuse");
+        // Two devices start far apart.
+        assert_ne!(KeyAlloc::new(1).next, KeyAlloc::new(2).next);
+    }
+
+    #[test]
+    fn translate_checks_kind_access_and_bounds_with_overflow() {
+        let mem: Arc<dyn RegionMemory> = Arc::new(Buf(vec![0u8; 100].into_boxed_slice()));
+        let base = mem.as_ptr() as u64;
+        let t = MrTable::default().with(Mr::new(
+            10,
+            mem.clone(),
+            20,
+            50,
+            Access::LOCAL_WRITE | Access::REMOTE_READ,
+        ));
+        let a = base + 20;
+        let ok = t.translate(10, KeyKind::Local, Access::LOCAL_WRITE, a, 50);
+        assert_eq!(ok, Some(mem.as_ptr().wrapping_add(20) as usize));
+        assert_eq!(
+            t.translate(10, KeyKind::Local, Access::LOCAL_READ, a + 49, 1),
+            Some(mem.as_ptr().wrapping_add(69) as usize)
+        );
+        // Out of bounds on either side, or wrapping around.
+        assert_eq!(
+            t.translate(10, KeyKind::Local, Access::LOCAL_READ, a - 1, 1),
+            None
+        );
+        assert_eq!(
+            t.translate(10, KeyKind::Local, Access::LOCAL_READ, a + 1, 50),
+            None
+        );
+        assert_eq!(
+            t.translate(10, KeyKind::Local, Access::LOCAL_READ, a, u64::MAX),
+            None
+        );
+        assert_eq!(
+            t.translate(10, KeyKind::Local, Access::LOCAL_READ, u64::MAX, 2),
+            None
+        );
+        // The rkey only works remotely and only for the rights granted.
+        assert_eq!(
+            t.translate(11, KeyKind::Local, Access::LOCAL_READ, a, 1),
+            None
+        );
+        assert_eq!(
+            t.translate(10, KeyKind::Remote, Access::REMOTE_READ, a, 1),
+            None
+        );
+        assert!(t
+            .translate(11, KeyKind::Remote, Access::REMOTE_READ, a, 1)
+            .is_some());
+        assert_eq!(
+            t.translate(11, KeyKind::Remote, Access::REMOTE_WRITE, a, 1),
+            None
+        );
+        // Unknown keys and removed keys fail.
+        assert_eq!(
+            t.translate(12, KeyKind::Local, Access::LOCAL_READ, a, 1),
+            None
+        );
+        let (t2, mr) = t.without(10).unwrap();
+        assert_eq!(mr.rkey(), 11);
+        assert_eq!(t2.len(), 0);
+        assert_eq!(
+            t2.translate(10, KeyKind::Local, Access::LOCAL_READ, a, 1),
+            None
+        );
+    }
+}
