@@ -275,8 +275,14 @@ pub fn stream_bw(
         None
     };
     let remote = window.as_ref().map(|w| w.remote());
-    let server = (op == Opcode::Send).then(|| {
-        std::thread::spawn(move || -> Result<u64, String> {
+    // The passive side of a WRITE stream must stay alive (not moved into a
+    // closure that is never run) until the end.
+    let mut keep_srv = None;
+    let server = if op != Opcode::Send {
+        keep_srv = Some(srv);
+        None
+    } else {
+        Some(std::thread::spawn(move || -> Result<u64, String> {
             let mut got = 0u64;
             let mut bad = 0u64;
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -300,8 +306,8 @@ pub fn stream_bw(
                 }
             }
             Ok(bad)
-        })
-    });
+        }))
+    };
     let msg = cli.send_slot(size, 0x33)?;
     let sge = [msg.sge_filled()];
     let inline = p.inline && size as u32 <= cli.qp.caps().max_inline_data && op == Opcode::Send;
@@ -361,6 +367,7 @@ pub fn stream_bw(
             return Err(format!("{bad} messages arrived corrupted"));
         }
     }
+    drop(keep_srv.take());
     if let Some(w) = window {
         let r = w.revoke();
         if r.as_slice().iter().any(|&b| b != 0x33) {

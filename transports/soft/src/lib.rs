@@ -154,8 +154,8 @@
 //! An INLINE request's payload is read during `post_send`. An inline SGE whose
 //! lkey names a registration covering it is read through the region table;
 //! any other is read as the CPU pointer it carries, as `ibv_post_send` does
-//! (the framework's `SgeBuilder::borrowed` makes such SGEs for unregistered
-//! memory). The device cannot check those pointers: the caller vouches for
+//! (the framework's `Sge::inline` and `SgeBuilder::borrowed` make such SGEs
+//! for unregistered memory). The device cannot check those pointers: the caller vouches for
 //! them, which makes `post_send` with INLINE the one place where a safe call
 //! can make the device read memory it does not own.
 

@@ -508,7 +508,19 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
                 return Outcome::Rnr;
             };
             let (slots, i) = x.peer.recv_slot(r);
-            match scatter(x.peer_t, slots.sges(i), v.len, x.dst) {
+            let mut scattered = scatter(x.peer_t, slots.sges(i), v.len, x.dst);
+            // The receive may have been posted after this execution loaded
+            // the peer's table, in memory registered since: a registration is
+            // complete when `register` returns, so look at the table again.
+            // (Loading a newer snapshot mid-execution is fine: the execution
+            // is marked busy, and deregistration waits for it.)
+            let _fresh;
+            if let Err(Scatter::Prot) = scattered {
+                let t = x.peer.dev.table.load();
+                scattered = scatter(&t, slots.sges(i), v.len, x.dst);
+                _fresh = t;
+            }
+            match scattered {
                 Ok(()) => {}
                 Err(Scatter::Short) => {
                     x.peer.finish_recv(r, WcStatus::LocLenErr, false, 0, None);
@@ -522,13 +534,14 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
                 }
             }
             // SAFETY: `dst` was translated just now through the peer's table
-            // snapshot `peer_t` (live registrations with LOCAL_WRITE, in
-            // bounds), `src` through `own_t` or is the staged payload; both
-            // snapshots are held by the caller for the whole call and the
-            // caller's `Exec` is busy, so deregistration waits for us. Raw
-            // `src` segments only come from INLINE requests executing inside
-            // `post_send`, whose caller vouches for the bytes (INLINE
-            // contract, checked non-null and non-wrapping at post time).
+            // snapshot `peer_t`, or `_fresh`, still held (live registrations
+            // with LOCAL_WRITE, in bounds), `src` through `own_t` or is the
+            // staged payload; `own_t` and `peer_t` are held by the caller for
+            // the whole call and the caller's `Exec` is busy, so
+            // deregistration waits for us. Raw `src` segments only come from
+            // INLINE requests executing inside `post_send`, whose caller
+            // vouches for the bytes (INLINE contract, checked non-null and
+            // non-wrapping at post time).
             unsafe { dma::copy_segs(x.dst, x.src) };
             let imm = (v.opcode == Opcode::SendWithImm).then_some(v.imm);
             x.peer.finish_recv(r, WcStatus::Success, false, len32, imm);

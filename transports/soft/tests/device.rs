@@ -1753,3 +1753,45 @@ fn dropped_devices_and_queue_pairs_leave_nothing_registered() {
         "no queue pair or listener keeps the device"
     );
 }
+
+#[test]
+fn a_receive_in_memory_registered_while_the_sender_executes_is_found() {
+    // The sender keeps retrying a waiting SEND (its execution loads the
+    // region tables), while the receiver registers fresh memory and posts a
+    // receive in it at once: the receive must be usable, as on hardware,
+    // where a registration is complete when the call returns.
+    const ROUNDS: u64 = 300;
+    let e = Arc::new(env());
+    let (mut a, mut b) = e.dev.pair(&rnr_cfg(7), &cfg()).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (e2, stop2) = (e.clone(), stop.clone());
+    let sender = std::thread::spawn(move || {
+        let msg = e2.slot(&pattern(64, 3));
+        let mut done = 0u64;
+        a.post_send(&[WorkRequest::send(0, &[msg.sge_filled()])])
+            .unwrap();
+        while !stop2.load(Ordering::Relaxed) {
+            for w in poll_now(&mut *a) {
+                assert_eq!(w.status, WcStatus::Success, "{w:?}");
+                done += 1;
+                a.post_send(&[WorkRequest::send(done, &[msg.sge_filled()])])
+                    .unwrap();
+            }
+        }
+        done
+    });
+    for i in 0..ROUNDS {
+        let w = e.window(64, Access::LOCAL_WRITE, 0);
+        let sge = w.sge(0, 64);
+        b.post_recv(&[RecvRequest {
+            wr_id: i,
+            sg_list: &[sge],
+        }])
+        .unwrap();
+        let wc = poll_n(&mut *b, 1)[0];
+        assert_eq!((wc.wr_id, wc.status), (i, WcStatus::Success), "round {i}");
+        assert_eq!(&w.revoke().as_slice()[..64], &pattern(64, 3)[..]);
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(sender.join().unwrap() >= ROUNDS - 1);
+}
