@@ -228,7 +228,7 @@ pub enum WcStatus {
     MwBindErr,
     /// Bad response from the responder.
     BadRespErr,
-    /// Local access error (e.g. a READ response landing in memory without LOCAL_WRITE).
+    /// Local access error (e.g. a local memory window or key that does not allow the access).
     LocAccessErr,
     /// Remote invalid request: e.g. the peer's receive buffer was too small (sender side).
     RemInvReqErr,
