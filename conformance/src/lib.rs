@@ -199,6 +199,7 @@ macro_rules! __for_each_case {
             err_local_sge_out_of_bounds,
             err_unsignaled_failure_completes,
             err_post_after_error,
+            err_inline_unregistered,
             post_too_many_sges,
             post_queue_full,
             post_recv_queue_full,

@@ -50,17 +50,6 @@ impl Sge {
     pub const fn new(addr: u64, length: u32, lkey: u32) -> Sge {
         Sge { addr, length, lkey }
     }
-    /// An SGE for an inline send: the CPU address of `data`, no key. Devices
-    /// copy inline payloads at post time from CPU addresses in every address
-    /// space, so this is the one SGE that names unregistered memory.
-    #[inline]
-    pub fn inline(data: &[u8]) -> Sge {
-        Sge {
-            addr: data.as_ptr() as u64,
-            length: data.len() as u32,
-            lkey: 0,
-        }
-    }
     /// Address in the device's address space.
     #[inline]
     pub const fn addr(&self) -> u64 {
@@ -112,17 +101,19 @@ impl<'a> SgeBuilder<'a> {
         }
     }
 
-    /// An SGE for a borrowed slice, for synchronous use only (inline sends,
-    /// whose payload the device copies at post time). It carries the region's
-    /// `lkey` when the slice is registered and 0 otherwise.
-    pub fn borrowed(&self, data: &[u8]) -> Sge {
+    /// The SGE of a borrowed slice of registered memory, for synchronous use
+    /// only (e.g. an inline send, which the device copies at post time, so
+    /// the slice may change right after `post_send` returns). Unregistered
+    /// memory is an error: a device reads every SGE through its region table.
+    pub fn borrowed(&self, data: &[u8]) -> Result<Sge, SgeError> {
         let addr = data.as_ptr() as u64;
+        let len = data.len() as u64;
         let snap = self.pd.registry().snapshot();
         match snap.find(addr) {
-            Some(e) if addr + data.len() as u64 <= e.end() => {
-                Sge::new(self.pd.device_addr(e, addr), data.len() as u32, e.lkey)
+            Some(e) if addr + len <= e.end() && len <= u64::from(u32::MAX) => {
+                Ok(Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey))
             }
-            _ => Sge::new(addr, data.len() as u32, 0),
+            _ => Err(SgeError::Unregistered { addr, len }),
         }
     }
 

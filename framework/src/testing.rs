@@ -57,26 +57,13 @@ impl RegistryOnly {
     }
 
     /// Copy the bytes `sg_list` names (CPU address space), checking every SGE
-    /// against the registration its `lkey` names; `inline` skips the key check
-    /// (inline SGEs name unregistered memory the caller guarantees is live).
-    pub fn gather(
-        &self,
-        sg_list: &[crate::sge::Sge],
-        inline: bool,
-    ) -> Result<Vec<u8>, crate::verbs::WcStatus> {
+    /// against the registration its `lkey` names (inline SGEs included).
+    pub fn gather(&self, sg_list: &[crate::sge::Sge]) -> Result<Vec<u8>, crate::verbs::WcStatus> {
         let mut out = Vec::new();
         for s in sg_list {
-            if inline {
-                // SAFETY: inline SGEs point at live memory of the poster for
-                // the duration of the post (the contract of inline sends).
-                out.extend_from_slice(unsafe {
-                    std::slice::from_raw_parts(s.addr() as *const u8, s.length() as usize)
-                });
-                continue;
-            }
             let (ptr, _keep) = self.check(s.lkey(), s.addr(), u64::from(s.length()), None)?;
             // SAFETY: `check` proved the range lies inside a registered region
-            // whose memory this device keeps alive.
+            // whose memory `_keep` keeps alive.
             out.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, s.length() as usize) });
         }
         Ok(out)

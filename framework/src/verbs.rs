@@ -52,8 +52,10 @@ impl SendFlags {
     pub const NONE: SendFlags = SendFlags(0);
     /// Generate a completion for this request (`IBV_SEND_SIGNALED`).
     pub const SIGNALED: SendFlags = SendFlags(1);
-    /// Copy the payload into the work request at post time (`IBV_SEND_INLINE`);
-    /// the SGEs need no valid `lkey` and the buffers may be reused at once.
+    /// Copy the payload into the work request at post time (`IBV_SEND_INLINE`),
+    /// so the buffers may be reused as soon as `post_send` returns. Unlike
+    /// libibverbs, zcmsg checks inline SGEs like any other (registered memory,
+    /// `lkey` and bounds): a device never reads an unchecked address.
     pub const INLINE: SendFlags = SendFlags(2);
     /// Wait for prior RDMA READ and atomic requests before this one (`IBV_SEND_FENCE`).
     pub const FENCE: SendFlags = SendFlags(4);

@@ -137,9 +137,8 @@ fn pump(a: &mut Side, b: &mut Side, now: Instant) {
         }
         let status = match op.opcode {
             Opcode::Send => {
-                let data = dev
-                    .gather(sg, op.flags.contains(SendFlags::INLINE))
-                    .unwrap();
+                // Inline or not, every SGE must name registered memory.
+                let data = dev.gather(sg).expect("SGE outside registered memory");
                 if b.rq.is_empty() || !b.inbound.is_empty() {
                     // Only the handshake may arrive before the peer posted
                     // receives (RC retries it); anything else means the sender
@@ -187,7 +186,7 @@ fn pump(a: &mut Side, b: &mut Side, now: Instant) {
                 }
             }
             Opcode::RdmaWrite => {
-                let data = dev.gather(sg, false).unwrap();
+                let data = dev.gather(sg).unwrap();
                 dev_b
                     .write_remote(op.rkey, op.remote_addr, &data)
                     .err()

@@ -394,8 +394,9 @@ pub fn atomic_fetch_and_add(h: &Harness) {
 }
 
 /// Inline SENDs of 1 byte up to the queue pair's `max_inline_data`, also with
-/// two SGEs: the source (unregistered, lkey 0) is overwritten right after
-/// `post_send` returns and the receiver still gets the original bytes.
+/// two SGEs: the source (a registered slot: zcmsg checks inline SGEs like any
+/// other) is overwritten right after `post_send` returns and the receiver
+/// still gets the original bytes.
 pub fn inline_send(h: &Harness) {
     let mut cfg = h.qp_config();
     cfg.max_inline_data = h.caps().max_inline_data;
@@ -411,30 +412,30 @@ pub fn inline_send(h: &Harness) {
     sizes.dedup();
     let rb = p.b.arena(m.max(64), sizes.len() + 1);
     let recvs = post_recvs(&mut p.qb, &rb, 0, sizes.len() + 1);
+    let sa = p.a.arena(m.max(64), 2);
+    let mut src = sa.alloc().expect("source slot");
     for (i, &len) in sizes.iter().enumerate() {
-        let mut buf = message(4, i as u64, len);
-        p.qa.post_send(&[WorkRequest::send(
-            i as u64,
-            &[Sge::new(buf.as_ptr() as u64, len as u32, 0)],
-        )
-        .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)]);
-        buf.fill(0xFF); // the device copied it at post time
-        drop(buf);
+        src.set_len(len);
+        src.as_mut_slice()
+            .copy_from_slice(&message(4, i as u64, len));
+        p.qa.post_send(&[WorkRequest::send(i as u64, &[src.sge_filled()])
+            .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)]);
+        src.as_mut_slice().fill(0xFF); // the device copied it at post time
     }
     // Two SGEs, m bytes in all, when the queue pair allows two.
     let two = p.qa.caps().max_send_sge >= 2 && m >= 2;
     if two {
-        let mut whole = message(4, 99, m);
-        let (x, y) = whole.split_at(m / 2);
-        p.qa.post_send(&[WorkRequest::send(
-            99,
-            &[
-                Sge::new(x.as_ptr() as u64, x.len() as u32, 0),
-                Sge::new(y.as_ptr() as u64, y.len() as u32, 0),
-            ],
-        )
-        .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)]);
-        whole.fill(0xFF);
+        let whole = message(4, 99, m);
+        // The halves in two different slots.
+        let mut y = sa.alloc().expect("second slot");
+        src.set_len(m / 2);
+        src.as_mut_slice().copy_from_slice(&whole[..m / 2]);
+        y.set_len(m - m / 2);
+        y.as_mut_slice().copy_from_slice(&whole[m / 2..]);
+        p.qa.post_send(&[WorkRequest::send(99, &[src.sge_filled(), y.sge_filled()])
+            .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)]);
+        src.as_mut_slice().fill(0xFF);
+        y.as_mut_slice().fill(0xFF);
     }
     let n = sizes.len() + usize::from(two);
     let wcs = p.qa.take(n, "inline SENDs");
@@ -461,8 +462,8 @@ pub fn inline_send(h: &Harness) {
     }
 }
 
-/// An inline RDMA_WRITE from an unregistered buffer overwritten right after
-/// the post: the window holds the original bytes.
+/// An inline RDMA_WRITE from a registered slot overwritten right after the
+/// post: the window holds the original bytes.
 pub fn inline_write(h: &Harness) {
     let mut cfg = h.qp_config();
     cfg.max_inline_data = h.caps().max_inline_data;
@@ -474,16 +475,19 @@ pub fn inline_write(h: &Harness) {
     }
     let win = p.b.window(m + 64, Access::REMOTE_WRITE);
     let r = win.remote();
-    let mut buf = pattern(61, m);
+    let sa = p.a.arena(m.max(64), 1);
+    let mut buf = sa.alloc().expect("source slot");
+    buf.set_len(m);
+    buf.as_mut_slice().copy_from_slice(&pattern(61, m));
     p.qa.post_send(&[WorkRequest::one_sided(
         1,
         Opcode::RdmaWrite,
-        &[Sge::new(buf.as_ptr() as u64, m as u32, 0)],
+        &[buf.sge_filled()],
         r.addr + 32,
         r.rkey,
     )
     .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)]);
-    buf.fill(0xFF);
+    buf.as_mut_slice().fill(0xFF);
     expect_ok(
         &p.qa.next("inline WRITE"),
         1,
@@ -917,4 +921,33 @@ pub fn same_device_pair(h: &Harness) {
         &want,
         "window after loopback WRITE and atomic",
     );
+}
+
+/// An inline SGE naming unregistered memory is refused (at post time or with
+/// `LocProtErr`): unlike libibverbs, no transport reads an unchecked address.
+pub fn err_inline_unregistered(h: &Harness) {
+    let mut cfg = h.qp_config();
+    cfg.max_inline_data = h.caps().max_inline_data;
+    let mut p = h.connected_pair(&cfg, &h.qp_config());
+    if p.qa.caps().max_inline_data < 8 {
+        eprintln!("err_inline_unregistered: no inline data granted; nothing to check");
+        return;
+    }
+    let rb = p.b.arena(64, 1);
+    let _recvs = post_recvs(&mut p.qb, &rb, 0, 1);
+    let stack = [7u8; 8];
+    let sge = Sge::new(stack.as_ptr() as u64, 8, 0);
+    match p.qa.try_post_send(&[
+        WorkRequest::send(5, &[sge]).with_flags(SendFlags::SIGNALED | SendFlags::INLINE)
+    ]) {
+        Err(e) => assert_eq!(e.index, 0, "refused at post time: {e}"),
+        Ok(()) => {
+            let wc = p.qa.next("inline SEND from unregistered memory");
+            assert_eq!(
+                (wc.wr_id, wc.status),
+                (5, WcStatus::LocProtErr),
+                "an unregistered inline SGE is a local protection error"
+            );
+        }
+    }
 }

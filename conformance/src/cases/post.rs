@@ -229,12 +229,14 @@ pub fn post_inline_too_large(h: &Harness) {
     let m = p.qa.caps().max_inline_data as usize;
     let rb = p.b.arena(4096, 2);
     let recvs = post_recvs(&mut p.qb, &rb, 0, 2);
-    let ok = message(24, 0, m);
-    let over = message(24, 1, m + 1);
-    let (s_ok, s_over) = (
-        [Sge::new(ok.as_ptr() as u64, m as u32, 0)],
-        [Sge::new(over.as_ptr() as u64, (m + 1) as u32, 0)],
-    );
+    let sa = p.a.arena(m + 64, 2);
+    let mut ok = sa.alloc().expect("slot");
+    ok.set_len(m);
+    ok.as_mut_slice().copy_from_slice(&message(24, 0, m));
+    let mut over = sa.alloc().expect("slot");
+    over.set_len(m + 1);
+    over.as_mut_slice().copy_from_slice(&message(24, 1, m + 1));
+    let (s_ok, s_over) = ([ok.sge_filled()], [over.sge_filled()]);
     let f = SendFlags::SIGNALED | SendFlags::INLINE;
     expect_refused(
         p.qa.try_post_send(&[

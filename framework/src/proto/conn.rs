@@ -388,7 +388,6 @@ pub struct Connection {
     sends: Vec<SendOp>,
     recvs: Vec<RecvOp>,
     sges: Vec<Sge>,
-    inline_hdrs: Vec<[u8; HDR]>,
     events: VecDeque<Event>,
     last_sent: Instant,
     last_recv: Instant,
@@ -459,7 +458,6 @@ impl Connection {
             sends: Vec::with_capacity(hdr_slots),
             recvs: Vec::with_capacity(slots),
             sges: Vec::with_capacity(hdr_slots * 4),
-            inline_hdrs: Vec::with_capacity(hdr_slots),
             events: VecDeque::with_capacity(slots + 16),
             last_sent: now,
             last_recv: now,
@@ -952,7 +950,6 @@ impl Connection {
         self.sends.clear();
         self.recvs.clear();
         self.sges.clear();
-        self.inline_hdrs.clear();
         if self.state != State::Failed {
             self.fill_receives();
             self.fill_control(now);
@@ -1068,36 +1065,24 @@ impl Connection {
             .map(|c| (super::handoff::process_nonce(), c.token()));
         let sge_start = self.sges.len() as u32;
         let mut flags = SendFlags::NONE;
-        let mut hold = None;
-        if announce.is_none()
-            && self.lim.max_inline_data as usize >= HDR
-            && self.inline_hdrs.len() < self.inline_hdrs.capacity()
-        {
-            self.inline_hdrs.push(hdr.to_bytes());
-            let b = self
-                .inline_hdrs
-                .last()
-                .map(|b| Sge::inline(b))
-                .unwrap_or_default();
-            self.sges.push(b);
-            flags |= SendFlags::INLINE;
-            self.pd.stats().add(CopyReason::Inline, HDR as u64);
-        } else {
-            let Some(mut s) = self.hdr_arena.alloc() else {
-                if !kind.is_data() {
-                    self.ctrl.push_front((kind, seq));
-                }
-                return false;
-            };
-            s.set_len(HDR);
-            hdr.encode(s.as_mut_slice());
-            if let Some((nonce, token)) = announce {
-                s.put_u64_le(nonce);
-                s.put_u64_le(token);
+        let Some(mut s) = self.hdr_arena.alloc() else {
+            if !kind.is_data() {
+                self.ctrl.push_front((kind, seq));
             }
-            self.sges.push(s.sge_filled());
-            hold = Some(s);
+            return false;
+        };
+        s.set_len(HDR);
+        hdr.encode(s.as_mut_slice());
+        if let Some((nonce, token)) = announce {
+            s.put_u64_le(nonce);
+            s.put_u64_le(token);
         }
+        if s.len() <= self.lim.max_inline_data as usize {
+            flags |= SendFlags::INLINE;
+            self.pd.stats().add(CopyReason::Inline, s.len() as u64);
+        }
+        self.sges.push(s.sge_filled());
+        let hold = Some(s);
         flags |= self.next_signal(false);
         let wr_id = self.next_wr;
         self.next_wr += 1;
@@ -1400,9 +1385,7 @@ impl Connection {
         len: u64,
         now: Instant,
     ) -> bool {
-        let inline_ok = self.lim.max_inline_data as usize >= HDR
-            && self.inline_hdrs.len() < self.inline_hdrs.capacity();
-        if !inline_ok && self.hdr_arena.free_slots() == 0 {
+        if self.hdr_arena.free_slots() == 0 {
             return false;
         }
         if ch.push(b).is_err() {
@@ -1432,54 +1415,38 @@ impl Connection {
         };
         let sge_start = self.sges.len() as u32;
         let wr_id = self.next_wr;
-        let inline = len as usize + HDR <= self.lim.max_inline_data as usize
-            && self.inline_hdrs.len() < self.inline_hdrs.capacity();
+        let Some(mut s) = self.hdr_arena.alloc() else {
+            return Ok(false);
+        };
+        // Build the payload SGEs first (the header takes one SGE).
+        let max = self.lim.max_send_sge.saturating_sub(1).max(1);
+        let mut tmp = std::mem::take(&mut self.scratch);
+        tmp.clear();
+        let built = self.pd.builder(self.cfg.policy).send(
+            msg.chunks(),
+            max,
+            self.lim.max_msg_sz.saturating_sub(HDR as u32),
+            &mut tmp,
+        );
+        if let Err(e) = built {
+            self.scratch = tmp;
+            return Err(SendError::Buffer(e.to_string()));
+        }
+        let mut h = hdr;
+        h.credits = self.take_owed();
+        s.set_len(HDR);
+        h.encode(s.as_mut_slice());
+        self.sges.push(s.sge_filled());
+        self.sges.extend_from_slice(&tmp);
+        self.scratch = tmp;
         let mut flags = self.next_signal(false);
-        let mut hold = None;
-        if inline {
-            let mut h = hdr;
-            h.credits = self.take_owed();
-            self.inline_hdrs.push(h.to_bytes());
-            let b = self
-                .inline_hdrs
-                .last()
-                .map(|b| Sge::inline(b))
-                .unwrap_or_default();
-            self.sges.push(b);
-            for c in msg.chunks().iter().filter(|c| !c.is_empty()) {
-                self.sges.push(Sge::inline(c));
-            }
+        // Small messages go inline: the device copies header and payload at
+        // post time (every SGE names registered memory, as for any request).
+        if len as usize + HDR <= self.lim.max_inline_data as usize {
             flags |= SendFlags::INLINE;
             self.pd.stats().add(CopyReason::Inline, len + HDR as u64);
-        } else {
-            let Some(mut s) = self.hdr_arena.alloc() else {
-                self.since_signal = self.since_signal.saturating_sub(1);
-                return Ok(false);
-            };
-            // Build the payload SGEs first (the header takes one SGE).
-            let max = self.lim.max_send_sge.saturating_sub(1).max(1);
-            let mut tmp = std::mem::take(&mut self.scratch);
-            tmp.clear();
-            let built = self.pd.builder(self.cfg.policy).send(
-                msg.chunks(),
-                max,
-                self.lim.max_msg_sz.saturating_sub(HDR as u32),
-                &mut tmp,
-            );
-            if let Err(e) = built {
-                self.scratch = tmp;
-                self.since_signal = self.since_signal.saturating_sub(1);
-                return Err(SendError::Buffer(e.to_string()));
-            }
-            let mut h = hdr;
-            h.credits = self.take_owed();
-            s.set_len(HDR);
-            h.encode(s.as_mut_slice());
-            self.sges.push(s.sge_filled());
-            self.sges.extend_from_slice(&tmp);
-            self.scratch = tmp;
-            hold = Some(s);
         }
+        let hold = Some(s);
         self.next_wr += 1;
         self.next_seq = self.next_seq.wrapping_add(1);
         self.peer_credits -= 1;

@@ -149,15 +149,14 @@
 //! - [`SoftSrq`] is `Send + Sync`; `post_recv` from any number of threads.
 //! - [`SoftListener`] is `Send`.
 //!
-//! ## INLINE and raw pointers
+//! ## INLINE
 //!
-//! An INLINE request's payload is read during `post_send`. An inline SGE whose
-//! lkey names a registration covering it is read through the region table;
-//! any other is read as the CPU pointer it carries, as `ibv_post_send` does
-//! (the framework's `Sge::inline` and `SgeBuilder::borrowed` make such SGEs
-//! for unregistered memory). The device cannot check those pointers: the caller vouches for
-//! them, which makes `post_send` with INLINE the one place where a safe call
-//! can make the device read memory it does not own.
+//! An INLINE request's payload is copied during `post_send`, so the caller may
+//! reuse its buffers as soon as the call returns. Its SGEs are checked like
+//! any other (lkey, bounds, registration alive): unlike `ibv_post_send`, the
+//! device never reads an address its region table does not cover, so no safe
+//! call can make it read memory it does not own. An inline SGE that does not
+//! translate completes with `LocProtErr`.
 
 mod cm;
 mod device;

@@ -419,9 +419,8 @@ impl Exe<'_> {
 }
 
 /// Translate the source of a SEND or WRITE into `out`. Zero-length SGEs are
-/// skipped (never checked, like rxe). An INLINE request's SGE that names no
-/// registration covering it is taken as the caller's raw CPU pointer: the
-/// lkey of inline data is ignored.
+/// skipped (never checked, like rxe). INLINE requests are checked like any
+/// other: the device never reads an address its region table does not cover.
 fn gather_src(t: &MrTable, v: &WrView<'_>, out: &mut Vec<Seg>) -> bool {
     out.clear();
     if let Some(buf) = v.staged {
@@ -438,10 +437,6 @@ fn gather_src(t: &MrTable, v: &WrView<'_>, out: &mut Vec<Seg>) -> bool {
         match t.translate(s.lkey(), KeyKind::Local, Access::LOCAL_READ, s.addr(), len) {
             Some(addr) => out.push(Seg {
                 addr,
-                len: len as usize,
-            }),
-            None if v.inline => out.push(Seg {
-                addr: s.addr() as usize,
                 len: len as usize,
             }),
             None => return false,
@@ -538,10 +533,7 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
             // with LOCAL_WRITE, in bounds), `src` through `own_t` or is the
             // staged payload; `own_t` and `peer_t` are held by the caller for
             // the whole call and the caller's `Exec` is busy, so
-            // deregistration waits for us. Raw `src` segments only come from
-            // INLINE requests executing inside `post_send`, whose caller
-            // vouches for the bytes (INLINE contract, checked non-null and
-            // non-wrapping at post time).
+            // deregistration waits for us.
             unsafe { dma::copy_segs(x.dst, x.src) };
             let imm = (v.opcode == Opcode::SendWithImm).then_some(v.imm);
             x.peer.finish_recv(r, WcStatus::Success, false, len32, imm);
@@ -926,17 +918,17 @@ impl SendSide {
     /// Queue `wr` to execute later, copying what the caller may reuse.
     fn stage(&mut self, core: &QpCore, wr: &WorkRequest<'_>, len: u64, own_t: &MrTable) {
         let i = self.sq.idx(self.sq.head);
-        let inline = wr.flags.contains(SendFlags::INLINE);
+        // The caller may reuse an INLINE request's buffers once post_send
+        // returns: copy now. SGEs that do not translate are kept as SGEs
+        // instead, and fail with LocProtErr when the request executes.
+        let inline = wr.flags.contains(SendFlags::INLINE)
+            && gather_src(own_t, &WrView::of(wr, len), &mut self.src);
         if inline {
-            // The caller may reuse the buffers once post_send returns: copy now.
-            let view = WrView::of(wr, len);
-            gather_src(own_t, &view, &mut self.src);
             let mi = self.sq.max_inline;
             let dst = Seg::of_mut(&mut self.sq.inline[i * mi..][..len as usize]);
             // SAFETY: `dst` is this queue pair's own staging buffer; `src`
-            // segments are live registrations of the held snapshot `own_t`
-            // or the INLINE caller's raw pointers, read inside `post_send` as
-            // the INLINE contract allows (checked non-null, non-wrapping).
+            // segments are in bounds of live registrations of the held
+            // snapshot `own_t`.
             unsafe { dma::copy_segs(&[dst], &self.src) };
             core.exec.counters.count(Count::InlineStaged(len));
         } else {

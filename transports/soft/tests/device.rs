@@ -759,17 +759,15 @@ fn the_rnr_timer_fails_a_waiting_send_without_anyone_polling() {
 fn inline_payload_is_taken_at_post_time_even_when_the_send_waits() {
     let e = env();
     let (mut a, mut b) = e.dev.pair(&rnr_cfg(7), &cfg()).unwrap();
-    let mut stack = *b"inline from the stack";
-    let sge =
-        e.pd.builder(zcmsg::UnregisteredPolicy::Reject)
-            .borrowed(&stack);
-    assert_eq!(sge.lkey(), 0, "unregistered memory");
+    let mut src = e.arena.alloc().unwrap();
+    bytes::BufMut::put_slice(&mut src, b"inline from a slot!!!");
+    let sge = src.sge_filled();
     // No receive yet: the send waits, its payload already copied.
     a.post_send(
         &[WorkRequest::send(1, &[sge]).with_flags(SendFlags::SIGNALED | SendFlags::INLINE)],
     )
     .unwrap();
-    stack.fill(b'X');
+    src.as_mut_slice().fill(b'X');
     let staged = e.dev.stats().inline_staged_bytes;
     assert_eq!(staged, 21);
     let rx = e.empty();
@@ -777,23 +775,45 @@ fn inline_payload_is_taken_at_post_time_even_when_the_send_waits() {
     assert_eq!(ids(&poll_n(&mut *a, 1)), vec![(1, WcStatus::Success)]);
     let mut rx = rx;
     rx.set_len(poll_n(&mut *b, 1)[0].byte_len as usize);
-    assert_eq!(rx.as_slice(), b"inline from the stack");
-    // With a receive waiting it executes at once, from the caller's memory.
+    assert_eq!(rx.as_slice(), b"inline from a slot!!!");
+    // With a receive waiting it executes at once, and the buffer is free
+    // again when post_send returns.
     let rx2 = e.empty();
     post_recv(&mut *b, 2, &rx2);
-    let mut buf = *b"direct";
-    let sge = Sge::new(buf.as_ptr() as u64, 6, 0xdead);
+    src.as_mut_slice()[..6].copy_from_slice(b"direct");
+    let sge = src.sge_range(0, 6);
     a.post_send(
         &[WorkRequest::send(2, &[sge]).with_flags(SendFlags::SIGNALED | SendFlags::INLINE)],
     )
     .unwrap();
-    buf.fill(0);
+    src.as_mut_slice().fill(0);
     poll_n(&mut *a, 1);
     let mut rx2 = rx2;
     rx2.set_len(poll_n(&mut *b, 1)[0].byte_len as usize);
     assert_eq!(rx2.as_slice(), b"direct");
-    assert_eq!(buf, [0; 6]);
     assert_eq!(e.dev.stats().inline_staged_bytes, staged);
+}
+
+#[test]
+fn an_inline_sge_outside_registered_memory_is_a_protection_error() {
+    let e = env();
+    let (mut a, mut b) = e.dev.pair(&cfg(), &cfg()).unwrap();
+    let rx = e.empty();
+    post_recv(&mut *b, 1, &rx);
+    let stack = *b"not registered";
+    // The device reads no address its table does not cover, inline or not.
+    let sge = Sge::new(stack.as_ptr() as u64, stack.len() as u32, 0);
+    a.post_send(
+        &[WorkRequest::send(9, &[sge]).with_flags(SendFlags::SIGNALED | SendFlags::INLINE)],
+    )
+    .unwrap();
+    assert_eq!(ids(&poll_n(&mut *a, 1)), vec![(9, WcStatus::LocProtErr)]);
+    assert!(
+        e.pd.builder(zcmsg::UnregisteredPolicy::Reject)
+            .borrowed(&stack)
+            .is_err(),
+        "borrowed() refuses unregistered memory"
+    );
 }
 
 // ---------------------------------------------------------------- post-time refusals
