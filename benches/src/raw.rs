@@ -278,6 +278,11 @@ pub fn stream_bw(
     // The passive side of a WRITE stream must stay alive (not moved into a
     // closure that is never run) until the end.
     let mut keep_srv = None;
+    // In-process flow control for the SEND stream: the sender never has more
+    // SENDs in flight than the receiver has receives posted (as credits do in
+    // the endpoints), so the device never takes the receiver-not-ready path.
+    let reposted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reposted_srv = reposted.clone();
     let server = if op != Opcode::Send {
         keep_srv = Some(srv);
         None
@@ -299,6 +304,7 @@ pub fn stream_bw(
                             bad += 1;
                         }
                         srv.repost(wc.wr_id)?;
+                        reposted_srv.store(got, std::sync::atomic::Ordering::Release);
                     }
                 }
                 if Instant::now() > deadline {
@@ -317,7 +323,12 @@ pub fn stream_bw(
     let start = Instant::now();
     let deadline = start + Duration::from_secs(120);
     while done_batches * batch < iters {
-        while posted < iters && posted_batches - done_batches < max_batches_in_flight {
+        while posted < iters
+            && posted_batches - done_batches < max_batches_in_flight
+            && (op != Opcode::Send
+                || posted + batch
+                    <= reposted.load(std::sync::atomic::Ordering::Acquire) + u64::from(p.rx_depth))
+        {
             wrs.clear();
             let n = batch.min(iters - posted);
             for k in 0..n {

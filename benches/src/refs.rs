@@ -160,14 +160,17 @@ pub fn ucx_perftest(test: &str, size: usize, iters: u64) -> Option<(f64, f64)> {
     let _ = srv.wait();
     let out = out.ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
+    // With -f the result is one line of numbers (without -f it starts "Final:").
+    let f: Vec<f64> = text
         .lines()
-        .find(|l| l.trim_start().starts_with("Final:"))?;
-    let f: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
+        .map(|l| l.trim_start().trim_start_matches("Final:"))
+        .map(|l| {
+            l.split_whitespace()
+                .map(|x| x.parse::<f64>())
+                .collect::<Result<Vec<f64>, _>>()
+        })
+        .filter_map(Result::ok)
+        .rfind(|v| v.len() >= 8)?;
     // iterations, lat p50, lat avg, lat overall, bw avg, bw overall, rate avg, rate overall
     (f.len() >= 8).then(|| (f[1], f[7]))
 }
