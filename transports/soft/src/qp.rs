@@ -214,7 +214,6 @@ struct SendQueue {
 /// a send-queue slot.
 struct WrView<'a> {
     opcode: Opcode,
-    inline: bool,
     imm: u32,
     remote_addr: u64,
     rkey: u32,
@@ -230,7 +229,6 @@ impl<'a> WrView<'a> {
     fn of(wr: &'a WorkRequest<'a>, len: u64) -> WrView<'a> {
         WrView {
             opcode: wr.opcode,
-            inline: wr.flags.contains(SendFlags::INLINE),
             imm: wr.imm_data,
             remote_addr: wr.remote_addr,
             rkey: wr.rkey,
@@ -307,7 +305,6 @@ impl SendQueue {
         let s = &self.slots[i];
         WrView {
             opcode: s.opcode,
-            inline: s.inline,
             imm: s.imm,
             remote_addr: s.remote_addr,
             rkey: s.rkey,
