@@ -1,0 +1,754 @@
+//! Reliable-connected queue pairs: posting, polling, arming, errors.
+
+use std::any::Any;
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::Waker;
+
+use zcmsg::{
+    Armed, Opcode, PostError, QpCaps, QpConfig, QpState, QueuePair, RecvRequest, SendFlags,
+    TransportError, WcStatus, WorkCompletion, WorkRequest,
+};
+
+use crate::device::Core;
+use crate::notify::QpShared;
+use crate::srq::VerbsSrq;
+use crate::sys::{self, CmId, Cq, PostFail, QpCap, RawWc, RecvList, SendList};
+
+/// How many raw completions one `ibv_poll_cq` call moves at most.
+const POLL_BATCH: usize = 32;
+
+/// The GID a connection uses, as read back from the queue pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GidInfo {
+    /// Port number.
+    pub port: u8,
+    /// Index in the port's GID table (`ah_attr.grh.sgid_index`).
+    pub index: u8,
+    /// The GID, formatted as an IPv6 address.
+    pub gid: std::net::Ipv6Addr,
+    /// Its type as sysfs names it (`"RoCE v2"`, `"IB/RoCE v1"`), if readable.
+    pub kind: Option<String>,
+}
+
+impl GidInfo {
+    /// True for a RoCE v2 GID (RoCE over UDP/IP).
+    pub fn is_roce_v2(&self) -> bool {
+        self.kind.as_deref().is_some_and(|k| k.trim() == "RoCE v2")
+    }
+}
+
+/// Read `/sys/class/infiniband/<dev>/ports/<port>/gid_attrs/types/<index>`.
+pub(crate) fn gid_type(dev: &str, port: u8, index: u32) -> Option<String> {
+    std::fs::read_to_string(format!(
+        "/sys/class/infiniband/{dev}/ports/{port}/gid_attrs/types/{index}"
+    ))
+    .ok()
+    .map(|s| s.trim().to_owned())
+}
+
+/// A connected RC queue pair on an RDMA device, with its own send and
+/// receive completion queues reporting to the device's completion channel.
+pub struct VerbsQp {
+    // Drop order: the id (QP, then the rdma_cm id) before the CQs it uses.
+    id: CmId,
+    send_cq: Arc<Cq>,
+    recv_cq: Arc<Cq>,
+    shared: Arc<QpShared>,
+    key: u64,
+    caps: QpCaps,
+    qp_num: u32,
+    srq: bool,
+    max_sge_rd: u32,
+    max_msg_sz: u32,
+    atomics: bool,
+    send_scratch: SendList,
+    recv_scratch: RecvList,
+    /// wr_ids of posted send requests whose completion has not been polled,
+    /// in post order: a request holds its slot until then (providers may
+    /// accept more than the granted depth; this keeps to it, and so the
+    /// completion queue can never overflow).
+    sq: VecDeque<u64>,
+    /// Receives posted and not yet completed (own receive queue).
+    rq: u32,
+    /// The shared receive queue's count of outstanding receives.
+    srq_outstanding: Option<Arc<std::sync::atomic::AtomicU32>>,
+    wc_buf: Vec<RawWc>,
+    pending: VecDeque<WorkCompletion>,
+    errored: Cell<bool>,
+    /// The QP was (re)moved to the error state by us after the error was
+    /// seen, so that everything posted until then is flushed (rxe does not
+    /// flush receives posted to a QP already in error on its own).
+    kicked: Cell<bool>,
+    disconnected: Cell<bool>,
+    gid: Option<GidInfo>,
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for VerbsQp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerbsQp")
+            .field("device", &self.core.name())
+            .field("qp_num", &self.qp_num)
+            .field("caps", &self.caps)
+            .field("gid", &self.gid)
+            .finish()
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> TransportError {
+    TransportError::InvalidArgument(msg.into())
+}
+
+impl VerbsQp {
+    /// Create the CQs and the QP on `id` (bound to `core`'s device).
+    pub(crate) fn build(
+        core: &Arc<Core>,
+        mut id: CmId,
+        cfg: &QpConfig,
+    ) -> Result<VerbsQp, TransportError> {
+        let dev = &core.caps;
+        if cfg.max_send_wr == 0 {
+            return Err(invalid("max_send_wr must be at least 1"));
+        }
+        if cfg.max_send_wr > dev.max_qp_wr || cfg.max_recv_wr > dev.max_qp_wr {
+            return Err(invalid(format!(
+                "queue depths {}/{} exceed the device's max_qp_wr {}",
+                cfg.max_send_wr, cfg.max_recv_wr, dev.max_qp_wr
+            )));
+        }
+        if cfg.max_send_sge > dev.max_send_sge || cfg.max_recv_sge > dev.max_recv_sge {
+            return Err(invalid(format!(
+                "SGE limits {}/{} exceed the device's {}/{}",
+                cfg.max_send_sge, cfg.max_recv_sge, dev.max_send_sge, dev.max_recv_sge
+            )));
+        }
+        let srq = match &cfg.srq {
+            None => None,
+            Some(s) => {
+                let v = s.as_any().downcast_ref::<VerbsSrq>().ok_or_else(|| {
+                    invalid("the shared receive queue was not created by a verbs device")
+                })?;
+                if !Arc::ptr_eq(v.raw().pd(), &core.pd) {
+                    return Err(invalid(
+                        "the shared receive queue belongs to another device (protection domain)",
+                    ));
+                }
+                Some((v.raw().clone(), v.outstanding()))
+            }
+        };
+        let (srq, srq_outstanding) = match srq {
+            Some((s, o)) => (Some(s), Some(o)),
+            None => (None, None),
+        };
+        let (key, shared) = core.dispatch.insert();
+        let guard = KeyGuard { core, key };
+        let max_cqe = core.attr.max_cqe.max(1);
+        // Each CQ holds twice its queue's depth; the depths enforced below
+        // never exceed that, so a CQ cannot overflow.
+        let send_cqe = cfg.max_send_wr.saturating_mul(2).clamp(1, max_cqe);
+        let send_cq = Cq::create(
+            &core.ctx,
+            send_cqe,
+            crate::notify::cq_context(key, 0),
+            Some(&core.comp),
+        )?;
+        let recv_depth = srq.as_ref().map_or(cfg.max_recv_wr, |s| s.max_wr());
+        let recv_cqe = recv_depth.saturating_mul(2).clamp(1, max_cqe);
+        let recv_cq = Cq::create(
+            &core.ctx,
+            recv_cqe,
+            crate::notify::cq_context(key, 1),
+            Some(&core.comp),
+        )?;
+        let want = QpCap {
+            max_send_wr: cfg.max_send_wr,
+            max_recv_wr: cfg.max_recv_wr,
+            max_send_sge: cfg.max_send_sge.max(1),
+            max_recv_sge: cfg.max_recv_sge.max(1),
+            max_inline_data: cfg.max_inline_data.min(dev.max_inline_data),
+        };
+        let has_srq = srq.is_some();
+        let got = id
+            .create_qp(
+                &core.pd,
+                send_cq.clone(),
+                recv_cq.clone(),
+                srq,
+                want,
+                key as usize,
+            )
+            .map_err(|e| match e {
+                libc::EINVAL => invalid(format!(
+                    "the device refused a queue pair with {want:?} (EINVAL)"
+                )),
+                libc::ENOMEM => TransportError::io(
+                    format!("creating a queue pair with {want:?}"),
+                    sys::os_err(e),
+                ),
+                _ => TransportError::io("rdma_create_qp", sys::os_err(e)),
+            })?;
+        if cfg.ack_timeout != 0 {
+            if let Err(e) = id.set_ack_timeout(cfg.ack_timeout) {
+                tracing::warn!(
+                    "rdma_set_option(ACK_TIMEOUT={}) failed: {}; the kernel default applies",
+                    cfg.ack_timeout,
+                    sys::os_err(e)
+                );
+            }
+        }
+        std::mem::forget(guard);
+        let caps = QpCaps {
+            max_send_wr: got.max_send_wr.max(cfg.max_send_wr).min(send_cqe),
+            max_recv_wr: if has_srq {
+                0
+            } else {
+                got.max_recv_wr.max(cfg.max_recv_wr).min(recv_cqe)
+            },
+            max_send_sge: got.max_send_sge.max(want.max_send_sge),
+            max_recv_sge: if has_srq {
+                0
+            } else {
+                got.max_recv_sge.max(want.max_recv_sge)
+            },
+            max_inline_data: got.max_inline_data.max(want.max_inline_data),
+        };
+        let qp_num = id.qp_num();
+        Ok(VerbsQp {
+            id,
+            send_cq,
+            recv_cq,
+            shared,
+            key,
+            caps,
+            qp_num,
+            srq: has_srq,
+            max_sge_rd: dev.max_sge_rd,
+            max_msg_sz: dev.max_msg_sz,
+            atomics: dev.atomics,
+            send_scratch: SendList::with_capacity(64),
+            recv_scratch: RecvList::with_capacity(64),
+            sq: VecDeque::with_capacity(caps.max_send_wr as usize),
+            rq: 0,
+            srq_outstanding,
+            wc_buf: vec![sys::empty_wc(); POLL_BATCH],
+            pending: VecDeque::with_capacity(2 * POLL_BATCH),
+            errored: Cell::new(false),
+            kicked: Cell::new(false),
+            disconnected: Cell::new(false),
+            gid: None,
+            core: core.clone(),
+        })
+    }
+
+    pub(crate) fn id_mut(&mut self) -> &mut CmId {
+        &mut self.id
+    }
+
+    pub(crate) fn key(&self) -> u64 {
+        self.key
+    }
+
+    /// After the connection is established: read back which GID the queue
+    /// pair uses, log it, and check it is RoCE v2 on Ethernet.
+    pub(crate) fn inspect_gid(&mut self, role: &str) -> Result<(), TransportError> {
+        let port = self.id.port_num().max(1);
+        let Some((_, index)) = self.id.query_state() else {
+            tracing::warn!("ibv_query_qp failed; cannot tell which GID the connection uses");
+            return Ok(());
+        };
+        let raw = self
+            .core
+            .ctx
+            .query_gid(port, u32::from(index))
+            .unwrap_or_else(|| self.id.sgid());
+        let info = GidInfo {
+            port,
+            index,
+            gid: std::net::Ipv6Addr::from(raw),
+            kind: gid_type(self.core.name(), port, u32::from(index)),
+        };
+        let ethernet = self.core.port.link_layer == 2;
+        tracing::info!(
+            device = self.core.name(),
+            role,
+            qp_num = self.qp_num,
+            port,
+            gid_index = index,
+            gid = %info.gid,
+            gid_type = info.kind.as_deref().unwrap_or("unknown"),
+            "connection established"
+        );
+        if ethernet && !info.is_roce_v2() {
+            let msg = format!(
+                "connection on {} uses GID index {index} ({}), which is {} and not RoCE v2: RoCE v1 is not routable and lacks ECN; check the source address/interface and `cma_roce_mode`",
+                self.core.name(),
+                info.gid,
+                info.kind.as_deref().unwrap_or("of unknown type")
+            );
+            if self.core.cfg.require_roce_v2 {
+                return Err(TransportError::InvalidArgument(format!(
+                    "{msg} (VerbsConfig::require_roce_v2 is set)"
+                )));
+            }
+            tracing::warn!("{msg}");
+        }
+        self.gid = Some(info);
+        Ok(())
+    }
+
+    /// The GID the connection uses (RoCE: its index, value and type).
+    pub fn gid(&self) -> Option<&GidInfo> {
+        self.gid.as_ref()
+    }
+
+    /// Move to the error state once (rdma_disconnect; the QP is flushed and
+    /// the peer told).
+    fn enter_error(&self) {
+        if self.disconnected.replace(true) {
+            return;
+        }
+        self.errored.set(true);
+        self.kicked.set(true);
+        if let Err(e) = self.id.disconnect() {
+            tracing::debug!(
+                "rdma_disconnect: {}; moving the QP to error directly",
+                sys::os_err(e)
+            );
+            if let Err(e) = self.id.modify_to_error() {
+                tracing::warn!("ibv_modify_qp(ERR) failed: {}", sys::os_err(e));
+            }
+        }
+    }
+
+    #[inline]
+    fn check_peer(&self) {
+        if self.shared.peer_gone.load(Ordering::Acquire) && !self.disconnected.get() {
+            tracing::debug!(qp_num = self.qp_num, "peer disconnected: flushing");
+            self.enter_error();
+        }
+    }
+
+    /// The QP is known to be in the error state: move it there once more
+    /// ourselves, so that every request posted until now is flushed (an
+    /// ERR -> ERR transition is legal; rxe needs it to flush receives that
+    /// were posted after the QP failed).
+    fn note_error(&self) {
+        self.errored.set(true);
+        if !self.kicked.replace(true) {
+            if let Err(e) = self.id.modify_to_error() {
+                tracing::debug!("ibv_modify_qp(ERR) after an error: {}", sys::os_err(e));
+            }
+        }
+    }
+
+    /// Before a post: act on a peer's disconnect.
+    #[inline]
+    fn before_post(&self) {
+        self.check_peer();
+    }
+
+    /// After a post: requests posted to a QP known to be in the error state
+    /// are flushed like any outstanding request. rxe flushes such sends by
+    /// itself but not such receives, so move the QP to the error state
+    /// again, which makes it flush both.
+    #[inline]
+    fn after_post(&self) {
+        if self.errored.get() || self.disconnected.get() {
+            if let Err(e) = self.id.modify_to_error() {
+                tracing::debug!(
+                    "ibv_modify_qp(ERR) after posting in the error state: {}",
+                    sys::os_err(e)
+                );
+            }
+        }
+    }
+
+    /// The first request that must not be posted, and why.
+    fn validate(&self, wrs: &[WorkRequest<'_>]) -> Option<(usize, TransportError)> {
+        for (i, wr) in wrs.iter().enumerate() {
+            let known = matches!(
+                wr.opcode,
+                Opcode::Send
+                    | Opcode::SendWithImm
+                    | Opcode::RdmaWrite
+                    | Opcode::RdmaWriteWithImm
+                    | Opcode::RdmaRead
+                    | Opcode::AtomicCmpAndSwp
+                    | Opcode::AtomicFetchAndAdd
+            );
+            if !known || (wr.opcode.is_atomic() && !self.atomics) {
+                return Some((i, TransportError::BadOpcode(wr.opcode)));
+            }
+            let n = wr.sg_list.len();
+            if n > self.caps.max_send_sge as usize {
+                return Some((
+                    i,
+                    TransportError::TooManySges {
+                        got: n,
+                        max: self.caps.max_send_sge,
+                    },
+                ));
+            }
+            if wr.opcode == Opcode::RdmaRead && n > self.max_sge_rd as usize {
+                return Some((
+                    i,
+                    TransportError::TooManySges {
+                        got: n,
+                        max: self.max_sge_rd,
+                    },
+                ));
+            }
+            let len = wr.byte_len();
+            if wr.flags.contains(SendFlags::INLINE) {
+                if matches!(wr.opcode, Opcode::RdmaRead) || wr.opcode.is_atomic() {
+                    return Some((i, invalid(format!("{:?} cannot be sent inline", wr.opcode))));
+                }
+                if len > u64::from(self.caps.max_inline_data) {
+                    return Some((
+                        i,
+                        TransportError::InlineTooLarge {
+                            got: len,
+                            max: self.caps.max_inline_data,
+                        },
+                    ));
+                }
+            }
+            if len > u64::from(self.max_msg_sz) {
+                return Some((
+                    i,
+                    TransportError::MessageTooLarge {
+                        got: len,
+                        max: self.max_msg_sz,
+                    },
+                ));
+            }
+        }
+        None
+    }
+
+    fn post_error(&self, code: i32, send: bool) -> TransportError {
+        match code {
+            libc::ENOMEM => TransportError::QueueFull {
+                depth: if send {
+                    self.caps.max_send_wr
+                } else {
+                    self.caps.max_recv_wr
+                },
+            },
+            libc::EINVAL if self.state() == QpState::Error => TransportError::QpError,
+            libc::EINVAL => invalid(format!(
+                "the provider refused the {} request (EINVAL)",
+                if send { "send" } else { "receive" }
+            )),
+            _ => TransportError::io(
+                if send {
+                    "ibv_post_send"
+                } else {
+                    "ibv_post_recv"
+                },
+                sys::os_err(code),
+            ),
+        }
+    }
+
+    /// Poll `cq` into `out`, converting; returns how many.
+    #[inline]
+    fn poll_one(
+        cq: &Cq,
+        buf: &mut [RawWc],
+        out: &mut [WorkCompletion],
+        recv: bool,
+        errored: &Cell<bool>,
+    ) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            let want = (out.len() - n).min(buf.len());
+            let got = cq.poll(&mut buf[..want]);
+            for (o, raw) in out[n..n + got].iter_mut().zip(&buf[..got]) {
+                *o = sys::completion(raw, recv);
+                if o.status != WcStatus::Success {
+                    errored.set(true);
+                    if o.status != WcStatus::WrFlushErr {
+                        tracing::debug!(
+                            wr_id = o.wr_id,
+                            status = %sys::wc_status_str(raw.status),
+                            vendor_err = raw.vendor_err,
+                            "error completion"
+                        );
+                    }
+                }
+            }
+            n += got;
+            if got < want {
+                break;
+            }
+        }
+        n
+    }
+
+    /// A send-queue completion was polled: free the slots of the requests it
+    /// covers (RC completes in order; an unsignaled request is covered by the
+    /// next completion).
+    #[inline]
+    fn retire_sends(&mut self, done: &[WorkCompletion]) {
+        for c in done {
+            while let Some(id) = self.sq.pop_front() {
+                if id == c.wr_id {
+                    break;
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn retire_recvs(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        match &self.srq_outstanding {
+            Some(o) => {
+                o.fetch_sub(n as u32, Ordering::AcqRel);
+            }
+            None => self.rq = self.rq.saturating_sub(n as u32),
+        }
+    }
+
+    /// Poll both CQs into `out`, with accounting; returns how many.
+    #[inline]
+    fn poll_both(&mut self, out: &mut [WorkCompletion]) -> usize {
+        let a = Self::poll_one(&self.send_cq, &mut self.wc_buf, out, false, &self.errored);
+        self.retire_sends(&out[..a]);
+        let b = Self::poll_one(
+            &self.recv_cq,
+            &mut self.wc_buf,
+            &mut out[a..],
+            true,
+            &self.errored,
+        );
+        self.retire_recvs(b);
+        a + b
+    }
+
+    /// Poll both CQs into the pending buffer; returns how many were added.
+    fn poll_into_pending(&mut self) -> usize {
+        let mut tmp = [WorkCompletion::EMPTY; POLL_BATCH];
+        let n = self.poll_both(&mut tmp);
+        self.pending.extend(&tmp[..n]);
+        n
+    }
+}
+
+struct KeyGuard<'a> {
+    core: &'a Arc<Core>,
+    key: u64,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        self.core.dispatch.remove(self.key);
+    }
+}
+
+impl QueuePair for VerbsQp {
+    fn qp_num(&self) -> u32 {
+        self.qp_num
+    }
+
+    fn caps(&self) -> QpCaps {
+        self.caps
+    }
+
+    fn state(&self) -> QpState {
+        self.check_peer();
+        if self.errored.get() || self.disconnected.get() {
+            return QpState::Error;
+        }
+        match self.id.query_state() {
+            Some((s, _))
+                if s == rdma_mummy_sys::ibv_qp_state::IBV_QPS_ERR
+                    || s == rdma_mummy_sys::ibv_qp_state::IBV_QPS_SQE =>
+            {
+                self.note_error();
+                QpState::Error
+            }
+            _ => QpState::ReadyToSend,
+        }
+    }
+
+    fn post_send(&mut self, wrs: &[WorkRequest<'_>]) -> Result<(), PostError> {
+        if wrs.is_empty() {
+            return Ok(());
+        }
+        self.before_post();
+        let mut stop = self.validate(wrs);
+        let free = (self.caps.max_send_wr as usize).saturating_sub(self.sq.len());
+        if free < stop.as_ref().map_or(wrs.len(), |(i, _)| *i) {
+            stop = Some((
+                free,
+                TransportError::QueueFull {
+                    depth: self.caps.max_send_wr,
+                },
+            ));
+        }
+        let k = stop.as_ref().map_or(wrs.len(), |(i, _)| *i);
+        if k > 0 {
+            // INLINE requests are checked against (and translated through)
+            // the registration table, which the guard keeps alive for the post.
+            let regions = wrs[..k]
+                .iter()
+                .any(|w| w.flags.contains(SendFlags::INLINE))
+                .then(|| self.core.regions.load());
+            let r = self.id.post_send(
+                &mut self.send_scratch,
+                &wrs[..k],
+                regions.as_deref().map(|a| &**a),
+            );
+            let posted = match r {
+                Ok(()) => k,
+                Err(PostFail::Provider { index, .. }) | Err(PostFail::Inline { index }) => index,
+            };
+            self.sq.extend(wrs[..posted].iter().map(|w| w.wr_id));
+            if posted > 0 {
+                self.after_post();
+            }
+            match r {
+                Ok(()) => {}
+                Err(PostFail::Provider { index, code }) => {
+                    return Err(PostError::at(index, self.post_error(code, true)))
+                }
+                Err(PostFail::Inline { index }) => {
+                    return Err(PostError::at(
+                        index,
+                        invalid(format!(
+                            "request {index} is INLINE and one of its SGEs is not inside the registration its lkey names (inline data must be registered memory)"
+                        )),
+                    ))
+                }
+            }
+        }
+        match stop {
+            Some((i, e)) => Err(PostError::at(i, e)),
+            None => Ok(()),
+        }
+    }
+
+    fn post_recv(&mut self, wrs: &[RecvRequest<'_>]) -> Result<(), PostError> {
+        if self.srq {
+            return Err(PostError::at(
+                0,
+                invalid("this queue pair receives through a shared receive queue: post there"),
+            ));
+        }
+        if wrs.is_empty() {
+            return Ok(());
+        }
+        self.before_post();
+        let mut stop = wrs
+            .iter()
+            .position(|w| w.sg_list.len() > self.caps.max_recv_sge as usize)
+            .map(|i| {
+                (
+                    i,
+                    TransportError::TooManySges {
+                        got: wrs[i].sg_list.len(),
+                        max: self.caps.max_recv_sge,
+                    },
+                )
+            });
+        let free = self.caps.max_recv_wr.saturating_sub(self.rq) as usize;
+        if free < stop.as_ref().map_or(wrs.len(), |(i, _)| *i) {
+            stop = Some((
+                free,
+                TransportError::QueueFull {
+                    depth: self.caps.max_recv_wr,
+                },
+            ));
+        }
+        let k = stop.as_ref().map_or(wrs.len(), |(i, _)| *i);
+        if k > 0 {
+            let r = self.id.post_recv(&mut self.recv_scratch, &wrs[..k]);
+            let posted = match &r {
+                Ok(()) => k,
+                Err((i, _)) => *i,
+            };
+            self.rq += posted as u32;
+            if posted > 0 {
+                self.after_post();
+            }
+            if let Err((i, code)) = r {
+                return Err(PostError::at(i, self.post_error(code, false)));
+            }
+        }
+        match stop {
+            Some((i, e)) => Err(PostError::at(i, e)),
+            None => Ok(()),
+        }
+    }
+
+    #[inline]
+    fn poll_cq(&mut self, wc: &mut [WorkCompletion]) -> usize {
+        let mut n = 0;
+        while n < wc.len() {
+            match self.pending.pop_front() {
+                Some(c) => {
+                    wc[n] = c;
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        self.check_peer();
+        n + self.poll_both(&mut wc[n..])
+    }
+
+    fn arm(&mut self, waker: &Waker) -> Armed {
+        if !self.pending.is_empty() {
+            return Armed::Ready;
+        }
+        *self.shared.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker.clone());
+        if self.shared.peer_gone.load(Ordering::Acquire) && !self.disconnected.get() {
+            return Armed::Ready;
+        }
+        // A CQ stays armed until its event fires (the event thread clears
+        // the flag), so re-arming one that is armed would only cost a call.
+        for (i, cq) in [&self.send_cq, &self.recv_cq].into_iter().enumerate() {
+            if self.shared.armed[i].swap(true, Ordering::SeqCst) {
+                continue;
+            }
+            if let Err(e) = cq.req_notify() {
+                self.shared.armed[i].store(false, Ordering::SeqCst);
+                tracing::warn!("ibv_req_notify_cq failed: {}", sys::os_err(e));
+                return Armed::Ready;
+            }
+        }
+        // A completion that arrived before the CQs were armed raises no
+        // event: poll once more so it is not missed.
+        if self.poll_into_pending() > 0 {
+            Armed::Ready
+        } else {
+            Armed::Armed
+        }
+    }
+
+    fn disconnect(&mut self) {
+        self.enter_error();
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Drop for VerbsQp {
+    fn drop(&mut self) {
+        self.core.dispatch.remove(self.key);
+        if !self.disconnected.get() {
+            self.disconnected.set(true);
+            // Tell the peer; failing (never connected, already gone) is fine.
+            let _ = self.id.disconnect();
+        }
+    }
+}
