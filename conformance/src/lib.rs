@@ -87,6 +87,7 @@
 //! - `err_local_sge_out_of_bounds`: local SGE outside its region: `LocProtErr`.
 //! - `err_unsignaled_failure_completes`: an unsignaled request that fails still reports it.
 //! - `err_post_after_error`: posting in the error state is refused or flushed, never run.
+//! - `err_inline_unregistered`: an inline SGE outside registered memory is refused or completes `LocProtErr`.
 //!
 //! Refusals at post time (`PostError` with the index of the first request not posted):
 //! - `post_too_many_sges`: SEND and receive lists with one SGE too many.
@@ -129,6 +130,16 @@
 //! - `qp_caps_and_state`: granted capabilities cover the request; beyond the device limits fails.
 //! - `arm_wakes_on_completion`: `arm` wakes on the next completion and never misses one already waiting.
 //! - `arm_wakes_on_peer_disconnect`: an armed receiver is woken (its receives flushed) when the peer disconnects.
+//!
+//! Endpoints and RPC (each runs through the device, then again with the in-process handoff on):
+//! - `ep_message_integrity_all_sizes`: 0 B to 64 MiB across the eager/rendezvous threshold, echoed byte for byte, no bounce or coalescing of registered memory.
+//! - `ep_vectored_and_foreign_messages`: 20-chunk messages, registered and foreign; eager bounces the foreign bytes, rendezvous copies nothing.
+//! - `ep_credit_exhaustion_and_recovery`: a receiver holding every message gets exactly its receive slots, then everything arrives in order.
+//! - `ep_rpc_many_concurrent_calls`: 1000 calls in flight, each answered once and matched; an unknown method is a typed error.
+//! - `ep_rpc_bulk_pull_and_push`: the server READs 4 MiB from the client and WRITEs the result back.
+//! - `ep_graceful_close`: everything before the close arrives, then end of stream; a second close and a late send are typed errors.
+//! - `ep_peer_failure_mid_stream`: the peer vanishes; the failure is reported in bounded time and later sends are refused.
+//! - `ep_async_under_tokio_and_cancellation`: async send/recv/close under tokio; a dropped send future leaves its buffer parked until the device is done.
 
 #![forbid(unsafe_code)]
 
