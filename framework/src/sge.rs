@@ -124,31 +124,35 @@ impl<'a> SgeBuilder<'a> {
         // One lock-free snapshot for the whole list; the common case (a chunk
         // inside one arena) never leaves this loop.
         let snap = self.pd.registry().snapshot();
-        // Chunks of one message usually share an arena: try the last hit first.
-        let mut last: Option<&crate::mem::RegionEntry> = None;
+        let iova = self.pd.address_space() == AddressSpace::Iova;
+        out.reserve(chunks.len());
+        // The region of the last hit as (start, end, device-address delta,
+        // lkey): chunks of one message usually share an arena, so most chunks
+        // cost two compares and an add. Starts empty (start > end).
+        let mut cur = (1u64, 0u64, 0u64, 0u32);
         for c in chunks.iter_mut() {
             let (addr, len) = (c.as_ptr() as u64, c.len() as u64);
             if len == 0 {
                 continue;
             }
-            let hit = match last {
-                Some(e) if e.base <= addr && addr < e.end() => Some(e),
-                _ => snap.find(addr),
-            };
-            if let Some(e) = hit {
-                if addr + len <= e.end()
-                    && e.owner & crate::mem::CACHE_OWNER == 0
-                    && len <= u64::from(u32::MAX)
-                {
-                    out.push(Sge::new(self.pd.device_addr(e, addr), len as u32, e.lkey));
-                    last = Some(e);
-                    continue;
+            let end = addr + len;
+            let fits = len <= u64::from(u32::MAX);
+            if !(fits && addr >= cur.0 && end <= cur.1) {
+                match snap.find(addr) {
+                    Some(e) if fits && end <= e.end() && e.owner & crate::mem::CACHE_OWNER == 0 => {
+                        let delta = if iova { e.iova.wrapping_sub(e.base) } else { 0 };
+                        cur = (e.base, e.end(), delta, e.lkey);
+                    }
+                    _ => {
+                        self.map_chunk(c, &mut |_, s| {
+                            out.push(s);
+                            Ok(())
+                        })?;
+                        continue;
+                    }
                 }
             }
-            self.map_chunk(c, &mut |_, s| {
-                out.push(s);
-                Ok(())
-            })?;
+            out.push(Sge::new(addr.wrapping_add(cur.2), len as u32, cur.3));
         }
         Ok(())
     }

@@ -153,6 +153,11 @@ impl Pd {
     }
 
     #[inline]
+    pub(crate) fn address_space(&self) -> AddressSpace {
+        self.inner.space
+    }
+
+    #[inline]
     pub(crate) fn device_addr(&self, e: &RegionEntry, cpu: u64) -> u64 {
         match self.inner.space {
             AddressSpace::Cpu => cpu,
