@@ -1020,6 +1020,28 @@ impl Connection {
         }
     }
 
+    /// Queue the `i`-th work request of `self.plan` as `opcode` on `rkey`
+    /// (the last one of an operation is signaled).
+    fn push_plan_wr(&mut self, i: usize, opcode: Opcode, rkey: u32, last: bool, f: Inflight) {
+        let sp = self.plan.spans()[i];
+        let sge_start = self.sges.len() as u32;
+        let range = sp.sge_start as usize..(sp.sge_start + sp.sge_count) as usize;
+        self.sges.extend_from_slice(&self.plan.sges()[range]);
+        let wr_id = self.next_wr;
+        self.next_wr += 1;
+        let flags = self.next_signal(last);
+        let op = SendOp {
+            wr_id,
+            opcode,
+            flags,
+            sge_start,
+            sge_count: sp.sge_count,
+            remote_addr: sp.remote_addr,
+            rkey,
+        };
+        self.push_wr(op, f);
+    }
+
     fn push_wr(&mut self, op: SendOp, f: Inflight) {
         self.sends.push(op);
         self.inflight.push_back((op.wr_id, f));
@@ -1150,27 +1172,11 @@ impl Connection {
                 {
                     break;
                 }
-                for sp in self.plan.spans().to_vec() {
+                for i in 0..self.plan.wr_count() {
                     posted += 1;
                     let last = posted == total_wrs;
-                    let sge_start = self.sges.len() as u32;
-                    self.sges.extend_from_slice(
-                        &self.plan.sges()
-                            [sp.sge_start as usize..(sp.sge_start + sp.sge_count) as usize],
-                    );
-                    let wr_id = self.next_wr;
-                    self.next_wr += 1;
-                    let flags = self.next_signal(last);
-                    let op = SendOp {
-                        wr_id,
-                        opcode: Opcode::RdmaRead,
-                        flags,
-                        sge_start,
-                        sge_count: sp.sge_count,
-                        remote_addr: sp.remote_addr,
-                        rkey: r.rkey,
-                    };
-                    self.push_wr(op, Inflight::Read { seq: job.seq, last });
+                    let f = Inflight::Read { seq: job.seq, last };
+                    self.push_plan_wr(i, Opcode::RdmaRead, r.rkey, last, f);
                 }
             }
             for e in self.incoming.iter_mut() {
@@ -1269,26 +1275,8 @@ impl Connection {
                 });
                 continue;
             }
-            let spans = self.plan.spans().to_vec();
-            for (i, sp) in spans.iter().enumerate() {
+            for i in 0..n {
                 let last = i + 1 == n;
-                let sge_start = self.sges.len() as u32;
-                self.sges.extend_from_slice(
-                    &self.plan.sges()
-                        [sp.sge_start as usize..(sp.sge_start + sp.sge_count) as usize],
-                );
-                let wr_id = self.next_wr;
-                self.next_wr += 1;
-                let flags = self.next_signal(last);
-                let op = SendOp {
-                    wr_id,
-                    opcode: job.opcode,
-                    flags,
-                    sge_start,
-                    sge_count: sp.sge_count,
-                    remote_addr: sp.remote_addr,
-                    rkey: job.remote.rkey,
-                };
                 let f = if last {
                     Inflight::Op {
                         id: job.id,
@@ -1304,7 +1292,7 @@ impl Connection {
                         dest: None,
                     }
                 };
-                self.push_wr(op, f);
+                self.push_plan_wr(i, job.opcode, job.remote.rkey, last, f);
             }
         }
     }
