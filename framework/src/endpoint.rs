@@ -114,6 +114,11 @@ pub struct Endpoint {
     sent_total: u64,
     recv_total: u64,
     recv_slots: usize,
+    /// The clock at the last `progress`.
+    now: Instant,
+    /// Buffers for the work requests of one flush, kept across calls.
+    wr_buf: Vec<WorkRequest<'static>>,
+    rr_buf: Vec<RecvRequest<'static>>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -202,8 +207,11 @@ impl Endpoint {
             sent_total: 0,
             recv_total: 0,
             recv_slots: proto.recv_slots as usize,
+            now,
+            wr_buf: Vec::with_capacity(q.max_send_wr as usize),
+            rr_buf: Vec::with_capacity((proto.recv_slots + proto.reserve) as usize),
         };
-        ep.flush();
+        ep.flush(now);
         Ok(ep)
     }
 
@@ -236,7 +244,9 @@ impl Endpoint {
     /// Do all work that is ready: poll completions, run timers, post. Returns
     /// true if anything happened. Never blocks.
     pub fn progress(&mut self) -> bool {
+        // One clock read per call: completions, timers and posts share it.
         let now = Instant::now();
+        self.now = now;
         let mut did = false;
         loop {
             let n = self.qp.poll_cq(&mut self.wc);
@@ -256,59 +266,54 @@ impl Endpoint {
             self.conn.on_tick(now);
             self.next_tick = now + self.tick_every;
         }
-        did |= self.flush();
+        did |= self.flush(now);
         did |= self.drain_events();
         did
     }
 
-    /// Post what the protocol has ready, one doorbell per queue.
-    fn flush(&mut self) -> bool {
-        let now = Instant::now();
-        let tx = self.conn.transmit(now);
+    /// Post what the protocol has ready, one doorbell per queue. The work
+    /// requests are built in buffers kept across calls (no allocation, and
+    /// no initialisation of more entries than are posted).
+    fn flush(&mut self, now: Instant) -> bool {
+        let Endpoint {
+            conn,
+            qp,
+            wr_buf,
+            rr_buf,
+            ..
+        } = self;
+        let tx = conn.transmit(now);
         if tx.is_empty() {
             return false;
         }
-        // Post from stack batches: no allocation per post, one doorbell per batch.
-        const BATCH: usize = 32;
         let mut result = Ok(());
-        for chunk in tx.recvs.chunks(BATCH) {
-            let mut sg = [[crate::sge::Sge::default(); 1]; BATCH];
-            for (d, r) in sg.iter_mut().zip(chunk) {
-                d[0] = r.sge;
-            }
-            let mut wrs = [RecvRequest {
-                wr_id: 0,
-                sg_list: &[],
-            }; BATCH];
-            for ((w, r), s) in wrs.iter_mut().zip(chunk).zip(sg.iter()) {
-                *w = RecvRequest {
-                    wr_id: r.wr_id,
-                    sg_list: s,
-                };
-            }
-            if let Err(e) = self.qp.post_recv(&wrs[..chunk.len()]) {
+        let mut rrs: Vec<RecvRequest<'_>> = crate::util::recycle(std::mem::take(rr_buf));
+        rrs.extend(tx.recvs.iter().map(|r| RecvRequest {
+            wr_id: r.wr_id,
+            sg_list: std::slice::from_ref(&r.sge),
+        }));
+        if !rrs.is_empty() {
+            if let Err(e) = qp.post_recv(&rrs) {
                 result = Err(e.to_string());
-                break;
             }
         }
-        if result.is_ok() {
-            for chunk in tx.sends.chunks(BATCH) {
-                let mut wrs = [WorkRequest::send(0, &[]); BATCH];
-                for (w, s) in wrs.iter_mut().zip(chunk) {
-                    *w = WorkRequest::one_sided(
-                        s.wr_id,
-                        s.opcode,
-                        &tx.sges[s.sge_start as usize..(s.sge_start + s.sge_count) as usize],
-                        s.remote_addr,
-                        s.rkey,
-                    )
-                    .with_flags(s.flags);
-                }
-                if let Err(e) = self.qp.post_send(&wrs[..chunk.len()]) {
-                    result = Err(e.to_string());
-                    break;
-                }
+        *rr_buf = crate::util::recycle(rrs);
+        if result.is_ok() && !tx.sends.is_empty() {
+            let mut wrs: Vec<WorkRequest<'_>> = crate::util::recycle(std::mem::take(wr_buf));
+            wrs.extend(tx.sends.iter().map(|s| {
+                WorkRequest::one_sided(
+                    s.wr_id,
+                    s.opcode,
+                    &tx.sges[s.sge_start as usize..(s.sge_start + s.sge_count) as usize],
+                    s.remote_addr,
+                    s.rkey,
+                )
+                .with_flags(s.flags)
+            }));
+            if let Err(e) = qp.post_send(&wrs) {
+                result = Err(e.to_string());
             }
+            *wr_buf = crate::util::recycle(wrs);
         }
         if let Err(e) = result {
             self.conn.fail(ConnError::Post(e), Outcome::Unknown);
@@ -328,7 +333,7 @@ impl Endpoint {
                 }
                 Event::Sent { id, outcome } => {
                     self.sent_total += 1;
-                    if self.awaited.remove(&id) {
+                    if !self.awaited.is_empty() && self.awaited.remove(&id) {
                         self.outcomes.insert(id, outcome);
                     }
                 }
@@ -352,8 +357,43 @@ impl Endpoint {
             return Err(SendError::Failed(e.clone()));
         }
         let id = self.conn.send(msg)?;
-        self.flush();
+        // The time of the last progress is close enough for the protocol's
+        // idle bookkeeping (heartbeats are due after hundreds of ms).
+        self.flush(self.now);
         Ok(id)
+    }
+
+    /// Queue a message without ringing the doorbell: everything queued goes
+    /// out as one post list (one doorbell, one signaled completion) with the
+    /// next [`Endpoint::try_send`], [`Endpoint::flush_sends`],
+    /// [`Endpoint::progress`] or wait. Use it to send a burst at the device's
+    /// message rate; use `try_send` for the lowest latency of one message.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use zcmsg::{Endpoint, SendError};
+    ///
+    /// /// Sixteen messages, one doorbell.
+    /// fn burst(ep: &mut Endpoint, msgs: &[Bytes]) -> Result<(), SendError> {
+    ///     for m in msgs {
+    ///         ep.queue(m.clone())?;
+    ///     }
+    ///     ep.flush_sends();
+    ///     Ok(())
+    /// }
+    /// ```
+    pub fn queue(&mut self, msg: impl Into<Msg>) -> Result<u64, SendError> {
+        if let Some(e) = &self.failed {
+            return Err(SendError::Failed(e.clone()));
+        }
+        self.conn.send(msg)
+    }
+
+    /// Post what [`Endpoint::queue`] left queued (as far as credits and the
+    /// send queue allow; the rest follows with progress). Returns true if
+    /// anything was posted.
+    pub fn flush_sends(&mut self) -> bool {
+        self.flush(self.now)
     }
 
     /// Take a received message if one is there (after making progress).
@@ -441,7 +481,7 @@ impl Endpoint {
         }
         let id = self.conn.send(msg)?;
         self.awaited.insert(id);
-        self.flush();
+        self.flush(self.now);
         let out = poll_fn(|cx| {
             self.progress();
             if let Some(o) = self.outcomes.remove(&id) {
@@ -473,7 +513,7 @@ impl Endpoint {
     /// send after close is a typed error.
     pub async fn close(&mut self) -> Result<(), SendError> {
         self.conn.close()?;
-        self.flush();
+        self.flush(self.now);
         poll_fn(|cx| {
             self.progress();
             if self.conn.close_done() {
@@ -491,7 +531,7 @@ impl Endpoint {
     /// Close without waiting (the close goes out with later progress).
     pub fn try_close(&mut self) -> Result<(), SendError> {
         self.conn.close()?;
-        self.flush();
+        self.flush(self.now);
         Ok(())
     }
 
@@ -503,7 +543,7 @@ impl Endpoint {
         remote: RemoteRegion,
     ) -> Result<WcStatus, SendError> {
         let id = self.conn.write(chunks, remote)?;
-        self.flush();
+        self.flush(self.now);
         let (status, _) = self.wait_op(id).await;
         Ok(status)
     }
@@ -517,7 +557,7 @@ impl Endpoint {
     ) -> Result<SlotMut, SendError> {
         let len = remote.len as usize;
         let id = self.conn.read(remote, dest)?;
-        self.flush();
+        self.flush(self.now);
         match self.wait_op(id).await {
             (WcStatus::Success, Some(mut s)) => {
                 s.set_len(len);

@@ -84,3 +84,32 @@ pub fn wake_at(waker: Waker, when: Instant) {
     h.push(Entry(when, waker));
     t.cv.notify_one();
 }
+
+/// The allocation of `v`, emptied, as a `Vec` of another type with the same
+/// size and alignment (in practice: the same struct with another lifetime),
+/// so a buffer of borrowing values such as `WorkRequest<'a>` can be kept
+/// across calls without allocating per call. The standard library's in-place
+/// `collect` reuses the buffer when the layouts match (tested below).
+pub(crate) fn recycle<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector was emptied"))
+        .collect()
+}
+
+#[cfg(test)]
+mod recycle_tests {
+    use crate::verbs::WorkRequest;
+
+    #[test]
+    fn recycle_keeps_the_allocation() {
+        let sge = [crate::sge::Sge::default()];
+        let mut v: Vec<WorkRequest<'_>> = Vec::with_capacity(64);
+        v.push(WorkRequest::send(1, &sge));
+        let (ptr, cap) = (v.as_ptr() as usize, v.capacity());
+        let w: Vec<WorkRequest<'static>> = super::recycle(v);
+        assert!(w.is_empty());
+        assert_eq!(w.capacity(), cap);
+        assert_eq!(w.as_ptr() as usize, ptr, "the buffer was reallocated");
+    }
+}

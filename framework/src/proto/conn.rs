@@ -369,7 +369,12 @@ pub struct Connection {
     rdv_arenas: Vec<Arena>,
     peer_closed: bool,
     // Send side.
+    /// Headers of eager and control messages (HDR, or HDR + the 16-byte
+    /// handoff announcement): 64-byte slots, so the hot ones share few
+    /// cache lines and pages.
     hdr_arena: Arena,
+    /// Rendezvous headers, which carry the list of exposed regions.
+    rts_arena: Arena,
     peer_credits: i64,
     hello_seen: bool,
     next_seq: u32,
@@ -400,6 +405,14 @@ pub struct Connection {
 
 const MAX_RDV_ARENAS: usize = 64;
 
+/// Size of an eager or control header slot: the header and the handoff
+/// announcement fit.
+const HDR_SLOT: usize = 64;
+const _: () = assert!(HDR + 16 <= HDR_SLOT);
+
+/// Rendezvous headers in flight at most (more wait for a free one).
+const RTS_SLOTS: usize = 64;
+
 impl Connection {
     /// A connection over a queue pair with limits `lim`, its memory from `pd`.
     /// The handshake is queued at once.
@@ -422,7 +435,11 @@ impl Connection {
         let hdr_slots = lim.max_send_wr as usize + 2;
         let hdr_arena = pd.arena(ArenaConfig {
             huge_pages: HugePages::Never,
-            ..ArenaConfig::new(64 + wire::HDR + 4096, hdr_slots)
+            ..ArenaConfig::new(HDR_SLOT, hdr_slots)
+        })?;
+        let rts_arena = pd.arena(ArenaConfig {
+            huge_pages: HugePages::Never,
+            ..ArenaConfig::new(64 + wire::HDR + 4096, hdr_slots.min(RTS_SLOTS))
         })?;
         let mut c = Connection {
             recv_table: (0..slots).map(|_| None).collect(),
@@ -441,6 +458,7 @@ impl Connection {
             rdv_arenas: Vec::new(),
             peer_closed: false,
             hdr_arena,
+            rts_arena,
             peer_credits: 0,
             hello_seen: false,
             next_seq: 0,
@@ -1463,14 +1481,14 @@ impl Connection {
 
     fn post_rts(&mut self, id: u64, msg: &mut Msg, now: Instant) -> Result<bool, SendError> {
         let len = msg.len();
-        let max_regions = (self.hdr_arena.slot_size() - HDR) / RemoteRegion::WIRE_LEN;
+        let max_regions = (self.rts_arena.slot_size() - HDR) / RemoteRegion::WIRE_LEN;
         let nonempty = msg.chunks().iter().filter(|c| !c.is_empty()).count();
         if nonempty > max_regions {
             return Err(SendError::Buffer(format!(
                 "{nonempty} chunks exceed the rendezvous limit of {max_regions}"
             )));
         }
-        let Some(mut s) = self.hdr_arena.alloc() else {
+        let Some(mut s) = self.rts_arena.alloc() else {
             return Ok(false);
         };
         // Expose exactly the message's chunks for reading.
