@@ -25,6 +25,9 @@ fn pair(
     Ok((ea, eb))
 }
 
+/// Messages per post list in the streams (the raw device's default, `-l 16`).
+pub const POST_LIST: u64 = 16;
+
 /// Busy-polling receive (the lowest-latency mode).
 fn spin_recv(ep: &mut Endpoint, limit: Duration) -> Result<Bytes, String> {
     let start = Instant::now();
@@ -105,10 +108,18 @@ pub fn stream(
     let msg = s.freeze();
     let before = tx.copies();
     let sender = std::thread::spawn(move || -> Result<zcmsg::CopySnapshot, String> {
-        for _ in 0..count {
-            tx.try_send(msg.clone()).map_err(|e| e.to_string())?;
-            // Keep the queue short: progress until credits let this one out.
-            while tx.credits() <= 8 && tx.failure().is_none() {
+        // Post lists of POST_LIST messages, one doorbell each, like the raw
+        // device's stream (perftest -l).
+        let mut queued = 0u64;
+        while queued < count {
+            let n = POST_LIST.min(count - queued);
+            for _ in 0..n {
+                tx.queue(msg.clone()).map_err(|e| e.to_string())?;
+            }
+            queued += n;
+            tx.flush_sends();
+            // Keep the queue short: progress until credits let the next list out.
+            while tx.credits() <= POST_LIST as i64 && tx.failure().is_none() {
                 tx.progress();
             }
         }
