@@ -108,21 +108,35 @@ impl QpCore {
     }
 
     /// Take the next posted receive, as the requester (consumer) of this
-    /// queue pair's receive side. `post_seen` caches the producer index.
+    /// queue pair's receive side; `rx` is the consumer's cursor.
     #[inline]
-    fn take_recv(&self, post_seen: &mut u64) -> Option<RecvRef> {
+    fn take_recv(&self, rx: &mut PeerRecv) -> Option<RecvRef> {
         match &self.recv {
             RecvSide::Ring(r) => {
-                let c = r.consume.load(Ordering::Relaxed);
-                if c >= *post_seen {
-                    *post_seen = r.post.load(Ordering::Acquire);
-                    if c >= *post_seen {
+                let c = rx.consume;
+                if c >= rx.post_seen {
+                    rx.post_seen = r.post.load(Ordering::Acquire);
+                    if c >= rx.post_seen {
                         return None;
                     }
                 }
                 Some(RecvRef::Ring(c))
             }
             RecvSide::Srq { srq, .. } => srq.posted.pop().map(RecvRef::Srq),
+        }
+    }
+
+    /// Make the receives consumed through `rx` visible to this queue pair's
+    /// owner: one `Release` store per post list, not one per message, so
+    /// the index's cache line crosses cores once per batch. Called before the
+    /// consumer's execution ends (the owner's quiescence waits for it).
+    #[inline]
+    fn publish_consumed(&self, rx: &mut PeerRecv) {
+        if rx.consume != rx.published {
+            if let RecvSide::Ring(r) = &self.recv {
+                r.consume.store(rx.consume, Ordering::Release);
+            }
+            rx.published = rx.consume;
         }
     }
 
@@ -136,10 +150,12 @@ impl QpCore {
         }
     }
 
-    /// Complete a taken receive and hand it back to the owner.
+    /// Complete a taken receive; it reaches the owner with the next
+    /// [`QpCore::publish_consumed`] (own receive queue) or at once (SRQ).
     fn finish_recv(
         &self,
         r: RecvRef,
+        rx: &mut PeerRecv,
         status: WcStatus,
         with_imm_write: bool,
         byte_len: u32,
@@ -149,7 +165,7 @@ impl QpCore {
             (RecvSide::Ring(ring), RecvRef::Ring(c)) => {
                 ring.slots
                     .complete(ring.slot(c), status, with_imm_write, byte_len, imm);
-                ring.consume.store(c + 1, Ordering::Release);
+                rx.consume = c + 1;
             }
             (RecvSide::Srq { srq, comp }, RecvRef::Srq(i)) => {
                 srq.slots
@@ -159,6 +175,18 @@ impl QpCore {
             _ => debug_assert!(false, "receive reference of the other kind"),
         }
     }
+}
+
+/// The requester's cursor into its peer's receive ring (it is the ring's
+/// only consumer while the peer is not in the error state).
+#[derive(Clone, Copy, Debug, Default)]
+struct PeerRecv {
+    /// The peer's `post` index as last loaded.
+    post_seen: u64,
+    /// Next receive to consume.
+    consume: u64,
+    /// `consume` as last stored into the ring.
+    published: u64,
 }
 
 /// A send-queue entry kept until its completion is polled.
@@ -402,7 +430,7 @@ struct Exe<'a> {
     peer_t: &'a MrTable,
     src: &'a mut Vec<Seg>,
     dst: &'a mut Vec<Seg>,
-    post_seen: &'a mut u64,
+    rx: &'a mut PeerRecv,
     wake_peer: &'a mut bool,
 }
 
@@ -496,7 +524,7 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
             if x.peer.is_error() {
                 return Done(WcStatus::RetryExcErr, 0);
             }
-            let Some(r) = x.peer.take_recv(x.post_seen) else {
+            let Some(r) = x.peer.take_recv(x.rx) else {
                 return Outcome::Rnr;
             };
             let (slots, i) = x.peer.recv_slot(r);
@@ -515,12 +543,14 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
             match scattered {
                 Ok(()) => {}
                 Err(Scatter::Short) => {
-                    x.peer.finish_recv(r, WcStatus::LocLenErr, false, 0, None);
+                    x.peer
+                        .finish_recv(r, x.rx, WcStatus::LocLenErr, false, 0, None);
                     x.fail_peer();
                     return Done(WcStatus::RemInvReqErr, 0);
                 }
                 Err(Scatter::Prot) => {
-                    x.peer.finish_recv(r, WcStatus::LocProtErr, false, 0, None);
+                    x.peer
+                        .finish_recv(r, x.rx, WcStatus::LocProtErr, false, 0, None);
                     x.fail_peer();
                     return Done(WcStatus::RemOpErr, 0);
                 }
@@ -533,7 +563,8 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
             // deregistration waits for us.
             unsafe { dma::copy_segs(x.dst, x.src) };
             let imm = (v.opcode == Opcode::SendWithImm).then_some(v.imm);
-            x.peer.finish_recv(r, WcStatus::Success, false, len32, imm);
+            x.peer
+                .finish_recv(r, x.rx, WcStatus::Success, false, len32, imm);
             *x.wake_peer = true;
             x.counters.count(Count::Send(v.len));
             Done(WcStatus::Success, len32)
@@ -546,7 +577,7 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
                 return Done(WcStatus::RetryExcErr, 0);
             }
             let r = if v.opcode == Opcode::RdmaWriteWithImm {
-                match x.peer.take_recv(x.post_seen) {
+                match x.peer.take_recv(x.rx) {
                     Some(r) => Some(r),
                     None => return Outcome::Rnr,
                 }
@@ -562,7 +593,8 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
                     v.len,
                 ) else {
                     if let Some(r) = r {
-                        x.peer.finish_recv(r, WcStatus::RemAccessErr, true, 0, None);
+                        x.peer
+                            .finish_recv(r, x.rx, WcStatus::RemAccessErr, true, 0, None);
                     }
                     x.fail_peer();
                     return Done(WcStatus::RemAccessErr, 0);
@@ -578,7 +610,7 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
             }
             if let Some(r) = r {
                 x.peer
-                    .finish_recv(r, WcStatus::Success, true, len32, Some(v.imm));
+                    .finish_recv(r, x.rx, WcStatus::Success, true, len32, Some(v.imm));
                 *x.wake_peer = true;
             }
             x.counters.count(Count::Write(v.len));
@@ -726,8 +758,8 @@ pub(crate) struct SendSide {
     rnr_flag: bool,
     src: Vec<Seg>,
     dst: Vec<Seg>,
-    /// Cached `post` index of the peer's receive ring (we consume it).
-    peer_post_seen: u64,
+    /// Our cursor into the peer's receive ring (we consume it).
+    peer_rx: PeerRecv,
     wakes: Wakes,
 }
 
@@ -752,7 +784,7 @@ impl SendSide {
             rnr_flag: false,
             src: Vec::with_capacity(src_cap),
             dst: Vec::with_capacity(dst_cap),
-            peer_post_seen: 0,
+            peer_rx: PeerRecv::default(),
             wakes: Wakes::default(),
         }
     }
@@ -864,7 +896,9 @@ impl SendSide {
             Some(g) => g,
             None => own_t,
         };
-        f(self, own_t, peer_t)
+        let r = f(self, own_t, peer_t);
+        peer.publish_consumed(&mut self.peer_rx);
+        r
     }
 
     /// Execute pending requests in order until one has to wait.
@@ -879,7 +913,7 @@ impl SendSide {
                     peer_t,
                     src: &mut self.src,
                     dst: &mut self.dst,
-                    post_seen: &mut self.peer_post_seen,
+                    rx: &mut self.peer_rx,
                     wake_peer: &mut self.wakes.peer,
                 };
                 execute(&mut x, &view)
@@ -1060,7 +1094,7 @@ impl SendSide {
                     peer_t,
                     src: &mut self.src,
                     dst: &mut self.dst,
-                    post_seen: &mut self.peer_post_seen,
+                    rx: &mut self.peer_rx,
                     wake_peer: &mut self.wakes.peer,
                 };
                 execute(&mut x, &view)
