@@ -122,37 +122,39 @@ impl<'a> SgeBuilder<'a> {
     /// one SGE per region; empty chunks get none.
     pub fn list(&self, chunks: &mut [Bytes], out: &mut Vec<Sge>) -> Result<(), SgeError> {
         // One lock-free snapshot for the whole list; the common case (a chunk
-        // inside one arena) never leaves this loop.
+        // inside one region, arena memory) never leaves the inner loop: one
+        // hinted lookup, one 32-byte record, one compare, one store.
         let snap = self.pd.registry().snapshot();
-        let iova = self.pd.address_space() == AddressSpace::Iova;
+        let look = snap.lookup();
+        // Device address = CPU address + (delta & mask): no branch on the space.
+        let delta_mask = match self.pd.address_space() {
+            AddressSpace::Iova => u64::MAX,
+            AddressSpace::Cpu => 0,
+        };
         out.reserve(chunks.len());
-        // The region of the last hit as (start, end, device-address delta,
-        // lkey): chunks of one message usually share an arena, so most chunks
-        // cost two compares and an add. Starts empty (start > end).
-        let mut cur = (1u64, 0u64, 0u64, 0u32);
         for c in chunks.iter_mut() {
             let (addr, len) = (c.as_ptr() as u64, c.len() as u64);
             if len == 0 {
                 continue;
             }
-            let end = addr + len;
-            let fits = len <= u64::from(u32::MAX);
-            if !(fits && addr >= cur.0 && end <= cur.1) {
-                match snap.find(addr) {
-                    Some(e) if fits && end <= e.end() && e.owner & crate::mem::CACHE_OWNER == 0 => {
-                        let delta = if iova { e.iova.wrapping_sub(e.base) } else { 0 };
-                        cur = (e.base, e.end(), delta, e.lkey);
-                    }
-                    _ => {
-                        self.map_chunk(c, &mut |_, s| {
-                            out.push(s);
-                            Ok(())
-                        })?;
-                        continue;
-                    }
-                }
+            let end = addr.wrapping_add(len);
+            let mut h = look.hinted(addr);
+            if !h.fits(addr, end) {
+                h = look.search(addr);
             }
-            out.push(Sge::new(addr.wrapping_add(cur.2), len as u32, cur.3));
+            if h.fits(addr, end) & (len <= u64::from(u32::MAX)) {
+                out.push(Sge::new(
+                    addr.wrapping_add(h.delta & delta_mask),
+                    len as u32,
+                    h.lkey,
+                ));
+            } else {
+                // Crossing, cached, unregistered or too long: the general path.
+                self.map_chunk(c, &mut |_, s| {
+                    out.push(s);
+                    Ok(())
+                })?;
+            }
         }
         Ok(())
     }
