@@ -293,13 +293,13 @@ enum Inflight {
     Eager {
         id: u64,
         _msg: Msg,
-        _hdr: Option<SlotMut>,
+        hdr: Option<SlotMut>,
     },
     Rts {
         _hdr: SlotMut,
     },
     Control {
-        _hdr: Option<SlotMut>,
+        hdr: Option<SlotMut>,
         kind: Kind,
     },
     Read {
@@ -373,6 +373,9 @@ pub struct Connection {
     /// handoff announcement): 64-byte slots, so the hot ones share few
     /// cache lines and pages.
     hdr_arena: Arena,
+    /// Header slots whose send completed, kept for reuse by this connection
+    /// (no round trip through the arena's shared free queue per message).
+    hdr_free: Vec<SlotMut>,
     /// Rendezvous headers, which carry the list of exposed regions.
     rts_arena: Arena,
     peer_credits: i64,
@@ -458,6 +461,7 @@ impl Connection {
             rdv_arenas: Vec::new(),
             peer_closed: false,
             hdr_arena,
+            hdr_free: Vec::with_capacity(hdr_slots),
             rts_arena,
             peer_credits: 0,
             hello_seen: false,
@@ -698,12 +702,16 @@ impl Connection {
             };
             self.sq_used -= 1;
             match f {
-                Inflight::Eager { id, .. } => self.events.push_back(Event::Sent {
-                    id,
-                    outcome: Outcome::Delivered,
-                }),
+                Inflight::Eager { id, hdr, .. } => {
+                    self.recycle_hdr(hdr);
+                    self.events.push_back(Event::Sent {
+                        id,
+                        outcome: Outcome::Delivered,
+                    })
+                }
                 Inflight::Rts { .. } => {}
-                Inflight::Control { kind, .. } => {
+                Inflight::Control { kind, hdr } => {
+                    self.recycle_hdr(hdr);
                     if kind == Kind::Close {
                         self.close_posted = true;
                     }
@@ -1019,6 +1027,19 @@ impl Connection {
         self.initial_posted = true;
     }
 
+    /// A header slot: a recycled one if any, else a fresh one from the arena.
+    fn alloc_hdr(&mut self) -> Option<SlotMut> {
+        self.hdr_free.pop().or_else(|| self.hdr_arena.alloc())
+    }
+
+    /// Keep a header slot whose send completed (the device is done with it).
+    fn recycle_hdr(&mut self, hdr: Option<SlotMut>) {
+        if let Some(mut h) = hdr {
+            h.set_len(0);
+            self.hdr_free.push(h);
+        }
+    }
+
     fn take_owed(&mut self) -> u16 {
         let c = self.owed.min(u32::from(u16::MAX));
         self.owed -= c;
@@ -1105,7 +1126,7 @@ impl Connection {
             .map(|c| (super::handoff::process_nonce(), c.token()));
         let sge_start = self.sges.len() as u32;
         let mut flags = SendFlags::NONE;
-        let Some(mut s) = self.hdr_arena.alloc() else {
+        let Some(mut s) = self.alloc_hdr() else {
             if !kind.is_data() {
                 self.ctrl.push_front((kind, seq));
             }
@@ -1137,7 +1158,7 @@ impl Connection {
             remote_addr: 0,
             rkey: 0,
         };
-        self.push_wr(op, Inflight::Control { _hdr: hold, kind });
+        self.push_wr(op, Inflight::Control { hdr: hold, kind });
         true
     }
 
@@ -1340,7 +1361,7 @@ impl Connection {
                             if self.handoff(&ch, b, seq, len, now) {
                                 self.next_seq = self.next_seq.wrapping_add(1);
                                 // The header's completion means delivered.
-                                if let Some((_, Inflight::Control { _hdr, .. })) =
+                                if let Some((_, Inflight::Control { hdr, .. })) =
                                     self.inflight.pop_back()
                                 {
                                     self.inflight.push_back((
@@ -1348,7 +1369,7 @@ impl Connection {
                                         Inflight::Eager {
                                             id,
                                             _msg: Msg::One(Bytes::new()),
-                                            _hdr,
+                                            hdr,
                                         },
                                     ));
                                 }
@@ -1391,7 +1412,7 @@ impl Connection {
         len: u64,
         now: Instant,
     ) -> bool {
-        if self.hdr_arena.free_slots() == 0 {
+        if self.hdr_free.is_empty() && self.hdr_arena.free_slots() == 0 {
             return false;
         }
         if ch.push(b).is_err() {
@@ -1421,7 +1442,7 @@ impl Connection {
         };
         let sge_start = self.sges.len() as u32;
         let wr_id = self.next_wr;
-        let Some(mut s) = self.hdr_arena.alloc() else {
+        let Some(mut s) = self.alloc_hdr() else {
             return Ok(false);
         };
         // Build the payload SGEs first (the header takes one SGE).
@@ -1473,7 +1494,7 @@ impl Connection {
             Inflight::Eager {
                 id,
                 _msg: owned,
-                _hdr: hold,
+                hdr: hold,
             },
         );
         Ok(true)
