@@ -129,6 +129,28 @@ impl Side {
             .map_err(|e| e.to_string())
     }
 
+    /// Repost the receives `ids` with one post list.
+    fn repost_all(&mut self, ids: &[u64]) -> Result<(), String> {
+        let mut sges = [[zcmsg::Sge::default(); 1]; 32];
+        let mut n = 0;
+        for (d, &id) in sges.iter_mut().zip(ids) {
+            d[0] = self.recv[id as usize]
+                .as_ref()
+                .ok_or("unknown receive")?
+                .sge();
+            n += 1;
+        }
+        let wrs: [RecvRequest<'_>; 32] = std::array::from_fn(|k| RecvRequest {
+            wr_id: ids.get(k).copied().unwrap_or(0),
+            sg_list: &sges[k],
+        });
+        self.qp.post_recv(&wrs[..n]).map_err(|e| e.to_string())?;
+        if ids.len() > n {
+            self.repost_all(&ids[n..])?;
+        }
+        Ok(())
+    }
+
     fn send_slot(&self, size: usize, fill: u8) -> Result<SlotMut, String> {
         let mut s = self.arena.alloc().ok_or("out of send slots")?;
         s.put_bytes(fill, size);
@@ -291,8 +313,10 @@ pub fn stream_bw(
             let mut got = 0u64;
             let mut bad = 0u64;
             let deadline = Instant::now() + Duration::from_secs(120);
+            let mut ids = Vec::with_capacity(srv.wc.len());
             while got < iters {
                 let n = srv.qp.poll_cq(&mut srv.wc);
+                ids.clear();
                 for i in 0..n {
                     let wc = srv.wc[i];
                     check(&wc)?;
@@ -303,9 +327,13 @@ pub fn stream_bw(
                         if s.len() != size || s.as_slice().first().is_some_and(|&b| b != 0x33) {
                             bad += 1;
                         }
-                        srv.repost(wc.wr_id)?;
-                        reposted_srv.store(got, std::sync::atomic::Ordering::Release);
+                        ids.push(wc.wr_id);
                     }
+                }
+                // One post list for everything this poll returned.
+                if !ids.is_empty() {
+                    srv.repost_all(&ids)?;
+                    reposted_srv.store(got, std::sync::atomic::Ordering::Release);
                 }
                 if Instant::now() > deadline {
                     return Err(format!("receiver got {got} of {iters} in 120 s"));
