@@ -7,7 +7,8 @@
 #
 #   deploy/lab/run2.sh [--timeout SECS] [--loss PCT] [--log-dir DIR]
 #                      [--memory 1G] [--cpus 1]
-#                      [--kill-b-after SECS [--restart-b "COMMAND B2"]]
+#                      [--kill-b-after SECS [--kill-b-marker NAME]
+#                       [--restart-b "COMMAND B2"]]
 #                      --a "COMMAND A" --b "COMMAND B"
 #
 #   --timeout SECS      guest-side limit for each command (default 600); A's
@@ -17,6 +18,9 @@
 #                       /tmp/zcmsg-lab.XXXXXX directory, printed at the end)
 #   --kill-b-after SECS SIGKILL host B's qemu SECS seconds after B's command
 #                       started (a host crash; A keeps running)
+#   --kill-b-marker NAME  count those SECS from the moment B's command creates
+#                       $ZCMSG_LAB_SHARED/NAME instead (e.g. once it is
+#                       connected and streaming); no kill if it never does
 #   --restart-b CMD     after that kill, boot B again (same NIC, MAC, address
 #                       and wire) and run CMD there
 #
@@ -41,6 +45,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
 timeout_s=600 loss='' logdir='' mem=1G cpus=1 cmd_a='' cmd_b='' kill_after='' cmd_b2=''
+kill_marker=''
 have_a=0 have_b=0 have_b2=0
 while [ $# -gt 0 ]; do
     case $1 in
@@ -52,6 +57,7 @@ while [ $# -gt 0 ]; do
     --a) cmd_a=${2?}; have_a=1; shift 2 ;;
     --b) cmd_b=${2?}; have_b=1; shift 2 ;;
     --kill-b-after) kill_after=${2:?}; shift 2 ;;
+    --kill-b-marker) kill_marker=${2:?}; shift 2 ;;
     --restart-b) cmd_b2=${2?}; have_b2=1; shift 2 ;;
     -h | --help) usage ;;
     *) echo "run2.sh: unknown argument '$1'" >&2; usage ;;
@@ -67,6 +73,10 @@ case $loss in *[!0-9.]*) lab_die "--loss wants a percentage (e.g. 5 or 0.5), got
 if [ "$have_b2" = 1 ] && [ -z "$kill_after" ]; then
     lab_die "--restart-b needs --kill-b-after"
 fi
+if [ -n "$kill_marker" ] && [ -z "$kill_after" ]; then
+    lab_die "--kill-b-marker needs --kill-b-after"
+fi
+case $kill_marker in */*) lab_die "--kill-b-marker wants a file name, got '$kill_marker'" ;; esac
 
 lab_init
 LAB_RUN=$(lab_mkrun)
@@ -121,7 +131,15 @@ if [ -n "$kill_after" ]; then
         && [ "$(date +%s)" -lt "$deadline" ]; do
         sleep 0.5
     done
-    if [ -e "$LAB_RUN/b/ready" ]; then
+    if [ -e "$LAB_RUN/b/ready" ] && [ -n "$kill_marker" ]; then
+        mdeadline=$(( $(date +%s) + timeout_s ))
+        while kill -0 "$pid_b" 2>/dev/null && [ ! -e "$shared/$kill_marker" ] \
+            && [ ! -e "$LAB_RUN/b/rc" ] && [ "$(date +%s)" -lt "$mdeadline" ]; do
+            sleep 0.2
+        done
+        [ -e "$shared/$kill_marker" ] && lab_msg "B created $kill_marker; killing it in ${kill_after}s"
+    fi
+    if [ -e "$LAB_RUN/b/ready" ] && { [ -z "$kill_marker" ] || [ -e "$shared/$kill_marker" ]; }; then
         end=$(( $(date +%s) + kill_after ))
         while kill -0 "$pid_b" 2>/dev/null && [ ! -e "$LAB_RUN/b/rc" ] \
             && [ "$(date +%s)" -lt "$end" ]; do
@@ -129,14 +147,14 @@ if [ -n "$kill_after" ]; then
         done
         if [ ! -e "$LAB_RUN/b/rc" ] && [ -s "$LAB_RUN/b/qemu.pid" ]; then
             touch "$LAB_RUN/b/killed"
-            lab_msg "killing host B (qemu pid $(cat "$LAB_RUN/b/qemu.pid")) ${kill_after}s after its command started"
+            lab_msg "killing host B (qemu pid $(cat "$LAB_RUN/b/qemu.pid")) ${kill_after}s after ${kill_marker:-its command started}"
             kill -KILL "$(cat "$LAB_RUN/b/qemu.pid")" 2>/dev/null || true
             b_killed=1
         else
             lab_msg "warning: B's command ended before --kill-b-after ${kill_after}s; nothing killed"
         fi
     else
-        lab_msg "warning: B never started its command; nothing killed"
+        lab_msg "warning: B never started its command${kill_marker:+ or never created $kill_marker}; nothing killed"
     fi
 fi
 wait "$pid_b" || rc_b=$?
