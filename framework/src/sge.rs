@@ -150,13 +150,22 @@ impl<'a> SgeBuilder<'a> {
                 ));
             } else {
                 // Crossing, cached, unregistered or too long: the general path.
-                self.map_chunk(c, &mut |_, s| {
-                    out.push(s);
-                    Ok(())
-                })?;
+                self.list_slow(c, out)?;
             }
         }
         Ok(())
+    }
+
+    /// The general path of [`SgeBuilder::list`] for one chunk, out of line
+    /// so the fast loop keeps its values in registers.
+    #[cold]
+    #[inline(never)]
+    fn list_slow(&self, c: &mut Bytes, out: &mut Vec<Sge>) -> Result<(), SgeError> {
+        self.map_chunk(c, &mut |_, s| {
+            out.push(s);
+            Ok(())
+        })
+        .map(|_| ())
     }
 
     /// SGEs for one SEND of `chunks`. A SEND is never split: over `max_msg_sz`
