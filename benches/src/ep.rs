@@ -47,7 +47,7 @@ fn spin_recv(ep: &mut Endpoint, limit: Duration) -> Result<Bytes, String> {
     }
 }
 
-/// One-way latency samples (ns) of `size`-byte endpoint ping-pong.
+/// One-way latency samples (ns) of `size`-byte endpoint ping-pong (RTT/2, the timer's own cost subtracted, as in `raw`).
 pub fn ping_pong(
     a: Arc<dyn Transport>,
     b: Arc<dyn Transport>,
@@ -74,11 +74,12 @@ pub fn ping_pong(
     s.put_bytes(0x61, size);
     let msg = s.freeze();
     let mut samples = Vec::with_capacity(iters as usize);
+    let clock = crate::report::clock_overhead_ns();
     for _ in 0..iters {
         let t = Instant::now();
         cli.try_send(msg.clone()).map_err(|e| e.to_string())?;
         let m = spin_recv(&mut cli, Duration::from_secs(10))?;
-        samples.push(t.elapsed().as_nanos() as u64 / 2);
+        samples.push((t.elapsed().as_nanos() as u64).saturating_sub(clock) / 2);
         if m.len() != size {
             return Err("echo length".into());
         }

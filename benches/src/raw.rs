@@ -32,7 +32,7 @@ pub struct Params {
     pub inline: bool,
 }
 
-/// Per-iteration one-way latencies (RTT/2), in nanoseconds.
+/// Per-iteration one-way latencies (RTT/2, the timer's own cost, [`crate::report::clock_overhead_ns`], subtracted), in nanoseconds.
 pub struct Latency {
     /// Samples.
     pub samples: Vec<u64>,
@@ -231,6 +231,7 @@ pub fn send_lat(
         flags |= SendFlags::INLINE;
     }
     let mut samples = Vec::with_capacity(iters as usize);
+    let clock = crate::report::clock_overhead_ns();
     let mut echoed = 0u64;
     for it in 0..iters {
         let t0 = Instant::now();
@@ -259,7 +260,7 @@ pub fn send_lat(
                     }
                     echoed += 1;
                     cli.repost(wc.wr_id)?;
-                    samples.push(t0.elapsed().as_nanos() as u64 / 2);
+                    samples.push((t0.elapsed().as_nanos() as u64).saturating_sub(clock) / 2);
                     break 'wait;
                 }
             }

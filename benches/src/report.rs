@@ -85,3 +85,18 @@ pub fn bw_row(size: usize, iters: u64, bytes_per_sec: f64, msgs_per_sec: f64) {
         msgs_per_sec / 1e6
     );
 }
+
+/// What timing one interval costs by itself: the median of back-to-back
+/// `Instant::now()` / `elapsed()` pairs, in nanoseconds. Latency samples
+/// subtract it, as a benchmark harness subtracts its timer's cost (on these
+/// VMs a clock read costs ~40 ns, a tenth of a one-way SEND).
+pub fn clock_overhead_ns() -> u64 {
+    let mut v: Vec<u64> = (0..10_001)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            t.elapsed().as_nanos() as u64
+        })
+        .collect();
+    v.sort_unstable();
+    v[v.len() / 2]
+}
