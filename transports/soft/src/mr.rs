@@ -23,9 +23,15 @@ use zcmsg::{Access, RegionMemory};
 /// One registration.
 pub(crate) struct Mr {
     pub(crate) lkey: u32,
-    mem: Arc<dyn RegionMemory>,
+    /// Keeps the memory alive (and in place) while the registration, or a
+    /// table snapshot naming it, exists.
+    _mem: Arc<dyn RegionMemory>,
     /// Offset of the first registered byte in `mem`.
     offset: usize,
+    /// `mem`'s start as an exposed address, taken once at registration
+    /// (the memory does not move while `mem` is held), so a translation is
+    /// arithmetic, not a virtual call.
+    base: usize,
     /// Device (= CPU) address of the first registered byte.
     pub(crate) addr: u64,
     pub(crate) len: u64,
@@ -41,10 +47,12 @@ impl Mr {
         access: Access,
     ) -> Mr {
         let addr = (mem.as_ptr() as u64).wrapping_add(offset as u64);
+        let base = mem.as_ptr().expose_provenance();
         Mr {
             lkey,
-            mem,
+            _mem: mem,
             offset,
+            base,
             addr,
             len: len as u64,
             access,
@@ -112,7 +120,7 @@ impl MrTable {
         // `off + mr.offset` stays inside `mem` (checked at registration that
         // `offset + len <= mem.len()`), so it fits a usize.
         let off = usize::try_from(off).ok()?.checked_add(mr.offset)?;
-        Some(mr.mem.as_ptr().wrapping_add(off).expose_provenance())
+        Some(mr.base.wrapping_add(off))
     }
 
     /// A table with `mr` added.
