@@ -6,3 +6,4 @@ pub mod ep;
 pub mod raw;
 pub mod refs;
 pub mod report;
+pub mod wlat;

@@ -6,7 +6,17 @@
 //! zcperf send_lat -s 64 -n 100000
 //! zcperf send_bw -s 65536
 //! zcperf write_bw -s 1048576
+//! zcperf send-lat --transport verbs -d rxe0 --addr 192.0.2.1 -x 1   # features = ["verbs"]
+//! zcperf write-lat --transport verbs -s 64
+//! zcperf ep-lat --transport verbs -s 64
+//! zcperf ep-bw --transport verbs -s 65536
 //! ```
+//!
+//! With `--transport verbs` both sides are opened on the same RDMA device
+//! (each with its own protection domain) and connected through rdma_cm on
+//! `--addr` (a loopback on the device, like perftest's server and client on
+//! one port); `-x` checks that the connection uses that GID index (rdma_cm
+//! picks the GID from the address).
 
 use std::sync::Arc;
 
@@ -25,12 +35,23 @@ enum Test {
     SendBw,
     /// RDMA WRITE stream bandwidth, like ib_write_bw.
     WriteBw,
+    /// RDMA WRITE ping-pong latency (RTT/2), like ib_write_lat (WRITE with
+    /// immediate: each side learns of the peer's write from a completion).
+    WriteLat,
+    /// Endpoint ping-pong latency (framing, credits, zero-copy receive).
+    EpLat,
+    /// Endpoint one-way stream bandwidth.
+    EpBw,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Kind {
     /// The in-process software device (no hardware needed).
     Soft,
+    /// An RDMA device through libibverbs and rdma_cm (build with the
+    /// `verbs` feature).
+    #[cfg(feature = "verbs")]
+    Verbs,
 }
 
 #[derive(Parser, Debug)]
@@ -63,16 +84,82 @@ struct Args {
     /// Do not send inline (perftest -I 0).
     #[arg(long)]
     no_inline: bool,
+    /// RDMA device (perftest -d), for `--transport verbs`.
+    #[arg(short = 'd', long = "ib-dev", default_value = "rxe0")]
+    ib_dev: String,
+    /// Local IP address of the device to connect through (rdma_cm loopback).
+    #[arg(long, default_value = "192.0.2.1")]
+    addr: String,
+    /// GID index the connection must use (perftest -x); rdma_cm picks the
+    /// GID from `--addr`, so this is checked, not set.
+    #[arg(short = 'x', long = "gid-index")]
+    gid_index: Option<u8>,
 }
 
-fn devices(kind: Kind) -> (Arc<dyn Transport>, Arc<dyn Transport>, String) {
-    match kind {
-        Kind::Soft => (
+type Devices = (Arc<dyn Transport>, Arc<dyn Transport>, String);
+
+/// Two devices ("hosts") and the address the second listens on, for `tag`.
+fn devices(a: &Args, tag: &str) -> Result<Devices, String> {
+    match a.transport {
+        Kind::Soft => Ok((
             zcmsg_soft::SoftDevice::new() as Arc<dyn Transport>,
             zcmsg_soft::SoftDevice::new() as Arc<dyn Transport>,
-            format!("zcperf-{}", std::process::id()),
-        ),
+            format!("zcperf-{}-{tag}", std::process::id()),
+        )),
+        #[cfg(feature = "verbs")]
+        Kind::Verbs => {
+            let open = || {
+                zcmsg_verbs::VerbsDevice::open(
+                    Some(&a.ib_dev),
+                    &zcmsg_verbs::VerbsConfig::default(),
+                )
+                .map(|d| d as Arc<dyn Transport>)
+                .map_err(|e| format!("opening {}: {e}", a.ib_dev))
+            };
+            Ok((open()?, open()?, format!("{}:0", a.addr)))
+        }
     }
+}
+
+/// For verbs: connect once and print (and check against `-x`) the GID the
+/// connection uses.
+#[cfg(feature = "verbs")]
+fn check_gid(a: &Args) -> Result<(), String> {
+    if a.transport != Kind::Verbs {
+        return Ok(());
+    }
+    let (x, y, addr) = devices(a, "gid")?;
+    let cfg = zcmsg::QpConfig::default();
+    let mut l = y.listen(&addr, &cfg).map_err(|e| e.to_string())?;
+    let at = l.local_addr();
+    let acc = std::thread::spawn(move || l.accept(std::time::Duration::from_secs(20)));
+    let qp = x.connect(&at, &cfg, b"gid").map_err(|e| e.to_string())?;
+    let _peer = acc.join().map_err(|_| "accept panicked")?;
+    let g = qp
+        .as_any()
+        .downcast_ref::<zcmsg_verbs::VerbsQp>()
+        .and_then(|q| q.gid().cloned())
+        .ok_or("the connection's GID could not be read")?;
+    println!(
+        "# {} port {} GID index {} {} ({}), via {at}",
+        a.ib_dev,
+        g.port,
+        g.index,
+        g.gid,
+        g.kind.as_deref().unwrap_or("type unknown")
+    );
+    match a.gid_index {
+        Some(want) if want != g.index => Err(format!(
+            "the connection uses GID index {} but -x {want} was asked (rdma_cm picks the GID from --addr {})",
+            g.index, a.addr
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(not(feature = "verbs"))]
+fn check_gid(_: &Args) -> Result<(), String> {
+    Ok(())
 }
 
 fn params(a: &Args, size: usize, iters: u64) -> Params {
@@ -87,8 +174,8 @@ fn params(a: &Args, size: usize, iters: u64) -> Params {
 }
 
 fn run_lat(a: &Args, p: &Params, tag: &str) -> Result<f64, String> {
-    let (x, y, addr) = devices(a.transport);
-    let lat = raw::send_lat(x, y, &format!("{addr}-{tag}"), p)?;
+    let (x, y, addr) = devices(a, tag)?;
+    let lat = raw::send_lat(x, y, &addr, p)?;
     let s = report::summarize(&lat.samples);
     report::lat_header();
     report::lat_row(p.size, p.iters, &s);
@@ -96,8 +183,8 @@ fn run_lat(a: &Args, p: &Params, tag: &str) -> Result<f64, String> {
 }
 
 fn run_bw(a: &Args, p: &Params, op: Opcode, tag: &str) -> Result<(f64, f64), String> {
-    let (x, y, addr) = devices(a.transport);
-    let bw = raw::stream_bw(x, y, &format!("{addr}-{tag}"), p, op)?;
+    let (x, y, addr) = devices(a, tag)?;
+    let bw = raw::stream_bw(x, y, &addr, p, op)?;
     let secs = bw.elapsed.as_secs_f64();
     let (bps, mps) = (bw.bytes as f64 / secs, bw.msgs as f64 / secs);
     report::bw_header();
@@ -156,16 +243,15 @@ fn summary(a: &Args) -> Result<(), String> {
     }
 
     println!("--- endpoints (framing, credits, zero-copy receive) against the raw device ---");
-    let (x, y, addr) = devices(a.transport);
-    let ep_lat = zcmsg_bench::ep::ping_pong(x, y, &format!("{addr}-eplat"), 64, 100_000)?;
+    let (x, y, addr) = devices(a, "eplat")?;
+    let ep_lat = zcmsg_bench::ep::ping_pong(x, y, &addr, 64, 100_000)?;
     let ep_lat = report::summarize(&ep_lat).typical;
     println!(
         "  endpoint 64 B latency (median) {ep_lat:8.3} us   endpoint/raw    = {:.2}x",
         ep_lat / lat
     );
-    let (x, y, addr) = devices(a.transport);
-    let (ep_rate, _, _) =
-        zcmsg_bench::ep::stream(x, y, &format!("{addr}-eprate"), 64, 1_000_000, false)?;
+    let (x, y, addr) = devices(a, "eprate")?;
+    let (ep_rate, _, _) = zcmsg_bench::ep::stream(x, y, &addr, 64, 1_000_000, false)?;
     println!(
         "  endpoint 64 B message rate   {:8.2} Mmsg/s   endpoint/raw    = {:.2}x\n",
         ep_rate / 1e6,
@@ -189,15 +275,8 @@ fn summary(a: &Args) -> Result<(), String> {
     );
     println!("  copy_from_slice 1 MiB        {:8.2} GB/s", gb(copy));
     for handoff in [false, true] {
-        let (x, y, addr) = devices(a.transport);
-        let (_, bps, c) = zcmsg_bench::ep::stream(
-            x,
-            y,
-            &format!("{addr}-ep1m-{handoff}"),
-            1 << 20,
-            4000,
-            handoff,
-        )?;
+        let (x, y, addr) = devices(a, &format!("ep1m-{handoff}"))?;
+        let (_, bps, c) = zcmsg_bench::ep::stream(x, y, &addr, 1 << 20, 4000, handoff)?;
         println!(
             "  endpoint 1 MiB stream, handoff {:<3}  {:8.2} GB/s   endpoint/copy   = {:.2}x   (framework copies {} B, handed over {} B)",
             if handoff { "on" } else { "off" },
@@ -210,8 +289,39 @@ fn summary(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
+fn run_write_lat(a: &Args, p: &Params) -> Result<f64, String> {
+    let (x, y, addr) = devices(a, "wlat")?;
+    let lat = zcmsg_bench::wlat::write_lat(x, y, &addr, p)?;
+    let s = report::summarize(&lat.samples);
+    report::lat_header();
+    report::lat_row(p.size, p.iters, &s);
+    Ok(s.typical)
+}
+
+fn run_ep_lat(a: &Args, p: &Params) -> Result<f64, String> {
+    let (x, y, addr) = devices(a, "eplat")?;
+    let samples = zcmsg_bench::ep::ping_pong(x, y, &addr, p.size, p.iters)?;
+    let s = report::summarize(&samples);
+    report::lat_header();
+    report::lat_row(p.size, p.iters, &s);
+    Ok(s.typical)
+}
+
+fn run_ep_bw(a: &Args, p: &Params) -> Result<f64, String> {
+    let (x, y, addr) = devices(a, "epbw")?;
+    let (mps, bps, c) = zcmsg_bench::ep::stream(x, y, &addr, p.size, p.iters, false)?;
+    report::bw_header();
+    report::bw_row(p.size, p.iters, bps, mps);
+    println!("# framework copies {} B", c.bounce_bytes + c.coalesce_bytes);
+    Ok(bps)
+}
+
 fn main() {
     let a = Args::parse();
+    if let Err(e) = check_gid(&a) {
+        eprintln!("zcperf: {e}");
+        std::process::exit(1);
+    }
     let r = match a.test {
         Test::Summary => summary(&a),
         Test::SendLat => run_lat(&a, &params(&a, 64, 100_000), "lat").map(|_| ()),
@@ -219,6 +329,9 @@ fn main() {
         Test::WriteBw => {
             run_bw(&a, &params(&a, 65536, 100_000), Opcode::RdmaWrite, "wbw").map(|_| ())
         }
+        Test::WriteLat => run_write_lat(&a, &params(&a, 64, 100_000)).map(|_| ()),
+        Test::EpLat => run_ep_lat(&a, &params(&a, 64, 100_000)).map(|_| ()),
+        Test::EpBw => run_ep_bw(&a, &params(&a, 65536, 100_000)).map(|_| ()),
     };
     if let Err(e) = r {
         eprintln!("zcperf: {e}");
