@@ -5,6 +5,7 @@
 //! cost_probe N          # N messages streamed in post lists of 16 (queue + flush_sends)
 //! cost_probe N pp       # N ping-pong round trips (try_send / try_recv)
 //! cost_probe N empty    # N calls of progress() with nothing to do (the spin granularity)
+//! cost_probe N raw-pp   # N ping-pong round trips on the raw device (inline 64 B SENDs)
 //! ```
 //!
 //! Wall time is printed, but the repeatable figure is the instruction count:
@@ -58,6 +59,9 @@ fn main() {
     let mut s = arena.alloc().expect("slot");
     s.put_bytes(0x61, 64);
     let msg = s.freeze();
+    if mode == "raw-pp" {
+        return raw_pp(&dev, n);
+    }
     let t = Instant::now();
     match mode.as_str() {
         "empty" => {
@@ -98,4 +102,65 @@ fn main() {
             );
         }
     }
+}
+
+/// The raw device's ping-pong, as zcperf's send_lat does it, in one thread.
+fn raw_pp(dev: &std::sync::Arc<SoftDevice>, n: usize) {
+    use zcmsg::{QpConfig, RecvRequest, SendFlags, WorkCompletion, WorkRequest};
+    let cfg = QpConfig {
+        max_send_wr: 128,
+        max_recv_wr: 16,
+        max_send_sge: 1,
+        max_recv_sge: 1,
+        max_inline_data: 64,
+        ..QpConfig::default()
+    };
+    let (mut a, mut b) = dev.pair(&cfg, &cfg).expect("pair");
+    let pd = Pd::new(dev.clone() as std::sync::Arc<dyn Transport>);
+    let arena = pd.arena(ArenaConfig::new(64, 40)).expect("arena");
+    let slots: Vec<_> = (0..32).map(|_| arena.alloc().expect("slot")).collect();
+    let post = |qp: &mut Box<dyn zcmsg::QueuePair>, i: usize| {
+        let sge = [slots[i].sge()];
+        qp.post_recv(&[RecvRequest {
+            wr_id: i as u64,
+            sg_list: &sge,
+        }])
+        .expect("post_recv");
+    };
+    for i in 0..16 {
+        post(&mut a, i);
+        post(&mut b, 16 + i);
+    }
+    let mut msg = arena.alloc().expect("slot");
+    msg.put_bytes(0x5a, 64);
+    let sge = [msg.sge_filled()];
+    let mut wc = [WorkCompletion::EMPTY; 32];
+    let t = Instant::now();
+    for it in 0..n {
+        for (tx, rx) in [(0, 1), (1, 0)] {
+            let qps = [&mut a, &mut b];
+            let [x, y] = qps;
+            let (txq, rxq) = if tx == 0 { (x, y) } else { (y, x) };
+            let f = if (it + 1) % 64 == 0 {
+                SendFlags::SIGNALED | SendFlags::INLINE
+            } else {
+                SendFlags::INLINE
+            };
+            txq.post_send(&[WorkRequest::send(it as u64, &sge).with_flags(f)])
+                .expect("post_send");
+            loop {
+                let k = rxq.poll_cq(&mut wc);
+                let recv = wc[..k].iter().find(|w| w.opcode.is_recv()).copied();
+                if let Some(w) = recv {
+                    post(rxq, w.wr_id as usize);
+                    break;
+                }
+            }
+            let _ = rx;
+        }
+    }
+    println!(
+        "{:.1} ns per raw round trip",
+        t.elapsed().as_nanos() as f64 / n as f64
+    );
 }
