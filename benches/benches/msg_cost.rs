@@ -1,6 +1,7 @@
 //! CPU cost of one 64 B message, both sides driven by ONE thread: the raw
 //! soft device (post a SEND, poll the receive, repost it) next to the
-//! endpoint layer (try_send, try_recv, drop the `Bytes`). No core waits for
+//! endpoint layer (16 messages queued and posted as one list like the raw
+//! side's, or sent one `try_send` at a time; try_recv; drop the `Bytes`). No core waits for
 //! another, so the ratio is the framework's own per-message work, free of
 //! the scheduling noise that two spinning threads on a shared 2-vCPU machine
 //! suffer. The two-thread figures are zcperf's.
@@ -100,7 +101,29 @@ fn endpoint(c: &mut Criterion) {
     let msg = s.freeze();
     let mut g = c.benchmark_group("msg_cost_64B");
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("endpoint", |bch| {
+    g.bench_function("endpoint_post_list", |bch| {
+        bch.iter(|| {
+            for _ in 0..BATCH {
+                a.queue(msg.clone()).unwrap();
+            }
+            a.flush_sends();
+            let mut got = 0;
+            while got < BATCH {
+                match b.try_recv().unwrap() {
+                    Some(Recv::Message(m)) => {
+                        black_box(m.len());
+                        got += 1;
+                    }
+                    Some(Recv::Eos) => panic!("eos"),
+                    None => {
+                        a.progress();
+                    }
+                }
+            }
+            a.progress();
+        })
+    });
+    g.bench_function("endpoint_try_send", |bch| {
         bch.iter(|| {
             for _ in 0..BATCH {
                 a.try_send(msg.clone()).unwrap();
