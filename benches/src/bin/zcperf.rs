@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! zcperf                      # the summary on the in-process device
-//! zcperf send_lat -s 64 -n 100000
-//! zcperf send_bw -s 65536
-//! zcperf write_bw -s 1048576
+//! zcperf send-lat -s 64 -n 100000       # perftest's spelling works too: send_lat
+//! zcperf send-bw -s 65536
+//! zcperf write-bw -s 1048576
 //! zcperf send-lat --transport verbs -d rxe0 --addr 192.0.2.1 -x 1   # features = ["verbs"]
 //! zcperf write-lat --transport verbs -s 64
 //! zcperf ep-lat --transport verbs -s 64
@@ -30,17 +30,23 @@ enum Test {
     /// Latency, SEND ping-pong and references, then message rate and bandwidth.
     Summary,
     /// SEND ping-pong latency (RTT/2), like ib_send_lat.
+    #[value(alias = "send_lat")]
     SendLat,
     /// SEND stream bandwidth, like ib_send_bw.
+    #[value(alias = "send_bw")]
     SendBw,
     /// RDMA WRITE stream bandwidth, like ib_write_bw.
+    #[value(alias = "write_bw")]
     WriteBw,
     /// RDMA WRITE ping-pong latency (RTT/2), like ib_write_lat (WRITE with
     /// immediate: each side learns of the peer's write from a completion).
+    #[value(alias = "write_lat")]
     WriteLat,
     /// Endpoint ping-pong latency (framing, credits, zero-copy receive).
+    #[value(alias = "ep_lat")]
     EpLat,
     /// Endpoint one-way stream bandwidth.
+    #[value(alias = "ep_bw")]
     EpBw,
 }
 
