@@ -9,6 +9,9 @@
 //! Every connection is a loopback through rdma_cm on `ZCMSG_LAB_ADDR`, with
 //! two devices opened in this process (two "hosts" on the same rxe device).
 
+mod common;
+use common::logs;
+
 use std::sync::Arc;
 
 use bytes::BufMut;
@@ -32,20 +35,6 @@ fn lab_device() -> String {
 
 fn lab_addr() -> String {
     std::env::var("ZCMSG_LAB_ADDR").unwrap_or_else(|_| "192.0.2.1".into())
-}
-
-/// Logs to stderr (`RUST_LOG`, default `info`), once.
-fn logs() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let f = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(f)
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .try_init();
-    });
 }
 
 fn open(space: AddressSpace) -> Arc<VerbsDevice> {

@@ -18,6 +18,9 @@
 //!   crash); every call pending on A fails with a typed error within a bound;
 //!   A then connects to the restarted B and exchanges checked data.
 
+mod common;
+use common::logs;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,19 +60,6 @@ fn role() -> Role {
         "b" => Role::B,
         r => panic!("ZCMSG_LAB_ROLE must be a or b, not {r:?}"),
     }
-}
-
-fn logs() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let f = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(f)
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .try_init();
-    });
 }
 
 macro_rules! say {
