@@ -101,49 +101,34 @@ fn endpoint(c: &mut Criterion) {
     let msg = s.freeze();
     let mut g = c.benchmark_group("msg_cost_64B");
     g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("endpoint_post_list", |bch| {
-        bch.iter(|| {
-            for _ in 0..BATCH {
-                a.queue(msg.clone()).unwrap();
-            }
-            a.flush_sends();
-            let mut got = 0;
-            while got < BATCH {
-                match b.try_recv().unwrap() {
-                    Some(Recv::Message(m)) => {
-                        black_box(m.len());
-                        got += 1;
-                    }
-                    Some(Recv::Eos) => panic!("eos"),
-                    None => {
-                        a.progress();
+    for (name, post_list) in [("endpoint_post_list", true), ("endpoint_try_send", false)] {
+        g.bench_function(name, |bch| {
+            bch.iter(|| {
+                for _ in 0..BATCH {
+                    if post_list {
+                        a.queue(msg.clone()).unwrap();
+                    } else {
+                        a.try_send(msg.clone()).unwrap();
                     }
                 }
-            }
-            a.progress();
-        })
-    });
-    g.bench_function("endpoint_try_send", |bch| {
-        bch.iter(|| {
-            for _ in 0..BATCH {
-                a.try_send(msg.clone()).unwrap();
-            }
-            let mut got = 0;
-            while got < BATCH {
-                match b.try_recv().unwrap() {
-                    Some(Recv::Message(m)) => {
-                        black_box(m.len());
-                        got += 1;
-                    }
-                    Some(Recv::Eos) => panic!("eos"),
-                    None => {
-                        a.progress();
+                a.flush_sends();
+                let mut got = 0;
+                while got < BATCH {
+                    match b.try_recv().unwrap() {
+                        Some(Recv::Message(m)) => {
+                            black_box(m.len());
+                            got += 1;
+                        }
+                        Some(Recv::Eos) => panic!("eos"),
+                        None => {
+                            a.progress();
+                        }
                     }
                 }
-            }
-            a.progress();
-        })
-    });
+                a.progress();
+            })
+        });
+    }
     g.finish();
 }
 
