@@ -1027,6 +1027,11 @@ impl Connection {
         self.initial_posted = true;
     }
 
+    /// True if [`Connection::alloc_hdr`] would return a slot.
+    fn hdr_available(&self) -> bool {
+        !self.hdr_free.is_empty() || self.hdr_arena.free_slots() > 0
+    }
+
     /// A header slot: a recycled one if any, else a fresh one from the arena.
     fn alloc_hdr(&mut self) -> Option<SlotMut> {
         self.hdr_free.pop().or_else(|| self.hdr_arena.alloc())
@@ -1412,7 +1417,7 @@ impl Connection {
         len: u64,
         now: Instant,
     ) -> bool {
-        if self.hdr_free.is_empty() && self.hdr_arena.free_slots() == 0 {
+        if !self.hdr_available() {
             return false;
         }
         if ch.push(b).is_err() {
