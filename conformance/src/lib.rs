@@ -138,6 +138,7 @@
 //! - `ep_rpc_many_concurrent_calls`: 1000 calls in flight, each answered once and matched; an unknown method is a typed error.
 //! - `ep_rpc_bulk_pull_and_push`: the server READs 4 MiB from the client and WRITEs the result back.
 //! - `ep_queued_burst`: messages queued with `Endpoint::queue` stay unposted until `flush_sends`, then arrive complete and in order (eager and rendezvous mixed).
+//! - `ep_small_messages_inline` (through the device only): messages that fit `max_inline_data` with their header are copied at post time (counted, foreign memory not bounced) and release their chunks at once; larger eager ones hold theirs until the completion.
 //! - `ep_graceful_close`: everything before the close arrives, then end of stream; a second close and a late send are typed errors.
 //! - `ep_peer_failure_mid_stream`: the peer vanishes; the failure is reported in bounded time and later sends are refused.
 //! - `ep_async_under_tokio_and_cancellation`: async send/recv/close under tokio; a dropped send future leaves its buffer parked until the device is done.
@@ -250,6 +251,7 @@ macro_rules! __for_each_case {
             ep_rpc_bulk_pull_and_push,
             ep_graceful_close,
             ep_queued_burst,
+            ep_small_messages_inline,
             ep_peer_failure_mid_stream,
             ep_async_under_tokio_and_cancellation,
         }

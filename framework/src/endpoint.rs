@@ -19,7 +19,7 @@
 //! the registered receive slot; dropping it (on any thread) returns the slot,
 //! which the progress loop reposts and turns into a credit for the peer.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -55,7 +55,7 @@ impl Default for EndpointConfig {
                 max_recv_wr: proto.recv_slots + proto.reserve,
                 max_send_sge: 8,
                 max_recv_sge: 1,
-                max_inline_data: 64,
+                max_inline_data: 128,
                 rnr_retry: 7,
                 ..QpConfig::default()
             },
@@ -102,7 +102,6 @@ pub struct Endpoint {
     qp: Box<dyn QueuePair>,
     conn: Connection,
     wc: Vec<WorkCompletion>,
-    received: VecDeque<Bytes>,
     awaited: HashSet<u64>,
     outcomes: HashMap<u64, Outcome>,
     ops: HashMap<u64, (WcStatus, Option<SlotMut>)>,
@@ -111,8 +110,6 @@ pub struct Endpoint {
     next_tick: Instant,
     tick_every: Duration,
     spin: Duration,
-    sent_total: u64,
-    recv_total: u64,
     recv_slots: usize,
     /// The clock at the last `progress`.
     now: Instant,
@@ -195,7 +192,6 @@ impl Endpoint {
             qp,
             conn,
             wc: vec![WorkCompletion::EMPTY; 64],
-            received: VecDeque::with_capacity(proto.recv_slots as usize),
             awaited: HashSet::new(),
             outcomes: HashMap::new(),
             ops: HashMap::new(),
@@ -204,8 +200,6 @@ impl Endpoint {
             next_tick: now + tick_every,
             tick_every,
             spin: cfg.spin,
-            sent_total: 0,
-            recv_total: 0,
             recv_slots: proto.recv_slots as usize,
             now,
             wr_buf: Vec::with_capacity(q.max_send_wr as usize),
@@ -238,7 +232,7 @@ impl Endpoint {
 
     /// Messages received so far.
     pub fn received_count(&self) -> u64 {
-        self.recv_total
+        self.conn.delivered_count()
     }
 
     /// Do all work that is ready: poll completions, run timers, post. Returns
@@ -327,12 +321,7 @@ impl Endpoint {
             did = true;
             match ev {
                 Event::Connected => {}
-                Event::Message(b) => {
-                    self.recv_total += 1;
-                    self.received.push_back(b);
-                }
                 Event::Sent { id, outcome } => {
-                    self.sent_total += 1;
                     if !self.awaited.is_empty() && self.awaited.remove(&id) {
                         self.outcomes.insert(id, outcome);
                     }
@@ -399,10 +388,10 @@ impl Endpoint {
     /// Take a received message if one is there (after making progress).
     /// `Ok(None)`: nothing yet. `Ok(Some(Recv::Eos))`: the peer closed.
     pub fn try_recv(&mut self) -> Result<Option<Recv>, EndpointError> {
-        if self.received.is_empty() {
+        if self.conn.messages_ready() == 0 {
             self.progress();
         }
-        if let Some(b) = self.received.pop_front() {
+        if let Some(b) = self.conn.poll_message() {
             // Returning slots early keeps the peer's credits flowing.
             return Ok(Some(Recv::Message(b)));
         }
@@ -479,7 +468,7 @@ impl Endpoint {
         if let Some(e) = &self.failed {
             return Err(SendError::Failed(e.clone()));
         }
-        let id = self.conn.send(msg)?;
+        let id = self.conn.send_tracked(msg)?;
         self.awaited.insert(id);
         self.flush(self.now);
         let out = poll_fn(|cx| {
@@ -600,7 +589,7 @@ impl Endpoint {
 
     /// True once the peer closed and everything it sent was received.
     pub fn is_eos(&self) -> bool {
-        self.eos && self.received.is_empty()
+        self.eos && self.conn.messages_ready() == 0
     }
 
     /// True once our own close went out and everything before it resolved.

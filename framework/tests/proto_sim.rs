@@ -208,16 +208,16 @@ fn pump(a: &mut Side, b: &mut Side, now: Instant) {
 }
 
 fn drain(s: &mut Side) {
+    while let Some(m) = s.conn.poll_message() {
+        // The test keeps a copy; the application's Bytes (and with it the
+        // receive slot) is held only while `hold` is set.
+        s.got.push(m.to_vec());
+        if s.hold {
+            s.held.push(m);
+        }
+    }
     while let Some(ev) = s.conn.poll_event() {
         match ev {
-            Event::Message(m) => {
-                // The test keeps a copy; the application's Bytes (and with it
-                // the receive slot) is held only while `hold` is set.
-                s.got.push(m.to_vec());
-                if s.hold {
-                    s.held.push(m);
-                }
-            }
             Event::Sent { id, outcome } => s.outcomes.push((id, outcome)),
             Event::PeerClosed => s.eos = true,
             Event::Failed(e) => s.failed = Some(e),
@@ -463,15 +463,15 @@ fn a_failed_work_request_fails_the_connection_with_typed_outcomes() {
         now += Duration::from_micros(10);
         step(&mut sides, &mut rng, now);
     }
-    let id = sides[0].conn.send(Bytes::from_static(b"one")).unwrap();
+    let id = sides[0]
+        .conn
+        .send_tracked(Bytes::from_static(b"one"))
+        .unwrap();
     let (a, b) = sides.split_at_mut(1);
     pump(&mut a[0], &mut b[0], now);
     let s0 = &mut a[0];
     // The device reports the request failed: retries exhausted, peer gone.
-    let mut wc = s0
-        .send_cq
-        .pop_back()
-        .expect("the last request of a batch is signaled");
+    let mut wc = s0.send_cq.pop_back().expect("a tracked send is signaled");
     wc.status = WcStatus::RetryExcErr;
     s0.conn.on_completion(&wc, now);
     drain(s0);

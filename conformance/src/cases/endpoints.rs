@@ -531,6 +531,87 @@ fn queued_burst_with(d: Devices, c: &EndpointConfig) {
     assert_eq!(a.copies().bounce_bytes, 0, "registered memory was bounced");
 }
 
+/// Small messages go inline: header and payload are copied at post time
+/// (counted as inline copies, foreign memory included, nothing bounced), so
+/// the application's chunks are released as soon as `try_send` returns.
+/// Larger eager messages stay zero-copy: their slot is held until the
+/// send's completion, which comes promptly with no further traffic.
+fn small_messages_inline_with(d: Devices, c: &EndpointConfig) {
+    let (mut ep, srv) = endpoint_pair(d, c);
+    let server = echo_server(srv);
+    let inline_max = c.qp.max_inline_data as usize;
+    assert!(
+        inline_max > 64,
+        "the default inline limit fits a 64-byte message and its header"
+    );
+    let small = 64;
+    let big = (ep.eager_limit()).min(4096);
+    assert!(
+        big > inline_max,
+        "eager limit {big} is not above the inline limit"
+    );
+    let arena = ep.pd().arena(ArenaConfig::new(4096, 1)).expect("arena");
+    for (round, size) in [(0u64, small), (1, big), (2, small)] {
+        let mut s = arena.alloc().expect("the arena's only slot is free");
+        s.put_slice(&pattern(size, 7000 + round).collect::<Vec<u8>>());
+        let m = s.freeze();
+        let want = checksum(&m);
+        let before = ep.copies();
+        ep.try_send(m).expect("send");
+        let c = ep.copies().since(&before);
+        if size == small {
+            assert_eq!(
+                arena.free_slots(),
+                1,
+                "round {round}: an inline send still holds its chunk"
+            );
+            assert!(
+                c.inline_bytes >= size as u64,
+                "round {round}: inline copies not counted ({c:?})"
+            );
+        } else {
+            assert_eq!(
+                arena.free_slots(),
+                0,
+                "round {round}: a zero-copy send released its chunk before its completion"
+            );
+            assert_eq!(
+                c.inline_bytes, 0,
+                "round {round}: a {size}-byte message was copied inline ({c:?})"
+            );
+        }
+        match ep.recv_timeout(Duration::from_secs(60)).expect("echo") {
+            Recv::Message(m) => {
+                assert_eq!((m.len(), checksum(&m)), (size, want), "round {round}: echo")
+            }
+            Recv::Eos => panic!("early end of stream"),
+        }
+        ep.wait(Duration::from_secs(30), |_| arena.free_slots() == 1)
+            .unwrap_or_else(|e| panic!("round {round}: the slot never came back: {e}"));
+    }
+    // Foreign memory that fits inline is copied once, never bounced.
+    let before = ep.copies();
+    let v: Vec<u8> = pattern(small, 7100).collect();
+    ep.try_send(Bytes::from(v.clone())).expect("send");
+    match ep.recv_timeout(Duration::from_secs(60)).expect("echo") {
+        Recv::Message(m) => assert!(m[..] == v[..], "foreign inline echo"),
+        Recv::Eos => panic!("early end of stream"),
+    }
+    let c = ep.copies().since(&before);
+    assert_eq!(c.bounce_bytes, 0, "small foreign message bounced ({c:?})");
+    assert!(
+        c.inline_bytes >= small as u64,
+        "foreign inline copy not counted ({c:?})"
+    );
+    assert_eq!(close_and_join(ep, server), 4);
+}
+
+/// Through the device only: with the in-process handoff on, single-chunk
+/// messages are handed over instead.
+pub fn ep_small_messages_inline(h: &Harness) {
+    small_messages_inline_with(devices(h), &cfg());
+}
+
 /// `queued_burst_with` through the device, then with the in-process handoff on.
 pub fn ep_queued_burst(h: &Harness) {
     queued_burst_with(devices(h), &cfg());

@@ -4,7 +4,8 @@
 //! ([`Connection::on_tick`], with the time passed in), and application calls
 //! ([`Connection::send`], [`Connection::close`], [`Connection::write`],
 //! [`Connection::read`]). Outputs: work requests to post
-//! ([`Connection::transmit`]) and events ([`Connection::poll_event`]).
+//! ([`Connection::transmit`]), received messages in order
+//! ([`Connection::poll_message`]) and events ([`Connection::poll_event`]).
 //! The same core runs on every transport and under the deterministic
 //! simulation in the tests.
 //!
@@ -207,13 +208,12 @@ pub enum SendError {
     Buffer(String),
 }
 
-/// What the application learns.
+/// What the application learns besides messages (those come from
+/// [`Connection::poll_message`]).
 #[derive(Debug)]
 pub enum Event {
     /// The handshake finished.
     Connected,
-    /// A message, zero-copy: it points into a registered receive slot.
-    Message(Bytes),
     /// A send finished.
     Sent {
         /// The id `send` returned.
@@ -230,7 +230,8 @@ pub enum Event {
         /// For reads: the destination, filled.
         data: Option<SlotMut>,
     },
-    /// The peer closed: no more messages will come (end of stream).
+    /// The peer closed: no more messages will come (end of stream). Every
+    /// message it sent before is already in [`Connection::poll_message`]'s queue.
     PeerClosed,
     /// The connection failed; every pending operation has been resolved.
     Failed(ConnError),
@@ -315,7 +316,13 @@ enum Inflight {
 }
 
 enum Out {
-    Data { id: u64, msg: Msg },
+    /// `track`: the sender waits for this message's outcome, so its request
+    /// is signaled even when it holds nothing of the application's.
+    Data {
+        id: u64,
+        msg: Msg,
+        track: bool,
+    },
     Close,
 }
 
@@ -389,6 +396,12 @@ pub struct Connection {
     inflight: VecDeque<(u64, Inflight)>,
     sq_used: u32,
     since_signal: u32,
+    /// Header + payload up to this many bytes go inline, copied into the
+    /// header slot (one SGE; the message's chunks are released at once).
+    inline_copy: usize,
+    /// Something in this batch holds memory the application may be waiting
+    /// for, or awaits its outcome: signal the batch's last request.
+    signal_batch: bool,
     rdv_out: VecDeque<RdvOut>,
     local_closed: bool,
     close_posted: bool,
@@ -397,6 +410,9 @@ pub struct Connection {
     recvs: Vec<RecvOp>,
     sges: Vec<Sge>,
     events: VecDeque<Event>,
+    /// Messages delivered in order, zero-copy, for the application.
+    messages: VecDeque<Bytes>,
+    delivered: u64,
     last_sent: Instant,
     last_recv: Instant,
     plan: RwPlan,
@@ -408,13 +424,20 @@ pub struct Connection {
 
 const MAX_RDV_ARENAS: usize = 64;
 
-/// Size of an eager or control header slot: the header and the handoff
-/// announcement fit.
+/// Smallest eager or control header slot: the header and the handoff
+/// announcement fit. Slots grow to the queue pair's inline limit (up to
+/// [`MAX_INLINE_COPY`]) so a small message's payload can sit next to its header.
 const HDR_SLOT: usize = 64;
 const _: () = assert!(HDR + 16 <= HDR_SLOT);
 
+/// Largest header + payload copied into a header slot for an inline send.
+const MAX_INLINE_COPY: usize = 256;
+
 /// Rendezvous headers in flight at most (more wait for a free one).
 const RTS_SLOTS: usize = 64;
+
+/// Receives reposted per post list while the receive queue is over half full.
+const REPOST_BATCH: u32 = 8;
 
 impl Connection {
     /// A connection over a queue pair with limits `lim`, its memory from `pd`.
@@ -436,9 +459,11 @@ impl Connection {
             ..ArenaConfig::new(cfg.slot_size, slots)
         })?;
         let hdr_slots = lim.max_send_wr as usize + 2;
+        let inline_copy = (lim.max_inline_data as usize).min(MAX_INLINE_COPY);
+        let hdr_slot = inline_copy.next_multiple_of(HDR_SLOT).max(HDR_SLOT);
         let hdr_arena = pd.arena(ArenaConfig {
             huge_pages: HugePages::Never,
-            ..ArenaConfig::new(HDR_SLOT, hdr_slots)
+            ..ArenaConfig::new(hdr_slot, hdr_slots)
         })?;
         let rts_arena = pd.arena(ArenaConfig {
             huge_pages: HugePages::Never,
@@ -474,13 +499,17 @@ impl Connection {
             inflight: VecDeque::with_capacity(hdr_slots),
             sq_used: 0,
             since_signal: 0,
+            inline_copy,
+            signal_batch: false,
             rdv_out: VecDeque::new(),
             local_closed: false,
             close_posted: false,
             sends: Vec::with_capacity(hdr_slots),
             recvs: Vec::with_capacity(slots),
             sges: Vec::with_capacity(hdr_slots * 4),
-            events: VecDeque::with_capacity(slots + 16),
+            events: VecDeque::with_capacity(64),
+            messages: VecDeque::with_capacity(slots),
+            delivered: 0,
             last_sent: now,
             last_recv: now,
             plan: RwPlan::new(),
@@ -547,14 +576,27 @@ impl Connection {
     }
 
     /// Queue a message; returns its id. It goes eager or by rendezvous by size.
+    /// Its [`Event::Sent`] may come late: a small message that went inline
+    /// holds nothing of the application's, so its request is signaled only
+    /// every [`ProtoConfig::signal_every`] requests. Use
+    /// [`Connection::send_tracked`] to have the outcome promptly.
     pub fn send(&mut self, msg: impl Into<Msg>) -> Result<u64, SendError> {
+        self.queue_data(msg.into(), false)
+    }
+
+    /// [`Connection::send`], with the request signaled so the outcome is
+    /// reported as soon as the device completes it.
+    pub fn send_tracked(&mut self, msg: impl Into<Msg>) -> Result<u64, SendError> {
+        self.queue_data(msg.into(), true)
+    }
+
+    fn queue_data(&mut self, msg: Msg, track: bool) -> Result<u64, SendError> {
         if self.local_closed {
             return Err(SendError::Closed);
         }
         if let State::Failed = self.state {
             return Err(SendError::Failed(ConnError::Closed));
         }
-        let msg = msg.into();
         let len = msg.len();
         if len > self.cfg.max_message {
             return Err(SendError::TooLarge {
@@ -564,7 +606,7 @@ impl Connection {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.data.push_back(Out::Data { id, msg });
+        self.data.push_back(Out::Data { id, msg, track });
         Ok(id)
     }
 
@@ -632,6 +674,23 @@ impl Connection {
     /// Next event for the application.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// Next received message, in the order the peer sent them. Zero-copy:
+    /// it points into a registered receive slot (or is the sender's own
+    /// `Bytes` with the in-process handoff); dropping it returns the slot.
+    pub fn poll_message(&mut self) -> Option<Bytes> {
+        self.messages.pop_front()
+    }
+
+    /// Messages waiting in [`Connection::poll_message`]'s queue.
+    pub fn messages_ready(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Messages delivered so far (taken or not).
+    pub fn delivered_count(&self) -> u64 {
+        self.delivered
     }
 
     /// Timer input.
@@ -759,13 +818,29 @@ impl Connection {
                 Incoming::Ready(_) | Incoming::Eos => {}
             }
             match self.incoming.pop_front() {
-                Some(Incoming::Ready(b)) => self.events.push_back(Event::Message(b)),
+                Some(Incoming::Ready(b)) => self.push_message(b),
                 Some(Incoming::Eos) => {
                     self.peer_closed = true;
                     self.events.push_back(Event::PeerClosed);
                 }
                 _ => {}
             }
+        }
+    }
+
+    fn push_message(&mut self, b: Bytes) {
+        self.delivered += 1;
+        self.messages.push_back(b);
+    }
+
+    /// A message that is complete on arrival: straight to the application
+    /// unless a rendezvous before it is still being read.
+    fn arrived(&mut self, b: Bytes) {
+        if self.incoming.is_empty() {
+            self.push_message(b);
+        } else {
+            self.incoming.push_back(Incoming::Ready(b));
+            self.deliver();
         }
     }
 
@@ -839,8 +914,7 @@ impl Connection {
                     return;
                 }
                 let b = slot.freeze().slice(HDR..);
-                self.incoming.push_back(Incoming::Ready(b));
-                self.deliver();
+                self.arrived(b);
             }
             Kind::Rts => {
                 if !self.check_seq(hdr.seq) {
@@ -887,10 +961,7 @@ impl Connection {
                 }
                 let got = self.handoff_in.as_ref().and_then(|c| c.pop());
                 match got {
-                    Some(b) if b.len() as u64 == hdr.len => {
-                        self.incoming.push_back(Incoming::Ready(b));
-                        self.deliver();
-                    }
+                    Some(b) if b.len() as u64 == hdr.len => self.arrived(b),
                     _ => self.protocol_error(WireError::BadLength {
                         said: hdr.len,
                         got: 0,
@@ -985,11 +1056,17 @@ impl Connection {
             if self.owed >= self.cfg.credit_batch && self.peer_credits > 0 && self.sq_room() {
                 self.post_control(Kind::Credit, 0, now);
             }
-            // Signal the last request of the batch so completions come promptly at low load.
-            if let Some(last) = self.sends.last_mut() {
-                if !last.flags.contains(SendFlags::SIGNALED) {
-                    last.flags |= SendFlags::SIGNALED;
-                    self.since_signal = 0;
+            // Signal the last request of the batch if anything in it holds
+            // the application's memory or awaits its outcome, so those come
+            // back promptly at low load. A batch of inline sends and control
+            // messages holds only header slots: it is retired by the next
+            // signaled request (every `signal_every`, or at half the queue).
+            if std::mem::take(&mut self.signal_batch) {
+                if let Some(last) = self.sends.last_mut() {
+                    if !last.flags.contains(SendFlags::SIGNALED) {
+                        last.flags |= SendFlags::SIGNALED;
+                        self.since_signal = 0;
+                    }
                 }
             }
         }
@@ -1006,6 +1083,13 @@ impl Connection {
 
     fn fill_receives(&mut self) {
         let target = self.cfg.recv_slots + self.cfg.reserve;
+        // Repost in post lists of REPOST_BATCH while more than half the
+        // slots are posted: one doorbell per batch instead of per message.
+        // The peer's credits only lag by the batch (it still holds at least
+        // half of them), and below half every free slot goes back at once.
+        if self.initial_posted && self.posted + REPOST_BATCH > target && 2 * self.posted > target {
+            return;
+        }
         while self.posted < target {
             let Some(pos) = self.free_pos.last().copied() else {
                 break;
@@ -1351,9 +1435,11 @@ impl Connection {
             };
             match out {
                 Out::Close => {
+                    // close() waits for this completion.
+                    self.signal_batch = true;
                     self.post_control(Kind::Close, 0, now);
                 }
-                Out::Data { id, mut msg } => {
+                Out::Data { id, mut msg, track } => {
                     let len = msg.len();
                     if let Some(ch) = self.handoff_out.clone() {
                         let single = match &msg {
@@ -1365,6 +1451,7 @@ impl Connection {
                             let seq = self.next_seq;
                             if self.handoff(&ch, b, seq, len, now) {
                                 self.next_seq = self.next_seq.wrapping_add(1);
+                                self.signal_batch |= track;
                                 // The header's completion means delivered.
                                 if let Some((_, Inflight::Control { hdr, .. })) =
                                     self.inflight.pop_back()
@@ -1383,7 +1470,7 @@ impl Connection {
                         }
                     }
                     let r = if len as usize <= self.eager_limit() {
-                        self.post_eager(id, &mut msg, now)
+                        self.post_eager(id, &mut msg, track, now)
                     } else {
                         self.post_rts(id, &mut msg, now)
                     };
@@ -1391,7 +1478,7 @@ impl Connection {
                         Ok(true) => {}
                         Ok(false) => {
                             // No header slot free: retry later, in order.
-                            self.data.push_front(Out::Data { id, msg });
+                            self.data.push_front(Out::Data { id, msg, track });
                             break;
                         }
                         Err(e) => {
@@ -1435,8 +1522,19 @@ impl Connection {
         true
     }
 
-    fn post_eager(&mut self, id: u64, msg: &mut Msg, now: Instant) -> Result<bool, SendError> {
+    fn post_eager(
+        &mut self,
+        id: u64,
+        msg: &mut Msg,
+        track: bool,
+        now: Instant,
+    ) -> Result<bool, SendError> {
         let len = msg.len();
+        let sge_start = self.sges.len() as u32;
+        let wr_id = self.next_wr;
+        let Some(mut s) = self.alloc_hdr() else {
+            return Ok(false);
+        };
         let hdr = Header {
             kind: Kind::Eager,
             flags: 0,
@@ -1445,38 +1543,50 @@ impl Connection {
             len,
             aux: 0,
         };
-        let sge_start = self.sges.len() as u32;
-        let wr_id = self.next_wr;
-        let Some(mut s) = self.alloc_hdr() else {
-            return Ok(false);
-        };
-        // Build the payload SGEs first (the header takes one SGE).
-        let max = self.lim.max_send_sge.saturating_sub(1).max(1);
-        let mut tmp = std::mem::take(&mut self.scratch);
-        tmp.clear();
-        let built = self.pd.builder(self.cfg.policy).send(
-            msg.chunks(),
-            max,
-            self.lim.max_msg_sz.saturating_sub(HDR as u32),
-            &mut tmp,
-        );
-        if let Err(e) = built {
-            self.scratch = tmp;
-            return Err(SendError::Buffer(e.to_string()));
-        }
-        let mut h = hdr;
-        h.credits = self.take_owed();
-        s.set_len(HDR);
-        h.encode(s.as_mut_slice());
-        self.sges.push(s.sge_filled());
-        self.sges.extend_from_slice(&tmp);
-        self.scratch = tmp;
-        let mut flags = self.next_signal(false);
-        // Small messages go inline: the device copies header and payload at
-        // post time (every SGE names registered memory, as for any request).
-        if len as usize + HDR <= self.lim.max_inline_data as usize {
-            flags |= SendFlags::INLINE;
+        let inline = len as usize + HDR <= self.inline_copy;
+        if inline {
+            // Small: the payload goes next to the header and the request
+            // inline, one SGE (any memory will do: nothing stays referenced
+            // once the device has the bytes). Counted as inline copies.
+            let mut h = hdr;
+            h.credits = self.take_owed();
+            s.set_len(HDR);
+            h.encode(s.as_mut_slice());
+            for c in msg.chunks().iter() {
+                s.put_slice(c);
+            }
+            self.sges.push(s.sge_filled());
             self.pd.stats().add(CopyReason::Inline, len + HDR as u64);
+        } else {
+            // Build the payload SGEs first (the header takes one SGE).
+            let max = self.lim.max_send_sge.saturating_sub(1).max(1);
+            let mut tmp = std::mem::take(&mut self.scratch);
+            tmp.clear();
+            let built = self.pd.builder(self.cfg.policy).send(
+                msg.chunks(),
+                max,
+                self.lim.max_msg_sz.saturating_sub(HDR as u32),
+                &mut tmp,
+            );
+            if let Err(e) = built {
+                self.scratch = tmp;
+                self.recycle_hdr(Some(s));
+                return Err(SendError::Buffer(e.to_string()));
+            }
+            let mut h = hdr;
+            h.credits = self.take_owed();
+            s.set_len(HDR);
+            h.encode(s.as_mut_slice());
+            self.sges.push(s.sge_filled());
+            self.sges.extend_from_slice(&tmp);
+            self.scratch = tmp;
+        }
+        // The application's chunks stay referenced until the completion
+        // unless they were copied: then only a tracked send needs one soon.
+        self.signal_batch |= track || !inline;
+        let mut flags = self.next_signal(false);
+        if inline {
+            flags |= SendFlags::INLINE;
         }
         let hold = Some(s);
         self.next_wr += 1;
@@ -1493,12 +1603,18 @@ impl Connection {
             remote_addr: 0,
             rkey: 0,
         };
-        let owned = std::mem::replace(msg, Msg::One(Bytes::new()));
+        // Copied chunks are released by the caller now; the others are held
+        // until the completion.
+        let held = if inline {
+            Msg::One(Bytes::new())
+        } else {
+            std::mem::replace(msg, Msg::One(Bytes::new()))
+        };
         self.push_wr(
             op,
             Inflight::Eager {
                 id,
-                _msg: owned,
+                _msg: held,
                 hdr: hold,
             },
         );
