@@ -1,6 +1,8 @@
 //! SGE build cost per chunk and registry lookup cost, with 1, 16 and 1024
 //! registered regions, each next to a baseline in the same run: filling the
-//! same number of `Sge`s from precomputed values.
+//! same number of `Sge`s from precomputed values. The builder is kept across
+//! lists, as the endpoints keep theirs; `registry_snapshot` is what a
+//! builder made per list pays on top (one `ArcSwap` snapshot).
 //!
 //! Run: `cargo bench -p zcmsg-bench --bench sge`
 
@@ -75,6 +77,16 @@ fn bench(c: &mut Criterion) {
                         out.push(Sge::new(addr, len, lkey));
                     }
                     black_box(&out);
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("registry_snapshot", regions),
+            &regions,
+            |b, _| {
+                b.iter(|| {
+                    let snap = s.pd.registry().snapshot();
+                    black_box(&snap);
                 })
             },
         );

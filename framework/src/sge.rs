@@ -10,9 +10,11 @@
 
 use bytes::{BufMut, Bytes};
 
+use std::cell::RefCell;
+
 use crate::error::SgeError;
-use crate::mem::Pd;
 use crate::mem::UnregisteredPolicy;
+use crate::mem::{CachedTable, Pd};
 use crate::stats::CopyReason;
 use crate::verbs::{Opcode, RemoteRegion, WorkRequest};
 
@@ -67,15 +69,43 @@ impl Sge {
     }
 }
 
+/// Chunks per run of [`SgeBuilder::list`]'s fast loop.
+const RUN: usize = 16;
+
 /// Builds SGEs for one protection domain under one unregistered-memory policy.
+///
+/// A builder keeps the region table its first [`SgeBuilder::list`] read and
+/// reuses it while the registry is unchanged (one load of the registry's
+/// generation per list instead of a snapshot), so keep a builder across
+/// messages rather than making one per message. It is not `Sync`: one per
+/// thread.
 pub struct SgeBuilder<'a> {
     pd: &'a Pd,
     policy: UnregisteredPolicy,
+    table: RefCell<Option<CachedTable>>,
 }
 
 impl<'a> SgeBuilder<'a> {
     pub(crate) fn new(pd: &'a Pd, policy: UnregisteredPolicy) -> Self {
-        SgeBuilder { pd, policy }
+        Self::with_table(pd, policy, None)
+    }
+
+    /// A builder that starts from a table kept from an earlier builder.
+    pub(crate) fn with_table(
+        pd: &'a Pd,
+        policy: UnregisteredPolicy,
+        table: Option<CachedTable>,
+    ) -> Self {
+        SgeBuilder {
+            pd,
+            policy,
+            table: RefCell::new(table),
+        }
+    }
+
+    /// The table this builder kept, for the next one.
+    pub(crate) fn into_table(self) -> Option<CachedTable> {
+        self.table.into_inner()
     }
 
     /// The SGE for one chunk (`rdma_map_sge_single`). A chunk in unregistered
@@ -121,39 +151,86 @@ impl<'a> SgeBuilder<'a> {
     /// (`rdma_fill_ib_sge_from_sgl`). A chunk spanning adjacent regions gets
     /// one SGE per region; empty chunks get none.
     pub fn list(&self, chunks: &mut [Bytes], out: &mut Vec<Sge>) -> Result<(), SgeError> {
-        // One lock-free snapshot for the whole list; the common case (a chunk
-        // inside one region, arena memory) never leaves the inner loop: one
-        // hinted lookup, one 32-byte record, one compare, one store.
-        let snap = self.pd.registry().snapshot();
-        let look = snap.lookup();
+        // One table for the whole list (the kept one if the registry has not
+        // changed); the common case (a chunk inside one region, arena
+        // memory) never leaves the inner loop: one hinted lookup, one
+        // 32-byte record, one compare, one store. The general path takes its
+        // own snapshot, so it may register (cache, bounce) while this
+        // table is held; this list then finishes on the table it started
+        // with, as with any snapshot.
+        let mut kept = self.table.borrow_mut();
+        let reg = self.pd.registry();
+        let table = match &mut *kept {
+            Some(t) => {
+                reg.refresh(t);
+                t
+            }
+            none => none.insert(reg.cached()),
+        };
+        let look = table.lookup();
         // Device address = CPU address + (delta & mask): no branch on the space.
         let delta_mask = match self.pd.address_space() {
             AddressSpace::Iova => u64::MAX,
             AddressSpace::Cpu => 0,
         };
         out.reserve(chunks.len());
-        for c in chunks.iter_mut() {
-            let (addr, len) = (c.as_ptr() as u64, c.len() as u64);
-            if len == 0 {
-                continue;
+        let mut i = 0;
+        while i < chunks.len() {
+            // A run of chunks whose page hints are right, built into a local
+            // array by a loop with no calls (its values stay in registers
+            // and its stores do not wait on the vector's length), then
+            // appended at once. The run stops at the first chunk that is
+            // empty, misses its hint or needs the general path.
+            let block = &chunks[i..chunks.len().min(i + RUN)];
+            let mut buf = [Sge::default(); RUN];
+            let mut k = 0;
+            for (slot, c) in buf.iter_mut().zip(block) {
+                let (addr, len) = (c.as_ptr() as u64, c.len() as u64);
+                let h = look.hinted(addr);
+                if !(h.fits(addr, addr.wrapping_add(len))
+                    & (len.wrapping_sub(1) < u64::from(u32::MAX)))
+                {
+                    break;
+                }
+                *slot = Sge::new(addr.wrapping_add(h.delta & delta_mask), len as u32, h.lkey);
+                k += 1;
             }
-            let end = addr.wrapping_add(len);
-            let mut h = look.hinted(addr);
-            if !h.fits(addr, end) {
-                h = look.search(addr);
-            }
-            if h.fits(addr, end) & (len <= u64::from(u32::MAX)) {
-                out.push(Sge::new(
-                    addr.wrapping_add(h.delta & delta_mask),
-                    len as u32,
-                    h.lkey,
-                ));
-            } else {
-                // Crossing, cached, unregistered or too long: the general path.
-                self.list_slow(c, out)?;
+            out.extend_from_slice(&buf[..k]);
+            i += k;
+            if k < block.len() {
+                self.list_one(look, delta_mask, &mut chunks[i], out)?;
+                i += 1;
             }
         }
         Ok(())
+    }
+
+    /// One chunk off [`SgeBuilder::list`]'s run: empty (no SGE), a missed
+    /// hint (search, which repairs the hint), or the general path.
+    #[inline(never)]
+    fn list_one(
+        &self,
+        look: crate::mem::Lookup<'_>,
+        delta_mask: u64,
+        c: &mut Bytes,
+        out: &mut Vec<Sge>,
+    ) -> Result<(), SgeError> {
+        let (addr, len) = (c.as_ptr() as u64, c.len() as u64);
+        if len == 0 {
+            return Ok(());
+        }
+        let h = look.search(addr);
+        if h.fits(addr, addr.wrapping_add(len)) & (len <= u64::from(u32::MAX)) {
+            out.push(Sge::new(
+                addr.wrapping_add(h.delta & delta_mask),
+                len as u32,
+                h.lkey,
+            ));
+            Ok(())
+        } else {
+            // Crossing, cached, unregistered or too long: the general path.
+            self.list_slow(c, out)
+        }
     }
 
     /// The general path of [`SgeBuilder::list`] for one chunk, out of line

@@ -34,6 +34,45 @@ fn resolve(s: &Sge, space: AddressSpace, regions: &[(u64, u64, u32, u64)]) -> Ve
     unsafe { std::slice::from_raw_parts(cpu as *const u8, s.length() as usize).to_vec() }
 }
 
+/// A builder kept across lists sees arenas registered after its first list
+/// (it keeps the region table only while the registry is unchanged), and
+/// chunks of many arenas, with empty ones between, all keep their own keys.
+#[test]
+fn a_kept_builder_follows_registrations() {
+    let (pd, _dev) = pd(AddressSpace::Iova);
+    let builder = pd.builder(UnregisteredPolicy::Reject);
+    let mut arenas = Vec::new();
+    let mut all = Vec::new();
+    for round in 0..5 {
+        let arena = pd.arena(ArenaConfig::new(4096, 4)).unwrap();
+        let mut s = arena.alloc().unwrap();
+        s.put_slice(&[round as u8; 300]);
+        let b = s.freeze();
+        all.push((b.slice(0..100), arena.lkey()));
+        all.push((Bytes::new(), 0));
+        arenas.push(arena);
+        let mut chunks: Vec<Bytes> = all.iter().map(|(c, _)| c.clone()).collect();
+        let mut out = Vec::new();
+        builder
+            .list(&mut chunks, &mut out)
+            .unwrap_or_else(|e| panic!("round {round}: a new arena's chunk refused: {e}"));
+        let want: Vec<u32> = all
+            .iter()
+            .filter(|(c, _)| !c.is_empty())
+            .map(|x| x.1)
+            .collect();
+        let got: Vec<u32> = out.iter().map(|s| s.lkey()).collect();
+        assert_eq!(got, want, "round {round}: keys");
+        assert!(out.iter().all(|s| s.length() == 100));
+    }
+    // Unregistered memory is still refused by the kept builder.
+    let mut foreign = [Bytes::from(vec![1u8; 64])];
+    assert!(matches!(
+        builder.list(&mut foreign, &mut Vec::new()),
+        Err(SgeError::Unregistered { .. })
+    ));
+}
+
 #[test]
 fn registered_bytes_build_without_copies_and_carry_the_arena_lkey() {
     for space in [AddressSpace::Cpu, AddressSpace::Iova] {

@@ -11,7 +11,7 @@
 //! (Measured against a branch-free linear count over the starts: slower
 //! at 1 and 16 regions on baseline x86-64, which has no 64-bit SIMD compare.)
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
@@ -212,9 +212,9 @@ impl Snapshot {
         (addr < e.end()).then_some(e)
     }
 
-    /// The hot-path view of this snapshot: plain slices, copied into
-    /// registers by the caller's loop.
-    #[inline(always)]
+    /// The hot-path view of this snapshot (the tests' way in; the builders
+    /// keep a [`CachedTable`]).
+    #[cfg(test)]
     pub(crate) fn lookup(&self) -> Lookup<'_> {
         let t = &*self.0;
         Lookup {
@@ -235,10 +235,35 @@ impl Snapshot {
     }
 }
 
+/// A table kept by a builder across lists, with the registry generation it
+/// was current at: reusing it costs one load of the generation instead of a
+/// snapshot per list. It may keep an old table (plain records, no memory or
+/// registration) alive until the next [`Registry::refresh`].
+pub(crate) struct CachedTable {
+    generation: u64,
+    table: Arc<Table>,
+}
+
+impl CachedTable {
+    /// The hot-path view of the cached table.
+    #[inline(always)]
+    pub(crate) fn lookup(&self) -> Lookup<'_> {
+        let t = &*self.table;
+        Lookup {
+            hints: &t.hints,
+            hot: &t.hot,
+            starts: &t.starts,
+        }
+    }
+}
+
 /// The address-to-region table of one protection domain.
 #[derive(Default)]
 pub struct Registry {
     table: ArcSwap<Table>,
+    /// Bumped after every table change (Release), so a cached table is
+    /// known current when the generation it was read at is still current.
+    generation: AtomicU64,
     writers: Mutex<()>,
 }
 
@@ -260,6 +285,26 @@ impl Registry {
     #[inline]
     pub fn snapshot(&self) -> Snapshot {
         Snapshot(self.table.load())
+    }
+
+    /// The current table, to keep across lookups.
+    pub(crate) fn cached(&self) -> CachedTable {
+        // The generation first: a table read after it is at least as new,
+        // so a change in between only causes one extra reload later.
+        let generation = self.generation.load(Ordering::Acquire);
+        CachedTable {
+            generation,
+            table: self.table.load_full(),
+        }
+    }
+
+    /// Bring `c` up to date: one load when nothing changed since it was read.
+    #[inline]
+    pub(crate) fn refresh(&self, c: &mut CachedTable) {
+        let g = self.generation.load(Ordering::Acquire);
+        if g != c.generation {
+            *c = self.cached();
+        }
     }
 
     /// The region containing `addr`, if any (one snapshot per call).
@@ -286,6 +331,7 @@ impl Registry {
         next.push(e);
         next.extend_from_slice(&cur[i..]);
         self.table.store(Arc::new(Table::from_entries(next)));
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -300,6 +346,7 @@ impl Registry {
         let mut next = cur.entries.clone();
         let e = next.remove(i);
         self.table.store(Arc::new(Table::from_entries(next)));
+        self.generation.fetch_add(1, Ordering::Release);
         Some(e)
     }
 
@@ -353,6 +400,30 @@ mod tests {
         assert_eq!(r.remove(1100, 2).unwrap().lkey, 2);
         assert_eq!(r.find(1100), None);
         assert_eq!(r.remove(1100, 2), None);
+    }
+
+    #[test]
+    fn a_kept_table_follows_every_insert_and_remove() {
+        let r = Registry::new();
+        r.insert(e(1 << 20, 4096, 1)).unwrap();
+        let mut kept = r.cached();
+        let g = kept.generation;
+        r.refresh(&mut kept);
+        assert_eq!(kept.generation, g, "no change, no reload");
+        assert_eq!(fast(kept.lookup(), 1 << 21, 8), None);
+        r.insert(e(1 << 21, 4096, 2)).unwrap();
+        assert_eq!(fast(kept.lookup(), 1 << 21, 8), None, "not refreshed yet");
+        r.refresh(&mut kept);
+        assert_eq!(fast(kept.lookup(), 1 << 21, 8).map(|h| h.lkey), Some(2));
+        assert_eq!(fast(kept.lookup(), 1 << 20, 8).map(|h| h.lkey), Some(1));
+        r.remove(1 << 20, 1).unwrap();
+        r.refresh(&mut kept);
+        assert_eq!(
+            fast(kept.lookup(), 1 << 20, 8),
+            None,
+            "a removed region stays found"
+        );
+        assert_eq!(fast(kept.lookup(), 1 << 21, 8).map(|h| h.lkey), Some(2));
     }
 
     /// What the builders' fast path must answer, by a plain scan: the

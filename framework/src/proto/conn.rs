@@ -417,6 +417,8 @@ pub struct Connection {
     last_recv: Instant,
     plan: RwPlan,
     scratch: Vec<Sge>,
+    /// The region table the SGE builder keeps between messages.
+    sge_table: Option<crate::mem::CachedTable>,
     regions: Vec<RemoteRegion>,
     handoff_in: Option<Arc<super::handoff::Channel>>,
     handoff_out: Option<Arc<super::handoff::Channel>>,
@@ -514,6 +516,7 @@ impl Connection {
             last_recv: now,
             plan: RwPlan::new(),
             scratch: Vec::with_capacity(32),
+            sge_table: None,
             regions: Vec::new(),
             handoff_in: None,
             handoff_out: None,
@@ -1562,12 +1565,20 @@ impl Connection {
             let max = self.lim.max_send_sge.saturating_sub(1).max(1);
             let mut tmp = std::mem::take(&mut self.scratch);
             tmp.clear();
-            let built = self.pd.builder(self.cfg.policy).send(
+            // The builder starts from the region table kept from the last
+            // message (one generation check instead of a snapshot).
+            let builder = crate::sge::SgeBuilder::with_table(
+                &self.pd,
+                self.cfg.policy,
+                self.sge_table.take(),
+            );
+            let built = builder.send(
                 msg.chunks(),
                 max,
                 self.lim.max_msg_sz.saturating_sub(HDR as u32),
                 &mut tmp,
             );
+            self.sge_table = builder.into_table();
             if let Err(e) = built {
                 self.scratch = tmp;
                 self.recycle_hdr(Some(s));
