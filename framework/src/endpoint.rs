@@ -28,7 +28,9 @@ use bytes::Bytes;
 
 use crate::error::TransportError;
 use crate::mem::{Pd, SlotMut};
-use crate::proto::{ConnError, Connection, Event, Limits, Msg, Outcome, ProtoConfig, SendError};
+use crate::proto::{
+    ConnError, Connection, Event, Limits, Msg, Outcome, ProtoConfig, SendError, SendNow,
+};
 use crate::stats::CopySnapshot;
 use crate::transport::{Armed, Listener, QpConfig, QueuePair};
 use crate::verbs::{RecvRequest, RemoteRegion, WcStatus, WorkCompletion, WorkRequest};
@@ -345,11 +347,28 @@ impl Endpoint {
         if let Some(e) = &self.failed {
             return Err(SendError::Failed(e.clone()));
         }
-        let id = self.conn.send(msg)?;
+        let msg = msg.into();
         // The time of the last progress is close enough for the protocol's
         // idle bookkeeping (heartbeats are due after hundreds of ms).
-        self.flush(self.now);
+        let now = self.now;
+        // A small message with nothing queued before it goes at once as one
+        // inline request, without the general transmit path.
+        if let Some(fast) = self.conn.send_now(&msg, false, now)? {
+            self.post_now(fast);
+            return Ok(fast.id);
+        }
+        let id = self.conn.send(msg)?;
+        self.flush(now);
         Ok(id)
+    }
+
+    fn post_now(&mut self, s: SendNow) {
+        let sge = [s.sge];
+        let wr = WorkRequest::send(s.wr_id, &sge).with_flags(s.flags);
+        if let Err(e) = self.qp.post_send(std::slice::from_ref(&wr)) {
+            self.conn
+                .fail(ConnError::Post(e.to_string()), Outcome::Unknown);
+        }
     }
 
     /// Queue a message without ringing the doorbell: everything queued goes

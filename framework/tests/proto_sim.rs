@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
 use zcmsg::proto::wire::{Header, Kind};
-use zcmsg::proto::{ConnError, Connection, Event, Limits, Outcome, ProtoConfig, RecvOp};
+use zcmsg::proto::{
+    ConnError, Connection, Event, Limits, Msg, Outcome, ProtoConfig, RecvOp, SendOp,
+};
 use zcmsg::testing::RegistryOnly;
 use zcmsg::{
-    AddressSpace, Arena, ArenaConfig, Opcode, Pd, SendFlags, WcOpcode, WcStatus, WorkCompletion,
+    AddressSpace, Arena, ArenaConfig, Opcode, Pd, SendFlags, Sge, WcOpcode, WcStatus,
+    WorkCompletion,
 };
 
 struct Rng(u64);
@@ -99,7 +102,6 @@ fn pump(a: &mut Side, b: &mut Side, now: Instant) {
     if a.dead {
         return;
     }
-    let dev_b = b.dev.clone();
     let Side {
         conn,
         dev,
@@ -130,10 +132,25 @@ fn pump(a: &mut Side, b: &mut Side, now: Instant) {
     }
     for op in tx.sends {
         let sg = &tx.sges[op.sge_start as usize..(op.sge_start + op.sge_count) as usize];
+        execute(dev, send_cq, b, op, sg);
+    }
+}
+
+/// Execute one send-queue request of a side (its device `dev`, its send
+/// completion queue) against the peer `b`.
+fn execute(
+    dev: &RegistryOnly,
+    send_cq: &mut VecDeque<WorkCompletion>,
+    b: &mut Side,
+    op: &SendOp,
+    sg: &[Sge],
+) {
+    let dev_b = b.dev.clone();
+    {
         let signaled = op.flags.contains(SendFlags::SIGNALED);
         if b.dead {
             // The peer is gone: nothing comes back (the RC retry is still running).
-            continue;
+            return;
         }
         let status = match op.opcode {
             Opcode::Send => {
@@ -159,7 +176,7 @@ fn pump(a: &mut Side, b: &mut Side, now: Instant) {
                             qp_num: 1,
                         });
                     }
-                    continue;
+                    return;
                 }
                 let r = b.rq.pop_front().expect("checked above");
                 let n = dev_b
@@ -298,15 +315,52 @@ fn run_exchange(seed: u64, hold_for: usize, handoff: bool) {
     let mut expect: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
     let mut ids: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     let mut queued = [0u64; 2];
+    let mut fast_sent = [0u64; 2];
+    // Odd seeds feed messages faster than the sides pump (a backlog: credit
+    // pressure, the queued path); even seeds slowly, so the queue is often
+    // empty and small messages take the inline fast path.
+    let feed = if seed % 2 == 1 { 4 } else { 24 };
     sides[1].hold = hold_for > 0;
     let mut now = t0;
     for n in 0..400_000u64 {
         now += Duration::from_micros(20);
         // Keep feeding messages.
         for k in 0..2 {
-            if queued[k] < N && rng.below(4) == 0 {
+            if queued[k] < N && rng.below(feed) == 0 {
                 let (chunks, content) = message(&mut rng, &arenas[k], queued[k] + 1000 * k as u64);
-                let id = sides[k].conn.send(chunks).unwrap();
+                // Half the time the fast path first: posted at once when it
+                // applies, else queued like any message.
+                let msg = Msg::from(chunks);
+                let fast = if rng.below(2) == 0 {
+                    sides[k].conn.send_now(&msg, false, now).unwrap()
+                } else {
+                    None
+                };
+                let id = match fast {
+                    Some(f) => {
+                        let (a, b) = sides.split_at_mut(1);
+                        let (me, peer) = if k == 0 {
+                            (&mut a[0], &mut b[0])
+                        } else {
+                            (&mut b[0], &mut a[0])
+                        };
+                        let op = SendOp {
+                            wr_id: f.wr_id,
+                            opcode: Opcode::Send,
+                            flags: f.flags,
+                            sge_start: 0,
+                            sge_count: 1,
+                            remote_addr: 0,
+                            rkey: 0,
+                        };
+                        if !me.dead {
+                            execute(&me.dev.clone(), &mut me.send_cq, peer, &op, &[f.sge]);
+                        }
+                        fast_sent[k] += 1;
+                        f.id
+                    }
+                    None => sides[k].conn.send(msg).unwrap(),
+                };
                 ids[k].push(id);
                 expect[k].push(content);
                 queued[k] += 1;
@@ -357,6 +411,10 @@ fn run_exchange(seed: u64, hold_for: usize, handoff: bool) {
             );
         } else {
             assert_eq!(h.handoff_ops, 0);
+            assert!(
+                feed == 4 || fast_sent[k] > 0,
+                "seed {seed}: side {k}: no message took the inline fast path"
+            );
         }
         let mut o = sides[k].outcomes.clone();
         o.sort();

@@ -283,6 +283,19 @@ impl Transmit<'_> {
     }
 }
 
+/// One inline SEND built by [`Connection::send_now`], to post at once.
+#[derive(Clone, Copy, Debug)]
+pub struct SendNow {
+    /// The message's id (as [`Connection::send`] returns).
+    pub id: u64,
+    /// Work request id.
+    pub wr_id: u64,
+    /// Flags (inline; signaled as the signaling policy says).
+    pub flags: SendFlags,
+    /// The one SGE: header and payload in the connection's staging slot.
+    pub sge: Sge,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Handshake,
@@ -402,6 +415,9 @@ pub struct Connection {
     /// Something in this batch holds memory the application may be waiting
     /// for, or awaits its outcome: signal the batch's last request.
     signal_batch: bool,
+    /// The staging slot of [`Connection::send_now`]: reused by every inline
+    /// request it builds, since the device copies inline data at post time.
+    stage: Option<SlotMut>,
     rdv_out: VecDeque<RdvOut>,
     local_closed: bool,
     close_posted: bool,
@@ -503,6 +519,7 @@ impl Connection {
             since_signal: 0,
             inline_copy,
             signal_batch: false,
+            stage: None,
             rdv_out: VecDeque::new(),
             local_closed: false,
             close_posted: false,
@@ -591,6 +608,83 @@ impl Connection {
     /// reported as soon as the device completes it.
     pub fn send_tracked(&mut self, msg: impl Into<Msg>) -> Result<u64, SendError> {
         self.queue_data(msg.into(), true)
+    }
+
+    /// The fast path of a small message: if it can go right now as one
+    /// inline SEND (connection open, nothing queued before it, credit and
+    /// send-queue room, header and payload within the inline limit, no
+    /// in-process handoff), build that request and return it; the driver
+    /// must post it before anything else (if the post fails, call
+    /// [`Connection::fail`]). Otherwise `Ok(None)`: queue it with
+    /// [`Connection::send`]. The payload is copied (counted as inline), so
+    /// `msg` may be dropped as soon as this returns.
+    pub fn send_now(
+        &mut self,
+        msg: &Msg,
+        track: bool,
+        now: Instant,
+    ) -> Result<Option<SendNow>, SendError> {
+        let len = msg.len();
+        if self.local_closed {
+            return Err(SendError::Closed);
+        }
+        if self.state != State::Open
+            || len as usize + HDR > self.inline_copy
+            || !self.data.is_empty()
+            || !self.ctrl.is_empty()
+            || self.handoff_out.is_some()
+            || !self.sq_room()
+            || self.peer_credits <= i64::from(self.cfg.reserve)
+        {
+            return Ok(None);
+        }
+        let mut stage = match self.stage.take() {
+            Some(s) => s,
+            None => match self.alloc_hdr() {
+                Some(s) => s,
+                None => return Ok(None),
+            },
+        };
+        let hdr = Header {
+            kind: Kind::Eager,
+            flags: 0,
+            credits: self.take_owed(),
+            seq: self.next_seq,
+            len,
+            aux: 0,
+        };
+        stage.set_len(HDR);
+        hdr.encode(stage.as_mut_slice());
+        match msg {
+            Msg::One(b) => stage.put_slice(b),
+            Msg::Many(v) => v.iter().for_each(|c| stage.put_slice(c)),
+        }
+        let sge = stage.sge_filled();
+        self.stage = Some(stage);
+        self.pd.stats().add(CopyReason::Inline, len + HDR as u64);
+        let id = self.next_id;
+        self.next_id += 1;
+        let wr_id = self.next_wr;
+        self.next_wr += 1;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.peer_credits -= 1;
+        self.last_sent = now;
+        let flags = self.next_signal(track) | SendFlags::INLINE;
+        self.inflight.push_back((
+            wr_id,
+            Inflight::Eager {
+                id,
+                _msg: Msg::One(Bytes::new()),
+                hdr: None,
+            },
+        ));
+        self.sq_used += 1;
+        Ok(Some(SendNow {
+            id,
+            wr_id,
+            flags,
+            sge,
+        }))
     }
 
     fn queue_data(&mut self, msg: Msg, track: bool) -> Result<u64, SendError> {
@@ -1050,7 +1144,7 @@ impl Connection {
         self.sends.clear();
         self.recvs.clear();
         self.sges.clear();
-        if self.state != State::Failed {
+        if self.state != State::Failed && !self.nothing_to_post() {
             self.fill_receives();
             self.fill_control(now);
             self.fill_reads();
@@ -1080,19 +1174,38 @@ impl Connection {
         }
     }
 
+    /// True if [`Connection::transmit`] would post nothing: the check that
+    /// keeps an idle progress call cheap.
+    fn nothing_to_post(&self) -> bool {
+        self.data.is_empty()
+            && self.ctrl.is_empty()
+            && self.ops.is_empty()
+            && self.reads.is_empty()
+            && !self.repost_due()
+            && self.owed < self.cfg.credit_batch
+    }
+
+    /// True if receives should be reposted now: at the start, and then in
+    /// post lists of REPOST_BATCH while more than half the slots are
+    /// posted (one doorbell per batch instead of per message; the peer's
+    /// credits only lag by the batch and it still holds at least half of
+    /// them), and below half every free slot goes back at once.
+    fn repost_due(&self) -> bool {
+        let target = self.cfg.recv_slots + self.cfg.reserve;
+        !self.initial_posted
+            || (self.posted < target
+                && (self.posted + REPOST_BATCH <= target || 2 * self.posted <= target))
+    }
+
     fn sq_room(&self) -> bool {
         self.sq_used < self.lim.max_send_wr
     }
 
     fn fill_receives(&mut self) {
-        let target = self.cfg.recv_slots + self.cfg.reserve;
-        // Repost in post lists of REPOST_BATCH while more than half the
-        // slots are posted: one doorbell per batch instead of per message.
-        // The peer's credits only lag by the batch (it still holds at least
-        // half of them), and below half every free slot goes back at once.
-        if self.initial_posted && self.posted + REPOST_BATCH > target && 2 * self.posted > target {
+        if !self.repost_due() {
             return;
         }
+        let target = self.cfg.recv_slots + self.cfg.reserve;
         while self.posted < target {
             let Some(pos) = self.free_pos.last().copied() else {
                 break;
