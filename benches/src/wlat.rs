@@ -1,11 +1,13 @@
 //! RDMA WRITE ping-pong latency, like `ib_write_lat`, over the `Transport`
-//! trait. Each side writes `size` bytes into the other's window with
-//! `RDMA_WRITE_WITH_IMM`; the immediate consumes a posted receive, so each
-//! side learns of the peer's write from a completion. (`ib_write_lat` polls
-//! the last byte of its buffer instead; reading memory the device writes
-//! while it is exposed is not something zcmsg's safe API allows, see
-//! `Window`.) Both sides live in this process, so they know each other's
-//! window without an exchange.
+//! trait. Each side writes `size` bytes into the other's window. Where the
+//! device's remote writes are DMA (`DeviceCaps::dma_remote_writes`: verbs),
+//! each side watches the last byte of its own window with
+//! `Window::load_byte`, as `ib_write_lat` does: plain RDMA WRITEs, no
+//! completion on the target. Elsewhere (the in-process device, whose writes
+//! are Rust copies that an atomic read would race with) each WRITE carries
+//! an immediate, which consumes a posted receive, and each side learns of
+//! the peer's write from that completion. Both sides live in this process,
+//! so they know each other's window without an exchange.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::BufMut;
 use zcmsg::{
     Access, ArenaConfig, Opcode, Pd, QpConfig, QueuePair, RecvRequest, RemoteRegion, SendFlags,
-    Transport, WcStatus, WorkCompletion, WorkRequest,
+    Transport, WcStatus, Window, WorkCompletion, WorkRequest,
 };
 
 use crate::raw::{Latency, Params};
@@ -78,31 +80,57 @@ pub fn write_lat(
     let (to_srv, to_cli) = (win_srv.remote(), win_cli.remote());
     let iters = p.iters;
     let inline = p.inline && size as u32 <= cli.qp.caps().max_inline_data;
-    let server = std::thread::spawn(move || -> Result<(), String> {
+    let watch = win_cli.load_byte(size - 1).is_some() && win_srv.load_byte(size - 1).is_some();
+    let server = std::thread::spawn(move || -> Result<Window, String> {
         let mut srv = srv;
-        pong(&mut srv, size, iters, inline, to_cli, 0x5a, false).map(|_| ())
+        let w = watch.then_some(&win_srv);
+        pong(&mut srv, size, iters, inline, to_cli, w, 0x5a, false)?;
+        Ok(win_srv)
     });
     let mut cli = cli;
-    let samples = pong(&mut cli, size, iters, inline, to_srv, 0xa5, true)?;
-    server.join().map_err(|_| "server panicked")??;
-    // Each window holds what the other side wrote last.
-    if win_cli.revoke().as_slice().iter().any(|&x| x != 0x5a) {
+    let w = watch.then_some(&win_cli);
+    let samples = pong(&mut cli, size, iters, inline, to_srv, w, 0xa5, true)?;
+    let win_srv = server.join().map_err(|_| "server panicked")??;
+    // Each window holds what the other side wrote last (the flag byte
+    // carries the last iteration's mark when watched).
+    let holds = |w: Window, fill: u8| {
+        let r = w.revoke();
+        let b = r.as_slice();
+        let body_ok = b[..size - 1].iter().all(|&x| x == fill);
+        let last = b[size - 1];
+        body_ok
+            && if watch {
+                last == mark(iters - 1)
+            } else {
+                last == fill
+            }
+    };
+    if !holds(win_cli, 0x5a) {
         return Err("the client's window does not hold the server's bytes".into());
     }
-    if win_srv.revoke().as_slice().iter().any(|&x| x != 0xa5) {
+    if !holds(win_srv, 0xa5) {
         return Err("the server's window does not hold the client's bytes".into());
     }
     Ok(Latency { samples })
 }
 
+/// The flag byte of iteration `it`: never 0 (a fresh window) and never the
+/// previous iteration's.
+fn mark(it: u64) -> u8 {
+    (it % 255) as u8 + 1
+}
+
 /// One side of the ping-pong: the client writes first and times each round
-/// trip; the server answers every write it is told of.
+/// trip; the server answers every write it is told of: by the last byte of
+/// its window (`watch`) or by a WRITE_WITH_IMM's receive completion.
+#[allow(clippy::too_many_arguments)]
 fn pong(
     e: &mut End,
     size: usize,
     iters: u64,
     inline: bool,
     remote: RemoteRegion,
+    watch: Option<&Window>,
     fill: u8,
     client: bool,
 ) -> Result<Vec<u64>, String> {
@@ -113,6 +141,11 @@ fn pong(
     let mut src = arena.alloc().ok_or("no slot")?;
     src.put_bytes(fill, size);
     let sge = [src.sge_filled()];
+    let opcode = if watch.is_some() {
+        Opcode::RdmaWrite
+    } else {
+        Opcode::RdmaWriteWithImm
+    };
     let recv_slots: Vec<_> = (0..RECVS).filter_map(|_| arena.alloc()).collect();
     for (i, s) in recv_slots.iter().enumerate() {
         e.qp.post_recv(&[RecvRequest {
@@ -127,25 +160,47 @@ fn pong(
     }
     let mut wc = [WorkCompletion::EMPTY; 16];
     let mut samples = Vec::with_capacity(if client { iters as usize } else { 0 });
-    let write = |e: &mut End, it: u64| -> Result<(), String> {
+    let write = |e: &mut End, src: &mut zcmsg::SlotMut, it: u64| -> Result<(), String> {
         let f = if (it + 1) % 64 == 0 {
             flags | SendFlags::SIGNALED
         } else {
             flags
         };
-        let wr =
-            WorkRequest::one_sided(it, Opcode::RdmaWriteWithImm, &sge, remote.addr, remote.rkey)
-                .with_imm(it as u32)
-                .with_flags(f);
+        if watch.is_some() {
+            // The peer watches this byte. Our previous WRITE is done with
+            // the buffer: the peer answered it.
+            src.as_mut_slice()[size - 1] = mark(it);
+        }
+        let wr = WorkRequest::one_sided(it, opcode, &sge, remote.addr, remote.rkey)
+            .with_imm(it as u32)
+            .with_flags(f);
         e.qp.post_send(&[wr]).map_err(|x| x.to_string())
     };
     for it in 0..iters {
         let t0 = Instant::now();
         if client {
-            write(e, it)?;
+            write(e, &mut src, it)?;
         }
         let deadline = t0 + Duration::from_secs(10);
+        if let Some(w) = watch {
+            let mut spins = 0u64;
+            while w.load_byte(size - 1) != Some(mark(it)) {
+                spins += 1;
+                if spins % crate::raw::CLOCK_EVERY == 0 && Instant::now() > deadline {
+                    return Err(format!("no write for iteration {it} within 10 s"));
+                }
+                std::hint::spin_loop();
+            }
+            // Retire the signaled writes' completions as they come.
+            let n = e.qp.poll_cq(&mut wc);
+            for w in &wc[..n] {
+                check(w)?;
+            }
+        }
         'wait: loop {
+            if watch.is_some() {
+                break 'wait;
+            }
             let n = e.qp.poll_cq(&mut wc);
             for w in &wc[..n] {
                 check(w)?;
@@ -169,7 +224,7 @@ fn pong(
         if client {
             samples.push(t0.elapsed().as_nanos() as u64 / 2);
         } else {
-            write(e, it)?;
+            write(e, &mut src, it)?;
         }
     }
     // Let the last signaled writes complete before teardown.

@@ -69,6 +69,7 @@
 //! - `atomic_fetch_and_add`: old values returned, sums wrap.
 //! - `inline_send`: inline SENDs up to the queue pair's `max_inline_data`, source overwritten right after the post.
 //! - `inline_write`: the same for an inline RDMA WRITE.
+//! - `window_flag_byte`: on DMA devices a window's flag byte shows each peer WRITE (no completion on the target); elsewhere `load_byte` refuses.
 //! - `unsignaled_covered_by_signaled`: unsignaled successes give no completion; a signaled one covers them; a READ sees earlier unsignaled WRITEs.
 //! - `post_list`: one post of 32 mixed requests and one of 32 receives; completions in order.
 //! - `poll_cq_small_batches`: polling one or three at a time (and with an empty buffer) loses nothing.
@@ -196,6 +197,7 @@ macro_rules! __for_each_case {
             atomic_fetch_and_add,
             inline_send,
             inline_write,
+            window_flag_byte,
             unsignaled_covered_by_signaled,
             post_list,
             poll_cq_small_batches,

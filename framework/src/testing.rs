@@ -44,6 +44,7 @@ impl RegistryOnly {
                 atomics: true,
                 srq: true,
                 implicit_odp: false,
+                dma_remote_writes: false,
             },
             next_key: AtomicU32::new(1),
             regions: Mutex::new(HashMap::new()),

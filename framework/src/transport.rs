@@ -78,6 +78,12 @@ pub struct DeviceCaps {
     pub srq: bool,
     /// The device supports implicit on-demand paging (one key for the whole address space).
     pub implicit_odp: bool,
+    /// Remote writes land by DMA from outside this process's Rust code (a
+    /// NIC, or the kernel for rxe), so an exposed window may be watched
+    /// with atomic loads while a peer writes it ([`crate::Window::load_byte`]).
+    /// False for the in-process software device, whose writes are plain
+    /// Rust copies: watching them would be a data race.
+    pub dma_remote_writes: bool,
 }
 
 /// A registration's keys, as the device reports them.

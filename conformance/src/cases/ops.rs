@@ -951,3 +951,62 @@ pub fn err_inline_unregistered(h: &Harness) {
         }
     }
 }
+
+/// A window watched with `Window::load_byte` while a peer writes it. On a
+/// device whose remote writes are DMA (verbs), each of a series of RDMA
+/// WRITEs is seen through its last byte, in order, with no completion on
+/// the target, and the window holds the last write once revoked. On the
+/// in-process device, whose writes are plain Rust copies, `load_byte`
+/// refuses (`None`) instead of racing with them.
+pub fn window_flag_byte(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let sa = p.a.arena(64, 4);
+    let win = p.b.window(64, Access::REMOTE_WRITE);
+    assert_eq!(win.load_byte(64), None, "a byte past the window");
+    if !p.b.caps().dma_remote_writes {
+        assert_eq!(
+            win.load_byte(0),
+            None,
+            "{}: load_byte on a device whose writes are not DMA",
+            p.b.caps().name
+        );
+        return;
+    }
+    assert_eq!(win.load_byte(63), Some(0), "a fresh window is zeroed");
+    let r = win.remote();
+    let mut last = Vec::new();
+    for round in 1..=20u8 {
+        let mut data = pattern(900 + u64::from(round), 64);
+        data[63] = round;
+        let s = slot_with(&sa, &data);
+        p.qa.post_send(&[WorkRequest::one_sided(
+            u64::from(round),
+            Opcode::RdmaWrite,
+            &[s.sge_filled()],
+            r.addr,
+            r.rkey,
+        )]);
+        let deadline = std::time::Instant::now() + p.qb.timeout();
+        while win.load_byte(63) != Some(round) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the WRITE's last byte never showed (saw {:?})",
+                win.load_byte(63)
+            );
+            std::hint::spin_loop();
+        }
+        expect_ok(
+            &p.qa.next("RDMA WRITE"),
+            u64::from(round),
+            WcOpcode::RdmaWrite,
+            "writer",
+        );
+        last = data;
+    }
+    p.qb.expect_idle(QUIET, "watched WRITEs complete nothing on the target");
+    check_bytes(
+        win.revoke().as_slice(),
+        &last,
+        "window after the last WRITE",
+    );
+}

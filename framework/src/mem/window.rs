@@ -95,6 +95,33 @@ impl Window {
         Sge::new(addr, len as u32, self.reg.lkey)
     }
 
+    /// The byte at `off`, read with one atomic load (acquire) while the
+    /// window stays exposed: how a side learns that a peer's RDMA WRITE has
+    /// landed without a completion, by watching a flag byte the peer writes
+    /// (`ib_write_lat` watches the last byte of its buffer). Only the byte
+    /// itself is read; the rest of the window is read after
+    /// [`Window::revoke`] (devices give no order among the bytes of one
+    /// WRITE, and no other read happens while the window is exposed).
+    ///
+    /// `None` if the device's remote writes are not DMA from outside the
+    /// process ([`crate::DeviceCaps::dma_remote_writes`]: the in-process
+    /// software device copies with plain Rust writes, which an atomic read
+    /// would race with), or if `off` is outside the window.
+    pub fn load_byte(&self, off: usize) -> Option<u8> {
+        if off >= self.len || !self.transport.caps().dma_remote_writes {
+            return None;
+        }
+        // SAFETY: `off` is inside the mapping, which lives as long as
+        // `self`. While the window is exposed this process touches its
+        // bytes only through `&mut self` (`fill`, excluded by `&self` here)
+        // or atomically (this load): the device's DMA writes happen outside
+        // the Rust abstract machine (checked by `dma_remote_writes`), like a
+        // kernel writing a shared ring, so the load cannot race with a Rust
+        // access. A `u8` has no alignment requirement.
+        let b = unsafe { std::sync::atomic::AtomicU8::from_ptr(self.mapping.as_ptr().add(off)) };
+        Some(b.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     /// Fill the window before exposing it (no peer can write it yet only if it
     /// has not been handed out: callers fill first, then send `remote()`).
     pub fn fill(&mut self, byte: u8) {

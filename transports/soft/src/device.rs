@@ -273,6 +273,7 @@ impl SoftDevice {
             atomics: true,
             srq: true,
             implicit_odp: false,
+            dma_remote_writes: false,
         }
     }
 

@@ -220,6 +220,7 @@ impl VerbsDevice {
             atomics: attr.atomics,
             srq: attr.max_srq > 0,
             implicit_odp: attr.implicit_odp(),
+            dma_remote_writes: true,
         };
         let comp = sys::CompChannel::create(&ctx)?;
         let cm = sys::EventChannel::create()?;
