@@ -25,6 +25,18 @@
 //! Messages are delivered in the order they were sent, across eager and
 //! rendezvous: a rendezvous message's successors wait until its data is read.
 //!
+//! # Small messages and signaling
+//! A message whose header and payload fit the queue pair's inline limit (and
+//! 256 bytes) is copied next to its header and sent inline as one
+//! SGE, counted as an inline copy; nothing of the application's stays
+//! referenced. [`Connection::send_now`] builds such a request at once when
+//! nothing is queued before it. A request is signaled every
+//! [`ProtoConfig::signal_every`] requests, at half the send queue, and at the
+//! end of any batch that holds application memory (zero-copy eager chunks),
+//! closes, or carries a tracked send ([`Connection::send_tracked`]); the
+//! others are retired by the next signaled completion, so an untracked small
+//! message's `Sent` event may come later than its delivery.
+//!
 //! # Outcomes
 //! Each send ends `Delivered` (eager: the peer's device acknowledged the
 //! SEND into a posted receive; rendezvous: the peer read the data and
