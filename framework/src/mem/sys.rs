@@ -167,6 +167,22 @@ unsafe impl RegionMemory for Mapping {
     }
 }
 
+/// `CLOCK_MONOTONIC_COARSE`: the monotonic clock as of the last timer tick
+/// (1-4 ms resolution), served from the vDSO's data page without reading
+/// any clock hardware, so it stays cheap where the precise clock is not (a
+/// guest whose TSC is unstable reads the HPET for every `Instant::now`,
+/// about 9 us under emulation). `None` if the kernel refuses it.
+pub fn coarse_monotonic() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (rc == 0 && ts.tv_sec >= 0 && (0..1_000_000_000).contains(&ts.tv_nsec))
+        .then(|| std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
 /// The system page size.
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
