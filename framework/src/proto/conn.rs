@@ -665,15 +665,8 @@ impl Connection {
             len,
             aux: 0,
         };
-        stage.set_len(HDR);
-        hdr.encode(stage.as_mut_slice());
-        match msg {
-            Msg::One(b) => stage.put_slice(b),
-            Msg::Many(v) => v.iter().for_each(|c| stage.put_slice(c)),
-        }
-        let sge = stage.sge_filled();
+        let sge = self.fill_inline(&mut stage, &hdr, msg);
         self.stage = Some(stage);
-        self.pd.stats().add(CopyReason::Inline, len + HDR as u64);
         let id = self.next_id;
         self.next_id += 1;
         let wr_id = self.next_wr;
@@ -697,6 +690,19 @@ impl Connection {
             flags,
             sge,
         }))
+    }
+
+    /// Header and payload into `slot` for an inline SEND (counted as an
+    /// inline copy); returns its SGE.
+    fn fill_inline(&self, slot: &mut SlotMut, hdr: &Header, msg: &Msg) -> Sge {
+        slot.set_len(HDR);
+        hdr.encode(slot.as_mut_slice());
+        match msg {
+            Msg::One(b) => slot.put_slice(b),
+            Msg::Many(v) => v.iter().for_each(|c| slot.put_slice(c)),
+        }
+        self.pd.stats().add(CopyReason::Inline, slot.len() as u64);
+        slot.sge_filled()
     }
 
     fn queue_data(&mut self, msg: Msg, track: bool) -> Result<u64, SendError> {
@@ -1678,13 +1684,8 @@ impl Connection {
             // once the device has the bytes). Counted as inline copies.
             let mut h = hdr;
             h.credits = self.take_owed();
-            s.set_len(HDR);
-            h.encode(s.as_mut_slice());
-            for c in msg.chunks().iter() {
-                s.put_slice(c);
-            }
-            self.sges.push(s.sge_filled());
-            self.pd.stats().add(CopyReason::Inline, len + HDR as u64);
+            let sge = self.fill_inline(&mut s, &h, msg);
+            self.sges.push(sge);
         } else {
             // Build the payload SGEs first (the header takes one SGE).
             let max = self.lim.max_send_sge.saturating_sub(1).max(1);
