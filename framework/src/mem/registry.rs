@@ -103,6 +103,17 @@ impl Default for Table {
 }
 
 impl Table {
+    /// The hot-path view: plain slices, copied into registers by the
+    /// caller's loop.
+    #[inline(always)]
+    fn lookup(&self) -> Lookup<'_> {
+        Lookup {
+            hints: &self.hints,
+            hot: &self.hot,
+            starts: &self.starts,
+        }
+    }
+
     fn from_entries(entries: Vec<RegionEntry>) -> Table {
         debug_assert!(entries.windows(2).all(|w| w[0].end() <= w[1].base));
         let starts: Vec<u64> = entries.iter().map(|e| e.base).collect();
@@ -216,12 +227,7 @@ impl Snapshot {
     /// keep a [`CachedTable`]).
     #[cfg(test)]
     pub(crate) fn lookup(&self) -> Lookup<'_> {
-        let t = &*self.0;
-        Lookup {
-            hints: &t.hints,
-            hot: &t.hot,
-            starts: &t.starts,
-        }
+        self.0.lookup()
     }
 
     /// Number of regions.
@@ -248,12 +254,7 @@ impl CachedTable {
     /// The hot-path view of the cached table.
     #[inline(always)]
     pub(crate) fn lookup(&self) -> Lookup<'_> {
-        let t = &*self.table;
-        Lookup {
-            hints: &t.hints,
-            hot: &t.hot,
-            starts: &t.starts,
-        }
+        self.table.lookup()
     }
 }
 
@@ -298,6 +299,13 @@ impl Registry {
         }
     }
 
+    /// Replace the table (writers hold `writers`), then bump the generation
+    /// so kept tables reload.
+    fn publish(&self, entries: Vec<RegionEntry>) {
+        self.table.store(Arc::new(Table::from_entries(entries)));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
     /// Bring `c` up to date: one load when nothing changed since it was read.
     #[inline]
     pub(crate) fn refresh(&self, c: &mut CachedTable) {
@@ -330,8 +338,7 @@ impl Registry {
         next.extend_from_slice(&cur[..i]);
         next.push(e);
         next.extend_from_slice(&cur[i..]);
-        self.table.store(Arc::new(Table::from_entries(next)));
-        self.generation.fetch_add(1, Ordering::Release);
+        self.publish(next);
         Ok(())
     }
 
@@ -345,8 +352,7 @@ impl Registry {
             .position(|x| x.base == base && x.owner == owner)?;
         let mut next = cur.entries.clone();
         let e = next.remove(i);
-        self.table.store(Arc::new(Table::from_entries(next)));
-        self.generation.fetch_add(1, Ordering::Release);
+        self.publish(next);
         Some(e)
     }
 

@@ -675,15 +675,14 @@ impl Connection {
         self.peer_credits -= 1;
         self.last_sent = now;
         let flags = self.next_signal(track) | SendFlags::INLINE;
-        self.inflight.push_back((
+        self.add_inflight(
             wr_id,
             Inflight::Eager {
                 id,
                 _msg: Msg::One(Bytes::new()),
                 hdr: None,
             },
-        ));
-        self.sq_used += 1;
+        );
         Ok(Some(SendNow {
             id,
             wr_id,
@@ -1306,7 +1305,12 @@ impl Connection {
 
     fn push_wr(&mut self, op: SendOp, f: Inflight) {
         self.sends.push(op);
-        self.inflight.push_back((op.wr_id, f));
+        self.add_inflight(op.wr_id, f);
+    }
+
+    /// Count a posted send-queue request until its completion retires it.
+    fn add_inflight(&mut self, wr_id: u64, f: Inflight) {
+        self.inflight.push_back((wr_id, f));
         self.sq_used += 1;
     }
 
@@ -1669,30 +1673,15 @@ impl Connection {
         let Some(mut s) = self.alloc_hdr() else {
             return Ok(false);
         };
-        let hdr = Header {
-            kind: Kind::Eager,
-            flags: 0,
-            credits: 0,
-            seq: self.next_seq,
-            len,
-            aux: 0,
-        };
         let inline = len as usize + HDR <= self.inline_copy;
-        if inline {
-            // Small: the payload goes next to the header and the request
-            // inline, one SGE (any memory will do: nothing stays referenced
-            // once the device has the bytes). Counted as inline copies.
-            let mut h = hdr;
-            h.credits = self.take_owed();
-            let sge = self.fill_inline(&mut s, &h, msg);
-            self.sges.push(sge);
-        } else {
-            // Build the payload SGEs first (the header takes one SGE).
+        let mut tmp = std::mem::take(&mut self.scratch);
+        tmp.clear();
+        if !inline {
+            // The payload's SGEs first (the header takes one SGE), so a
+            // refused buffer costs nothing. The builder starts from the
+            // region table kept from the last message (one generation check
+            // instead of a snapshot).
             let max = self.lim.max_send_sge.saturating_sub(1).max(1);
-            let mut tmp = std::mem::take(&mut self.scratch);
-            tmp.clear();
-            // The builder starts from the region table kept from the last
-            // message (one generation check instead of a snapshot).
             let builder = crate::sge::SgeBuilder::with_table(
                 &self.pd,
                 self.cfg.policy,
@@ -1710,14 +1699,28 @@ impl Connection {
                 self.recycle_hdr(Some(s));
                 return Err(SendError::Buffer(e.to_string()));
             }
-            let mut h = hdr;
-            h.credits = self.take_owed();
+        }
+        let h = Header {
+            kind: Kind::Eager,
+            flags: 0,
+            credits: self.take_owed(),
+            seq: self.next_seq,
+            len,
+            aux: 0,
+        };
+        if inline {
+            // Small: the payload goes next to the header and the request
+            // inline, one SGE (any memory will do: nothing stays referenced
+            // once the device has the bytes). Counted as inline copies.
+            let sge = self.fill_inline(&mut s, &h, msg);
+            self.sges.push(sge);
+        } else {
             s.set_len(HDR);
             h.encode(s.as_mut_slice());
             self.sges.push(s.sge_filled());
             self.sges.extend_from_slice(&tmp);
-            self.scratch = tmp;
         }
+        self.scratch = tmp;
         // The application's chunks stay referenced until the completion
         // unless they were copied: then only a tracked send needs one soon.
         self.signal_batch |= track || !inline;
