@@ -398,6 +398,11 @@ pub fn stream_bw(
                 for w in &cli.wc[..n] {
                     all += &format!(" [{} {:?} {}]", w.wr_id, w.opcode, w.status);
                 }
+                // The receiver's own failure is usually the cause: say it.
+                drop(cli);
+                if let Some(Ok(Err(r))) = server.map(|s| s.join()) {
+                    all += &format!("; the receiver: {r}");
+                }
                 return Err(all);
             }
             done_batches += 1;

@@ -11,7 +11,7 @@ use zcmsg::{
 };
 
 use crate::mr::{KeyAlloc, Mr, MrTable};
-use crate::qp::SoftQp;
+use crate::qp::{QpCore, SoftQp};
 use crate::srq::{SoftSrq, SrqInner};
 
 /// Two connected queue pairs, as [`SoftDevice::pair`] returns them.
@@ -226,8 +226,44 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// A queue pair's copy of a device's region table, reloaded only when the
+/// device's generation moved: one load per execution instead of an
+/// `ArcSwap` load (which takes two atomic read-modify-writes). Kept under
+/// the queue pair's send-queue mutex. Safe against deregistration like any
+/// snapshot: the generation is read after `Exec::enter`'s fence, so an
+/// execution that still uses a table naming a removed region is one the
+/// deregistration waits for.
+#[derive(Default)]
+pub(crate) struct TableCache {
+    gen: u64,
+    table: Option<Arc<MrTable>>,
+}
+
+impl TableCache {
+    /// The device's current table (call with the execution marked busy).
+    #[inline]
+    pub(crate) fn get(&mut self, dev: &SoftDevice) -> &MrTable {
+        // The generation first: a table loaded after it is at least as new.
+        let gen = dev.table_gen.load(Ordering::Acquire);
+        if self.gen != gen {
+            self.table = None;
+            self.gen = gen;
+        }
+        self.table.get_or_insert_with(|| dev.table.load_full())
+    }
+
+    /// Drop the kept table if the device's has changed since.
+    pub(crate) fn forget_if_stale(&mut self, dev: &SoftDevice) {
+        if self.gen != dev.table_gen.load(Ordering::Acquire) {
+            self.table = None;
+        }
+    }
+}
+
 struct ExecEntry {
     exec: Arc<Exec>,
+    /// Its queue pair, whose cached region tables a deregistration drops.
+    qp: Weak<QpCore>,
     /// The queue pair belongs to this device (its counters count here);
     /// otherwise it is the peer of one of ours on another device.
     own: bool,
@@ -243,6 +279,8 @@ pub struct SoftDevice {
     caps: DeviceCaps,
     me: Weak<SoftDevice>,
     pub(crate) table: ArcSwap<MrTable>,
+    /// Bumped after every change of `table` (see [`TableCache`]).
+    table_gen: AtomicU64,
     keys: Mutex<KeyAlloc>,
     execs: Mutex<Vec<ExecEntry>>,
     retired: Mutex<DeviceStats>,
@@ -296,6 +334,7 @@ impl SoftDevice {
             caps,
             me: me.clone(),
             table: ArcSwap::from_pointee(MrTable::default()),
+            table_gen: AtomicU64::new(0),
             keys: Mutex::new(KeyAlloc::new(id)),
             execs: Mutex::new(Vec::new()),
             retired: Mutex::new(DeviceStats::default()),
@@ -410,9 +449,10 @@ impl SoftDevice {
     }
 
     /// Track a queue pair's execution state (see [`Exec`]).
-    pub(crate) fn add_exec(&self, exec: &Arc<Exec>, own: bool) {
+    pub(crate) fn add_exec(&self, exec: &Arc<Exec>, qp: Weak<QpCore>, own: bool) {
         lock(&self.execs).push(ExecEntry {
             exec: exec.clone(),
+            qp,
             own,
         });
     }
@@ -433,6 +473,7 @@ impl SoftDevice {
         let _serialize = lock(&self.keys);
         let next = self.table.load().with(mr);
         self.table.store(Arc::new(next));
+        self.table_gen.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -490,16 +531,28 @@ impl Transport for SoftDevice {
                 TransportError::InvalidArgument(format!("no registration with lkey {lkey:#x}"))
             })?;
             self.table.store(Arc::new(next));
+            self.table_gen.fetch_add(1, Ordering::SeqCst);
             mr
         };
-        // Pairs with the fence in `Exec::enter`: an execution either loads
-        // the new table (and cannot name the region) or is waited for here.
+        // Pairs with the fence in `Exec::enter`: an execution either sees
+        // the new generation (and loads a table that cannot name the region)
+        // or is waited for here.
         fence(Ordering::SeqCst);
-        let execs: Vec<Arc<Exec>> = lock(&self.execs).iter().map(|e| e.exec.clone()).collect();
-        for e in &execs {
+        let execs: Vec<(Arc<Exec>, Weak<QpCore>)> = lock(&self.execs)
+            .iter()
+            .map(|e| (e.exec.clone(), e.qp.clone()))
+            .collect();
+        for (e, _) in &execs {
             e.quiesce();
         }
-        // The region's memory is released when the last snapshot naming it goes.
+        // Queue pairs keep the table they last executed with; the stale ones
+        // go now, so that the region's memory is released here (when the
+        // last snapshot naming it goes), not at a queue pair's next post.
+        for (_, qp) in &execs {
+            if let Some(qp) = qp.upgrade() {
+                qp.drop_stale_tables();
+            }
+        }
         drop(removed);
         Ok(())
     }
@@ -546,5 +599,60 @@ impl Transport for SoftDevice {
             config,
             private_data,
         )?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mr::tests::Buf;
+    use zcmsg::{QpConfig, RecvRequest, SendFlags, Sge, WcStatus, WorkCompletion, WorkRequest};
+
+    fn mem(len: usize) -> (Arc<dyn RegionMemory>, Weak<dyn RegionMemory>) {
+        let m: Arc<dyn RegionMemory> = Arc::new(Buf(vec![7u8; len].into_boxed_slice()));
+        let w = Arc::downgrade(&m);
+        (m, w)
+    }
+
+    #[test]
+    fn deregistration_releases_memory_that_queue_pairs_executed_with() {
+        // Queue pairs keep the region table of their last execution; a
+        // deregistration must still release the region's memory when it
+        // returns, on the poster's device and on the peer's.
+        let (da, db) = (SoftDevice::new(), SoftDevice::new());
+        let cfg = QpConfig::default();
+        let (mut qa, mut qb) = SoftDevice::connect_pair(&da, &db, &cfg, &cfg).unwrap();
+        let (src, src_w) = mem(64);
+        let (dst, dst_w) = mem(64);
+        let (src_ptr, dst_ptr) = (src.as_ptr() as u64, dst.as_ptr() as u64);
+        let ra = da.register(src, Access::LOCAL_WRITE).unwrap();
+        let rb = db.register(dst, Access::LOCAL_WRITE).unwrap();
+        let rsge = [Sge::new(dst_ptr, 64, rb.lkey)];
+        qb.post_recv(&[RecvRequest {
+            wr_id: 1,
+            sg_list: &rsge,
+        }])
+        .unwrap();
+        let ssge = [Sge::new(src_ptr, 64, ra.lkey)];
+        qa.post_send(&[WorkRequest::send(2, &ssge)]).unwrap();
+        let mut wc = [WorkCompletion::EMPTY; 4];
+        assert_eq!(qb.poll_cq(&mut wc), 1);
+        assert_eq!((wc[0].wr_id, wc[0].byte_len), (1, 64));
+        da.deregister(ra.lkey).unwrap();
+        db.deregister(rb.lkey).unwrap();
+        assert!(
+            src_w.upgrade().is_none(),
+            "the sender's memory is still held"
+        );
+        assert!(
+            dst_w.upgrade().is_none(),
+            "the receiver's memory is still held"
+        );
+        // And the queue pair notices: the stale key now fails.
+        qa.post_send(&[WorkRequest::send(3, &ssge).with_flags(SendFlags::SIGNALED)])
+            .unwrap();
+        let n = qa.poll_cq(&mut wc);
+        let last = wc[..n].iter().find(|w| w.wr_id == 3).expect("completion 3");
+        assert_eq!(last.status, WcStatus::LocProtErr);
     }
 }

@@ -67,9 +67,10 @@
 //!
 //! - **Receive queue**: a single-producer (the owner posts) single-consumer
 //!   (whoever executes the peer's requests takes) ring of preallocated slots.
-//!   The consumer writes the receive completion into the same slot, so receive
+//!   The consumer writes the receive completion into the same slot (one
+//!   cache line, with the first SGE) and marks it done, so receive
 //!   completions need no second queue and cannot overflow; the owner's
-//!   `poll_cq` reads them in order, without any lock.
+//!   `poll_cq` reads them in order from the slots' marks, without any lock.
 //! - **Send queue**: preallocated, behind a mutex of its own queue pair that
 //!   only the owner's thread takes in the common case (uncontended: an atomic
 //!   swap each way, the cache line never leaves the owner's core). Send

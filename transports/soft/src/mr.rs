@@ -180,11 +180,12 @@ impl KeyAlloc {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashSet;
 
-    struct Buf(Box<[u8]>);
+    /// Plain heap memory to register in unit tests.
+    pub(crate) struct Buf(pub(crate) Box<[u8]>);
     // SAFETY: a boxed slice never moves or shrinks while the `Buf` lives.
     unsafe impl RegionMemory for Buf {
         fn as_ptr(&self) -> *mut u8 {

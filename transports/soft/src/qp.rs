@@ -21,7 +21,7 @@ use zcmsg::{
     WorkRequest,
 };
 
-use crate::device::{Count, Exec, SoftDevice};
+use crate::device::{Count, Exec, SoftDevice, TableCache};
 use crate::dma::{self, AtomicOp, Seg};
 use crate::mr::{KeyKind, MrTable};
 use crate::notify::{self, Notify, Retry};
@@ -102,6 +102,20 @@ impl QpCore {
         })
     }
 
+    /// Drop kept region tables that are out of date (after a deregistration).
+    pub(crate) fn drop_stale_tables(&self) {
+        let mut s = lock(&self.send);
+        let peer_dev = self
+            .peer
+            .get()
+            .and_then(Weak::upgrade)
+            .map(|p| p.dev.clone());
+        s.own_table.forget_if_stale(&self.dev);
+        if let Some(d) = peer_dev {
+            s.peer_table.forget_if_stale(&d);
+        }
+    }
+
     #[inline]
     fn is_error(&self) -> bool {
         self.flags.load(Ordering::Acquire) & ERROR != 0
@@ -164,12 +178,12 @@ impl QpCore {
         match (&self.recv, r) {
             (RecvSide::Ring(ring), RecvRef::Ring(c)) => {
                 ring.slots
-                    .complete(ring.slot(c), status, with_imm_write, byte_len, imm);
+                    .complete(ring.slot(c), Some(c), status, with_imm_write, byte_len, imm);
                 rx.consume = c + 1;
             }
             (RecvSide::Srq { srq, comp }, RecvRef::Srq(i)) => {
                 srq.slots
-                    .complete(i as usize, status, with_imm_write, byte_len, imm);
+                    .complete(i as usize, None, status, with_imm_write, byte_len, imm);
                 comp.push(i);
             }
             _ => debug_assert!(false, "receive reference of the other kind"),
@@ -528,7 +542,11 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
                 return Outcome::Rnr;
             };
             let (slots, i) = x.peer.recv_slot(r);
-            let mut scattered = scatter(x.peer_t, slots.sges(i), v.len, x.dst);
+            let scatter_into = |t: &MrTable, dst: &mut Vec<Seg>| match slots.single_sge(i) {
+                Some(g) => scatter(t, std::iter::once(g), v.len, dst),
+                None => scatter(t, slots.sges(i), v.len, dst),
+            };
+            let mut scattered = scatter_into(x.peer_t, x.dst);
             // The receive may have been posted after this execution loaded
             // the peer's table, in memory registered since: a registration is
             // complete when `register` returns, so look at the table again.
@@ -537,7 +555,7 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
             let _fresh;
             if let Err(Scatter::Prot) = scattered {
                 let t = x.peer.dev.table.load();
-                scattered = scatter(&t, slots.sges(i), v.len, x.dst);
+                scattered = scatter_into(&t, x.dst);
                 _fresh = t;
             }
             match scattered {
@@ -761,6 +779,9 @@ pub(crate) struct SendSide {
     /// Our cursor into the peer's receive ring (we consume it).
     peer_rx: PeerRecv,
     wakes: Wakes,
+    /// Our device's region table, and the peer's if it is another device.
+    own_table: TableCache,
+    peer_table: TableCache,
 }
 
 impl SendSide {
@@ -786,6 +807,8 @@ impl SendSide {
             dst: Vec::with_capacity(dst_cap),
             peer_rx: PeerRecv::default(),
             wakes: Wakes::default(),
+            own_table: TableCache::default(),
+            peer_table: TableCache::default(),
         }
     }
 
@@ -889,14 +912,19 @@ impl SendSide {
         f: impl FnOnce(&mut SendSide, &MrTable, &MrTable) -> R,
     ) -> R {
         let _busy = core.exec.enter();
-        let own_g = core.dev.table.load();
-        let peer_g = (!self.same_dev).then(|| peer.dev.table.load());
-        let own_t: &MrTable = &own_g;
-        let peer_t: &MrTable = match &peer_g {
-            Some(g) => g,
-            None => own_t,
+        // Taken out for the call (moves, no reference counting) so that `f`
+        // can have the rest of `self`.
+        let mut own_c = std::mem::take(&mut self.own_table);
+        let mut peer_c = std::mem::take(&mut self.peer_table);
+        let own_t: &MrTable = own_c.get(&core.dev);
+        let peer_t: &MrTable = if self.same_dev {
+            own_t
+        } else {
+            peer_c.get(&peer.dev)
         };
         let r = f(self, own_t, peer_t);
+        self.own_table = own_c;
+        self.peer_table = peer_c;
         peer.publish_consumed(&mut self.peer_rx);
         r
     }
@@ -1158,7 +1186,7 @@ impl Local {
     fn recv_ready(&self, core: &QpCore) -> bool {
         match &core.recv {
             RecvSide::Ring(r) => {
-                self.rq_poll < r.consume.load(Ordering::SeqCst)
+                r.slots.is_done_seqcst(r.slot(self.rq_poll), self.rq_poll)
                     || (core.flags.load(Ordering::SeqCst) & ERROR != 0
                         && self.rq_poll < r.post.load(Ordering::Relaxed))
             }
@@ -1171,9 +1199,14 @@ impl Local {
         let mut n = 0;
         match &core.recv {
             RecvSide::Ring(r) => {
-                let consume = r.consume.load(Ordering::Acquire);
-                while n < wc.len() && self.rq_poll < consume {
-                    wc[n] = r.slots.completion(r.slot(self.rq_poll), core.qpn);
+                // Each completed slot says so itself: the poller reads the
+                // line the requester wrote, not a shared index first.
+                while n < wc.len() {
+                    let i = r.slot(self.rq_poll);
+                    if !r.slots.is_done(i, self.rq_poll) {
+                        break;
+                    }
+                    wc[n] = r.slots.completion(i, core.qpn);
                     self.rq_poll += 1;
                     n += 1;
                 }
@@ -1280,12 +1313,12 @@ impl SoftQp {
         let b = QpCore::new(b_dev, &caps_b, srq_b, send_b);
         let _ = a.peer.set(Arc::downgrade(&b));
         let _ = b.peer.set(Arc::downgrade(&a));
-        a_dev.add_exec(&a.exec, true);
-        b_dev.add_exec(&b.exec, true);
+        a_dev.add_exec(&a.exec, Arc::downgrade(&a), true);
+        b_dev.add_exec(&b.exec, Arc::downgrade(&b), true);
         if !same {
             // Each side's requests also touch the other device's memory.
-            b_dev.add_exec(&a.exec, false);
-            a_dev.add_exec(&b.exec, false);
+            b_dev.add_exec(&a.exec, Arc::downgrade(&a), false);
+            a_dev.add_exec(&b.exec, Arc::downgrade(&b), false);
         }
         let qa = SoftQp::new(a.clone(), b.clone(), caps_a);
         let qb = SoftQp::new(b, a, caps_b);
@@ -1377,6 +1410,10 @@ impl QueuePair for SoftQp {
             ));
         };
         let mut post = r.post.load(Ordering::Relaxed);
+        // Every receive polled was consumed, even if the requester has not
+        // published its `consume` index yet (it does so at the end of its
+        // post list; the completions themselves are visible slot by slot).
+        l.rq_consume_seen = l.rq_consume_seen.max(l.rq_poll);
         let mut res = Ok(());
         for (i, wr) in wrs.iter().enumerate() {
             if wr.sg_list.len() > l.caps.max_recv_sge as usize {

@@ -1,14 +1,18 @@
 //! Receive queues and completion rings, preallocated and lock-free.
 //!
 //! Every field of a slot is an atomic accessed with `Relaxed` ordering (plain
-//! loads and stores on x86); the ring indices, published with
-//! `Release`/`Acquire`, hand a slot from one side to the other. No `unsafe`.
+//! loads and stores on x86); the ring's `post` index and each slot's `done`
+//! word, published with `Release`/`Acquire`, hand a slot from one side to the
+//! other. No `unsafe`.
 //!
 //! A queue pair's own receive queue, [`RecvRing`], is a single-producer
 //! single-consumer ring: the owner posts receives (producer) and the peer's
 //! poster, executing a SEND or WRITE_WITH_IMM, consumes them and writes the
-//! completion into the same slot; the owner polls completions from it and
-//! only then reuses the slot. Receive completions therefore never need a
+//! completion into the same slot (one cache line, with the receive's first
+//! SGE), marking it done last; the owner polls that mark, so a completion
+//! costs the poller one line crossing cores, and only then reuses the slot.
+//! The `consume` index is published once per post list for the owner's room
+//! checks and the error path. Receive completions therefore never need a
 //! second ring and can never overflow. The ring holds twice the receive
 //! depth, so `max_recv_wr` receives can be posted while as many completions
 //! wait to be polled.
@@ -42,10 +46,19 @@ fn status_code(s: WcStatus) -> u32 {
 const HAS_IMM: u32 = 1 << 16;
 const WITH_IMM_OPCODE: u32 = 1 << 8;
 
-/// One receive work request and, once consumed, its completion.
+/// One receive work request with its first SGE and, once consumed, its
+/// completion: one cache line, so the requester reads one line to take a
+/// receive and writes the same line to complete it, and the owner polls that
+/// line (its `done` word) instead of a shared index.
 #[derive(Default)]
+#[repr(align(64))]
 struct Slot {
+    /// `seq + 1` once the receive posted with sequence number `seq` in this
+    /// slot has completed (own receive queues; SRQ slots report through
+    /// their completion ring instead). Stored last, with `Release`.
+    done: AtomicU64,
     wr_id: AtomicU64,
+    sge0: SgeCell,
     nsge: AtomicU32,
     /// status code | opcode << 8 | has_imm << 16
     meta: AtomicU32,
@@ -60,10 +73,32 @@ struct SgeCell {
     len_key: AtomicU64,
 }
 
-/// Preallocated receive slots with room for `max_sge` SGEs each.
+impl SgeCell {
+    #[inline]
+    fn set(&self, g: &Sge) {
+        self.addr.store(g.addr(), Ordering::Relaxed);
+        self.len_key.store(
+            u64::from(g.length()) | (u64::from(g.lkey()) << 32),
+            Ordering::Relaxed,
+        );
+    }
+
+    #[inline]
+    fn get(&self) -> Sge {
+        let lk = self.len_key.load(Ordering::Relaxed);
+        Sge::new(
+            self.addr.load(Ordering::Relaxed),
+            lk as u32,
+            (lk >> 32) as u32,
+        )
+    }
+}
+
+/// Preallocated receive slots with room for `max_sge` SGEs each (the first
+/// in the slot itself, the rest beside).
 pub(crate) struct SlotArray {
     slots: Box<[Slot]>,
-    sges: Box<[SgeCell]>,
+    more: Box<[SgeCell]>,
     max_sge: usize,
 }
 
@@ -71,7 +106,9 @@ impl SlotArray {
     pub(crate) fn new(n: usize, max_sge: usize) -> SlotArray {
         SlotArray {
             slots: (0..n).map(|_| Slot::default()).collect(),
-            sges: (0..n * max_sge).map(|_| SgeCell::default()).collect(),
+            more: (0..n * max_sge.saturating_sub(1))
+                .map(|_| SgeCell::default())
+                .collect(),
             max_sge,
         }
     }
@@ -80,38 +117,53 @@ impl SlotArray {
         self.max_sge
     }
 
+    fn more(&self, i: usize, n: usize) -> &[SgeCell] {
+        let per = self.max_sge.saturating_sub(1);
+        &self.more[i * per..][..n]
+    }
+
     /// Fill slot `i` with a receive (the caller checked `sg_list.len() <= max_sge`).
     pub(crate) fn write(&self, i: usize, wr: &RecvRequest<'_>) {
         let s = &self.slots[i];
         s.wr_id.store(wr.wr_id, Ordering::Relaxed);
         s.nsge.store(wr.sg_list.len() as u32, Ordering::Relaxed);
-        let cells = &self.sges[i * self.max_sge..][..wr.sg_list.len()];
-        for (c, g) in cells.iter().zip(wr.sg_list) {
-            c.addr.store(g.addr(), Ordering::Relaxed);
-            c.len_key.store(
-                u64::from(g.length()) | (u64::from(g.lkey()) << 32),
-                Ordering::Relaxed,
-            );
+        if let Some((first, rest)) = wr.sg_list.split_first() {
+            s.sge0.set(first);
+            for (c, g) in self.more(i, rest.len()).iter().zip(rest) {
+                c.set(g);
+            }
         }
     }
 
     /// The SGEs of the receive in slot `i`.
     pub(crate) fn sges(&self, i: usize) -> impl Iterator<Item = Sge> + Clone + '_ {
-        let n = self.slots[i].nsge.load(Ordering::Relaxed) as usize;
-        self.sges[i * self.max_sge..][..n].iter().map(|c| {
-            let lk = c.len_key.load(Ordering::Relaxed);
-            Sge::new(c.addr.load(Ordering::Relaxed), lk as u32, (lk >> 32) as u32)
-        })
+        let s = &self.slots[i];
+        let n = s.nsge.load(Ordering::Relaxed) as usize;
+        let first = (n > 0).then(|| s.sge0.get());
+        first
+            .into_iter()
+            .chain(self.more(i, n.saturating_sub(1)).iter().map(SgeCell::get))
+    }
+
+    /// The receive in slot `i` has exactly one SGE: that SGE (the common
+    /// case, read from the slot's own line without the general iterator).
+    #[inline]
+    pub(crate) fn single_sge(&self, i: usize) -> Option<Sge> {
+        let s = &self.slots[i];
+        (s.nsge.load(Ordering::Relaxed) == 1).then(|| s.sge0.get())
     }
 
     pub(crate) fn wr_id(&self, i: usize) -> u64 {
         self.slots[i].wr_id.load(Ordering::Relaxed)
     }
 
-    /// Record the completion of the receive in slot `i`.
+    /// Record the completion of the receive in slot `i`; `seq` is its
+    /// sequence number in an own receive ring (marks the slot done), `None`
+    /// for an SRQ slot.
     pub(crate) fn complete(
         &self,
         i: usize,
+        seq: Option<u64>,
         status: WcStatus,
         with_imm_write: bool,
         byte_len: u32,
@@ -128,6 +180,24 @@ impl SlotArray {
         }
         s.byte_len.store(byte_len, Ordering::Relaxed);
         s.meta.store(meta, Ordering::Relaxed);
+        if let Some(seq) = seq {
+            // Pairs with the `Acquire` in `is_done`: the completion's fields
+            // and the message's bytes are visible before the slot reads done.
+            s.done.store(seq + 1, Ordering::Release);
+        }
+    }
+
+    /// The receive of sequence number `seq` in slot `i` has completed.
+    #[inline]
+    pub(crate) fn is_done(&self, i: usize, seq: u64) -> bool {
+        self.slots[i].done.load(Ordering::Acquire) == seq + 1
+    }
+
+    /// As [`SlotArray::is_done`], as a `SeqCst` load: the re-check after
+    /// arming a waker (pairs with the poster's fence before it looks at the
+    /// waker).
+    pub(crate) fn is_done_seqcst(&self, i: usize, seq: u64) -> bool {
+        self.slots[i].done.load(Ordering::SeqCst) == seq + 1
     }
 
     /// The completion recorded in slot `i`.
@@ -265,7 +335,9 @@ mod tests {
             },
         );
         assert_eq!(a.sges(2).collect::<Vec<_>>(), sg.to_vec());
-        a.complete(2, WcStatus::Success, true, 77, Some(5));
+        assert!(!a.is_done(2, 6));
+        a.complete(2, Some(6), WcStatus::Success, true, 77, Some(5));
+        assert!(a.is_done(2, 6) && !a.is_done(2, 2));
         let wc = a.completion(2, 3);
         assert_eq!(
             (
@@ -285,7 +357,7 @@ mod tests {
                 3
             )
         );
-        a.complete(2, WcStatus::LocLenErr, false, 0, None);
+        a.complete(2, None, WcStatus::LocLenErr, false, 0, None);
         let wc = a.completion(2, 3);
         assert_eq!(
             (wc.status, wc.opcode, wc.imm_data),

@@ -1757,6 +1757,77 @@ fn after_deregister_returns_the_device_never_touches_the_region() {
 }
 
 #[test]
+fn a_receive_polled_during_the_senders_post_list_can_be_reposted_at_once() {
+    // Completions become visible slot by slot while the sender is still
+    // executing its post list; the receiver reposting each one at once must
+    // find room (every polled receive was consumed), never QueueFull.
+    const DEPTH: u32 = 16;
+    const TOTAL: u64 = 20_000;
+    let e = Arc::new(env());
+    let c = QpConfig {
+        max_recv_wr: DEPTH,
+        ..cfg()
+    };
+    let (mut a, mut b) = e.dev.pair(&cfg(), &c).unwrap();
+    let reposted = Arc::new(AtomicU64::new(0));
+    let (e2, reposted2) = (e.clone(), reposted.clone());
+    let receiver = std::thread::spawn(move || {
+        let slots: Vec<_> = (0..DEPTH).map(|_| e2.empty()).collect();
+        for (i, s) in slots.iter().enumerate() {
+            post_recv(&mut *b, i as u64, s);
+        }
+        let mut got = 0u64;
+        let mut wc = [WorkCompletion::EMPTY; 16];
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while got < TOTAL {
+            let n = b.poll_cq(&mut wc);
+            for w in &wc[..n] {
+                assert_eq!((w.status, w.byte_len), (WcStatus::Success, 64), "{w:?}");
+                let s = &slots[w.wr_id as usize];
+                b.post_recv(&[RecvRequest {
+                    wr_id: w.wr_id,
+                    sg_list: &[s.sge()],
+                }])
+                .unwrap_or_else(|err| panic!("repost after {got} messages: {err}"));
+                got += 1;
+                reposted2.store(got, Ordering::Release);
+            }
+            assert!(std::time::Instant::now() < deadline, "got {got} of {TOTAL}");
+        }
+    });
+    let msg = e.slot(&pattern(64, 9));
+    let sge = [msg.sge_filled()];
+    let mut posted = 0u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while posted < TOTAL && !receiver.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "posted {posted} of {TOTAL}"
+        );
+        let room = u64::from(DEPTH) + reposted.load(Ordering::Acquire) - posted;
+        let k = room.min(16).min(TOTAL - posted);
+        if k > 0 {
+            let wrs: Vec<_> = (0..k)
+                .map(|i| {
+                    let wr = WorkRequest::send(posted + i, &sge);
+                    if i == k - 1 {
+                        wr.with_flags(SendFlags::SIGNALED)
+                    } else {
+                        wr.with_flags(SendFlags::NONE)
+                    }
+                })
+                .collect();
+            a.post_send(&wrs).unwrap();
+            posted += k;
+        }
+        for w in poll_now(&mut *a) {
+            assert_eq!(w.status, WcStatus::Success, "{w:?}");
+        }
+    }
+    receiver.join().unwrap();
+}
+
+#[test]
 fn dropped_devices_and_queue_pairs_leave_nothing_registered() {
     let e = env();
     let before = e.dev.registrations();
