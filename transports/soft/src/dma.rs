@@ -46,6 +46,20 @@ impl Seg {
 /// device owns, or an inline payload the poster vouched for. No Rust
 /// reference to the `dst` bytes may be live (the `RegionMemory` contract).
 pub(crate) unsafe fn copy_segs(dst: &[Seg], src: &[Seg]) -> usize {
+    if let ([d], [s]) = (dst, src) {
+        // The common shape (one SGE each side), without the general walk.
+        let n = d.len.min(s.len);
+        // SAFETY: `n` bytes fit both segments, valid for the call by the
+        // caller's contract; `ptr::copy` tolerates overlap.
+        unsafe {
+            std::ptr::copy(
+                std::ptr::with_exposed_provenance::<u8>(s.addr),
+                std::ptr::with_exposed_provenance_mut::<u8>(d.addr),
+                n,
+            );
+        }
+        return n;
+    }
     let mut dsts = dst.iter().copied();
     let mut cur = Seg::default();
     let mut copied = 0;

@@ -460,6 +460,7 @@ impl Exe<'_> {
 /// Translate the source of a SEND or WRITE into `out`. Zero-length SGEs are
 /// skipped (never checked, like rxe). INLINE requests are checked like any
 /// other: the device never reads an address its region table does not cover.
+#[inline]
 fn gather_src(t: &MrTable, v: &WrView<'_>, out: &mut Vec<Seg>) -> bool {
     out.clear();
     if let Some(buf) = v.staged {
