@@ -138,6 +138,7 @@
 //! - `ep_credit_exhaustion_and_recovery`: a receiver holding every message gets exactly its receive slots, then everything arrives in order.
 //! - `ep_rpc_many_concurrent_calls`: 1000 calls in flight, each answered once and matched; an unknown method is a typed error.
 //! - `ep_rpc_bulk_pull_and_push`: the server READs 4 MiB from the client and WRITEs the result back.
+//! - `ep_small_messages_bundled`: small messages queued together share one SEND and one receive slot (bundles, counted as coalescing copies) and still arrive as separate zero-copy messages, intact and in order.
 //! - `ep_queued_burst`: messages queued with `Endpoint::queue` stay unposted until `flush_sends`, then arrive complete and in order (eager and rendezvous mixed).
 //! - `ep_small_messages_inline` (through the device only): messages that fit `max_inline_data` with their header are copied at post time (counted, foreign memory not bounced) and release their chunks at once; larger eager ones hold theirs until the completion.
 //! - `ep_graceful_close`: everything before the close arrives, then end of stream; a second close and a late send are typed errors.
@@ -254,6 +255,7 @@ macro_rules! __for_each_case {
             ep_graceful_close,
             ep_queued_burst,
             ep_small_messages_inline,
+            ep_small_messages_bundled,
             ep_peer_failure_mid_stream,
             ep_async_under_tokio_and_cancellation,
         }

@@ -639,4 +639,9 @@ impl Endpoint {
     pub fn credits(&self) -> i64 {
         self.conn.credits()
     }
+
+    /// Messages sent packed in bundles so far (see `ProtoConfig::bundle`).
+    pub fn bundled_count(&self) -> u64 {
+        self.conn.bundled_count()
+    }
 }

@@ -415,6 +415,10 @@ fn run_exchange(seed: u64, hold_for: usize, handoff: bool) {
                 feed == 4 || fast_sent[k] > 0,
                 "seed {seed}: side {k}: no message took the inline fast path"
             );
+            assert!(
+                feed != 4 || h.coalesce_ops > 0,
+                "seed {seed}: side {k}: the backlog formed no bundle"
+            );
         }
         let mut o = sides[k].outcomes.clone();
         o.sort();
@@ -452,7 +456,12 @@ fn a_receiver_holding_every_message_stalls_the_sender_without_deadlock() {
 fn holding_receiver_caps_data_in_flight_at_its_slots() {
     let t0 = Instant::now();
     let mut rng = Rng(77);
-    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    // One message per slot here (bundles would pack the 200 into 4 slots).
+    let c = ProtoConfig {
+        bundle: false,
+        ..cfg()
+    };
+    let mut sides = [side(t0, c.clone()), side(t0, c)];
     sides[1].hold = true;
     for _ in 0..200 {
         sides[0].conn.send(Bytes::from_static(b"x")).unwrap();
@@ -474,10 +483,60 @@ fn holding_receiver_caps_data_in_flight_at_its_slots() {
 }
 
 #[test]
+fn small_messages_queued_together_travel_as_bundles() {
+    // 200 small messages queued at once (even to a receiver holding every
+    // one): packed several to a request and a receive slot, each delivered
+    // as its own message, in order, and each send reported once.
+    let t0 = Instant::now();
+    let mut rng = Rng(11);
+    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    sides[1].hold = true;
+    let mut ids = Vec::new();
+    for i in 0..200u32 {
+        let body = i.to_le_bytes()[..(i % 5) as usize].to_vec();
+        ids.push(sides[0].conn.send(Bytes::from(body)).unwrap());
+    }
+    let mut now = t0;
+    for _ in 0..50_000 {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+        if sides[1].got.len() == 200 && sides[0].outcomes.len() == 200 {
+            break;
+        }
+    }
+    assert!(sides[0].failed.is_none() && sides[1].failed.is_none());
+    assert_eq!(
+        sides[1].got.len(),
+        200,
+        "every message, though the receiver holds them all"
+    );
+    for (i, m) in sides[1].got.iter().enumerate() {
+        let i = i as u32;
+        assert_eq!(&m[..], &i.to_le_bytes()[..(i % 5) as usize], "message {i}");
+    }
+    let st = sides[0].pd.stats().snapshot();
+    assert!(
+        st.coalesce_ops > 0 && st.coalesce_ops <= 16,
+        "{} bundles for 200 messages in 16 receive slots",
+        st.coalesce_ops
+    );
+    let mut o = sides[0].outcomes.clone();
+    o.sort();
+    let want: Vec<(u64, Outcome)> = ids.iter().map(|&i| (i, Outcome::Delivered)).collect();
+    assert_eq!(o, want, "every send reported delivered once");
+}
+
+#[test]
 fn a_silent_peer_is_declared_dead_and_every_pending_send_resolves() {
     let t0 = Instant::now();
     let mut rng = Rng(5);
-    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    // One message per request, so some are posted and some never are
+    // (bundled, all 40 would go in one request).
+    let c = ProtoConfig {
+        bundle: false,
+        ..cfg()
+    };
+    let mut sides = [side(t0, c.clone()), side(t0, c)];
     let mut now = t0;
     for _ in 0..2000 {
         now += Duration::from_micros(10);
@@ -579,8 +638,25 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
         s.failed
     );
 
-    // Garbage instead of a header, and an eager header whose length lies.
-    for garbage in [vec![0xffu8; 24], {
+    // A bundle whose records do not add up: one says 9 bytes, 3 follow.
+    let forged_bundle = {
+        let mut h = Header {
+            kind: Kind::Bundle,
+            flags: 0,
+            credits: 0,
+            seq: 0,
+            len: 7,
+            aux: 1,
+        }
+        .to_bytes()
+        .to_vec();
+        h.extend_from_slice(&9u32.to_le_bytes());
+        h.extend_from_slice(&[1, 2, 3]);
+        h
+    };
+    // Garbage instead of a header, an eager header whose length lies, a
+    // forged bundle.
+    for garbage in [vec![0xffu8; 24], forged_bundle, {
         let mut h = Header {
             kind: Kind::Eager,
             flags: 0,

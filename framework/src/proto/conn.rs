@@ -81,6 +81,15 @@ pub struct ProtoConfig {
     /// single-chunk messages over as the sender's own `Bytes` (counted as
     /// `handoff`, not copied by the device).
     pub handoff: bool,
+    /// Pack small messages queued back to back (each small enough to be
+    /// copied inline) into one SEND, up to [`ProtoConfig::bundle_bytes`]: one
+    /// work request, one receive slot and one credit for the lot. Nothing
+    /// waits to form a bundle; only messages already queued together are
+    /// packed. The receiver gets each message as its own zero-copy `Bytes`.
+    /// Counted as coalescing copies.
+    pub bundle: bool,
+    /// Largest bundle, header included (capped by the eager limit).
+    pub bundle_bytes: usize,
 }
 
 impl Default for ProtoConfig {
@@ -96,6 +105,8 @@ impl Default for ProtoConfig {
             credit_batch: 32,
             policy: UnregisteredPolicy::Bounce,
             handoff: false,
+            bundle: true,
+            bundle_bytes: 2048,
         }
     }
 }
@@ -324,6 +335,11 @@ enum Inflight {
     Rts {
         _hdr: SlotMut,
     },
+    /// `n` messages in one SEND; their ids wait in `bundle_ids`.
+    Bundle {
+        buf: SlotMut,
+        n: u32,
+    },
     Control {
         hdr: Option<SlotMut>,
         kind: Kind,
@@ -410,6 +426,14 @@ pub struct Connection {
     hdr_free: Vec<SlotMut>,
     /// Rendezvous headers, which carry the list of exposed regions.
     rts_arena: Arena,
+    /// Bundle buffers (made at the first bundle), and the ones whose send
+    /// completed, kept for reuse.
+    bundle_arena: Option<Arena>,
+    bundle_free: Vec<SlotMut>,
+    /// Ids of the messages of bundles in flight, in posting order.
+    bundle_ids: VecDeque<u64>,
+    /// Messages sent in bundles so far.
+    bundled: u64,
     peer_credits: i64,
     hello_seen: bool,
     next_seq: u32,
@@ -445,6 +469,8 @@ pub struct Connection {
     last_recv: Instant,
     plan: RwPlan,
     scratch: Vec<Sge>,
+    /// Where a received bundle's messages lie (offset, length).
+    scratch_offsets: Vec<(usize, usize)>,
     /// The region table the SGE builder keeps between messages.
     sge_table: Option<crate::mem::CachedTable>,
     regions: Vec<RemoteRegion>,
@@ -465,6 +491,9 @@ const MAX_INLINE_COPY: usize = 256;
 
 /// Rendezvous headers in flight at most (more wait for a free one).
 const RTS_SLOTS: usize = 64;
+
+/// Bundles in flight at most (more messages go one by one meanwhile).
+const BUNDLE_SLOTS: usize = 16;
 
 /// Receives reposted per post list while the receive queue is over half full.
 const REPOST_BATCH: u32 = 8;
@@ -518,6 +547,10 @@ impl Connection {
             hdr_arena,
             hdr_free: Vec::with_capacity(hdr_slots),
             rts_arena,
+            bundle_arena: None,
+            bundle_free: Vec::with_capacity(BUNDLE_SLOTS),
+            bundle_ids: VecDeque::with_capacity(BUNDLE_SLOTS * wire::MAX_BUNDLE as usize),
+            bundled: 0,
             peer_credits: 0,
             hello_seen: false,
             next_seq: 0,
@@ -539,12 +572,13 @@ impl Connection {
             recvs: Vec::with_capacity(slots),
             sges: Vec::with_capacity(hdr_slots * 4),
             events: VecDeque::with_capacity(64),
-            messages: VecDeque::with_capacity(slots),
+            messages: VecDeque::with_capacity(slots * 4),
             delivered: 0,
             last_sent: now,
             last_recv: now,
             plan: RwPlan::new(),
             scratch: Vec::with_capacity(32),
+            scratch_offsets: Vec::with_capacity(wire::MAX_BUNDLE as usize),
             sge_table: None,
             regions: Vec::new(),
             handoff_in: None,
@@ -797,6 +831,12 @@ impl Connection {
         self.messages.pop_front()
     }
 
+    /// Messages this side sent packed in bundles so far (see
+    /// [`ProtoConfig::bundle`]).
+    pub fn bundled_count(&self) -> u64 {
+        self.bundled
+    }
+
     /// Messages waiting in [`Connection::poll_message`]'s queue.
     pub fn messages_ready(&self) -> usize {
         self.messages.len()
@@ -883,6 +923,18 @@ impl Connection {
                     })
                 }
                 Inflight::Rts { .. } => {}
+                Inflight::Bundle { mut buf, n } => {
+                    buf.set_len(0);
+                    self.bundle_free.push(buf);
+                    for _ in 0..n {
+                        if let Some(id) = self.bundle_ids.pop_front() {
+                            self.events.push_back(Event::Sent {
+                                id,
+                                outcome: Outcome::Delivered,
+                            });
+                        }
+                    }
+                }
                 Inflight::Control { kind, hdr } => {
                     self.recycle_hdr(hdr);
                     if kind == Kind::Close {
@@ -1082,6 +1134,34 @@ impl Connection {
                     }),
                 }
             }
+            Kind::Bundle => {
+                if hdr.len != payload as u64 {
+                    return self.protocol_error(WireError::BadLength {
+                        said: hdr.len,
+                        got: payload as u64,
+                    });
+                }
+                let b = slot.freeze();
+                let mut at = std::mem::take(&mut self.scratch_offsets);
+                at.clear();
+                let checked = wire::bundle_records(&b[HDR..], hdr.aux, |off, len| {
+                    at.push((HDR + off, len));
+                });
+                if let Err(e) = checked {
+                    self.scratch_offsets = at;
+                    return self.protocol_error(e);
+                }
+                if !self.check_seq(hdr.seq) {
+                    self.scratch_offsets = at;
+                    return;
+                }
+                // `check_seq` took the first; the rest follow it.
+                self.expected_seq = self.expected_seq.wrapping_add(at.len() as u32 - 1);
+                for &(off, len) in &at {
+                    self.arrived(b.slice(off..off + len));
+                }
+                self.scratch_offsets = at;
+            }
             Kind::Credit | Kind::Heartbeat => {}
             Kind::Close => {
                 self.incoming.push_back(Incoming::Eos);
@@ -1119,6 +1199,16 @@ impl Connection {
                     id,
                     outcome: inflight_outcome,
                 }),
+                Inflight::Bundle { n, .. } => {
+                    for _ in 0..n {
+                        if let Some(id) = self.bundle_ids.pop_front() {
+                            self.events.push_back(Event::Sent {
+                                id,
+                                outcome: inflight_outcome,
+                            });
+                        }
+                    }
+                }
                 Inflight::Op { id, last: true, .. } => self.events.push_back(Event::OpDone {
                     id,
                     status: WcStatus::WrFlushErr,
@@ -1579,6 +1669,13 @@ impl Connection {
                 }
                 Out::Data { id, mut msg, track } => {
                     let len = msg.len();
+                    if self.bundles_with(len) && self.next_bundles() {
+                        match self.post_bundle(id, msg, track, now) {
+                            None => continue,
+                            // No bundle buffer free: this one goes alone.
+                            Some(m) => msg = m,
+                        }
+                    }
                     if let Some(ch) = self.handoff_out.clone() {
                         let single = match &msg {
                             Msg::One(b) => Some(b.clone()),
@@ -1658,6 +1755,128 @@ impl Connection {
         }
         self.pd.stats().add_handoff(len);
         true
+    }
+
+    /// A message of `len` bytes may go in a bundle.
+    #[inline]
+    fn bundles_with(&self, len: u64) -> bool {
+        self.cfg.bundle && self.handoff_out.is_none() && len as usize + HDR <= self.inline_copy
+    }
+
+    /// The next queued message may join a bundle too (a bundle of one is
+    /// not worth its record).
+    fn next_bundles(&self) -> bool {
+        match self.data.front() {
+            Some(Out::Data { msg, .. }) => self.bundles_with(msg.len()),
+            _ => false,
+        }
+    }
+
+    fn alloc_bundle(&mut self) -> Option<SlotMut> {
+        if let Some(b) = self.bundle_free.pop() {
+            return Some(b);
+        }
+        if self.bundle_arena.is_none() {
+            let size = self
+                .cfg
+                .bundle_bytes
+                .min(self.eager_limit() + HDR)
+                .min(self.lim.max_msg_sz as usize);
+            if size < HDR + 2 * (wire::REC + 1) {
+                return None;
+            }
+            match self.pd.arena(ArenaConfig {
+                huge_pages: HugePages::Never,
+                ..ArenaConfig::new(size, BUNDLE_SLOTS)
+            }) {
+                Ok(a) => self.bundle_arena = Some(a),
+                Err(e) => {
+                    tracing::debug!("no bundle buffers ({e}); small messages go one by one");
+                    self.cfg.bundle = false;
+                    return None;
+                }
+            }
+        }
+        self.bundle_arena.as_ref().and_then(Arena::alloc)
+    }
+
+    /// Pack message `id` and the small messages queued after it into one
+    /// SEND. Gives the message back if no bundle buffer is free.
+    fn post_bundle(&mut self, id: u64, msg: Msg, track: bool, now: Instant) -> Option<Msg> {
+        let Some(mut buf) = self.alloc_bundle() else {
+            return Some(msg);
+        };
+        let cap = buf.capacity();
+        buf.set_len(HDR);
+        let put = |buf: &mut SlotMut, msg: &Msg| {
+            buf.put_slice(&(msg.len() as u32).to_le_bytes());
+            match msg {
+                Msg::One(b) => buf.put_slice(b),
+                Msg::Many(v) => v.iter().for_each(|c| buf.put_slice(c)),
+            }
+        };
+        put(&mut buf, &msg);
+        drop(msg);
+        self.bundle_ids.push_back(id);
+        let mut n = 1u32;
+        let mut signal = track;
+        while u64::from(n) < wire::MAX_BUNDLE {
+            let fits = match self.data.front() {
+                Some(Out::Data { msg, .. }) => {
+                    self.bundles_with(msg.len())
+                        && buf.len() + wire::REC + msg.len() as usize <= cap
+                }
+                _ => false,
+            };
+            if !fits {
+                break;
+            }
+            let Some(Out::Data { id, msg, track }) = self.data.pop_front() else {
+                break;
+            };
+            put(&mut buf, &msg);
+            self.bundle_ids.push_back(id);
+            signal |= track;
+            n += 1;
+        }
+        let h = Header {
+            kind: Kind::Bundle,
+            flags: 0,
+            credits: self.take_owed(),
+            seq: self.next_seq,
+            len: (buf.len() - HDR) as u64,
+            aux: u64::from(n),
+        };
+        h.encode(&mut buf.as_mut_slice()[..HDR]);
+        self.pd
+            .stats()
+            .add(CopyReason::Coalesce, (buf.len() - HDR) as u64);
+        self.signal_batch |= signal;
+        let mut flags = self.next_signal(false);
+        if buf.len() <= self.lim.max_inline_data as usize {
+            flags |= SendFlags::INLINE;
+        }
+        let sge_start = self.sges.len() as u32;
+        self.sges.push(buf.sge_filled());
+        let wr_id = self.next_wr;
+        self.next_wr += 1;
+        self.next_seq = self.next_seq.wrapping_add(n);
+        self.bundled += u64::from(n);
+        self.peer_credits -= 1;
+        self.last_sent = now;
+        self.push_wr(
+            SendOp {
+                wr_id,
+                opcode: Opcode::Send,
+                flags,
+                sge_start,
+                sge_count: 1,
+                remote_addr: 0,
+                rkey: 0,
+            },
+            Inflight::Bundle { buf, n },
+        );
+        None
     }
 
     fn post_eager(

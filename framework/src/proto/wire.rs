@@ -38,6 +38,58 @@ pub enum Kind {
     /// own `Bytes` through the peer's handoff queue; this SEND keeps order
     /// and credits.
     Handoff = 8,
+    /// Several small messages in one SEND: `aux` of them, numbered from
+    /// `seq`, each a record of [`REC`] length bytes (u32, little-endian)
+    /// and the payload, back to back, `len` bytes in all.
+    Bundle = 9,
+}
+
+/// Bytes before each message of a bundle: its length, u32 little-endian.
+pub const REC: usize = 4;
+
+/// Most messages in one bundle.
+pub const MAX_BUNDLE: u64 = 64;
+
+/// Check a bundle's records (`count` of them must exactly fill `payload`)
+/// and call `each(offset, len)` for every message, offsets relative to
+/// `payload`. Nothing is reported unless the whole bundle is well formed.
+pub fn bundle_records(
+    payload: &[u8],
+    count: u64,
+    mut each: impl FnMut(usize, usize),
+) -> Result<(), WireError> {
+    let bad = |why: &str| {
+        WireError::BadBundle(format!(
+            "{count} messages in {} bytes: {why}",
+            payload.len()
+        ))
+    };
+    if count == 0 || count > MAX_BUNDLE {
+        return Err(bad("count out of range"));
+    }
+    let walk = |mut f: Option<&mut dyn FnMut(usize, usize)>| -> Result<(), WireError> {
+        let mut off = 0usize;
+        for _ in 0..count {
+            let Some(rec) = payload.get(off..off + REC) else {
+                return Err(bad("a record header is cut short"));
+            };
+            let len = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize;
+            let start = off + REC;
+            if payload.len() - start < len {
+                return Err(bad("a message runs past the end"));
+            }
+            if let Some(f) = f.as_mut() {
+                f(start, len);
+            }
+            off = start + len;
+        }
+        if off != payload.len() {
+            return Err(bad("bytes left over"));
+        }
+        Ok(())
+    };
+    walk(None)?;
+    walk(Some(&mut each))
 }
 
 impl Kind {
@@ -51,13 +103,14 @@ impl Kind {
             6 => Kind::Close,
             7 => Kind::Heartbeat,
             8 => Kind::Handoff,
+            9 => Kind::Bundle,
             _ => return None,
         })
     }
 
     /// Data messages consume data credits and are delivered to the application.
     pub fn is_data(self) -> bool {
-        matches!(self, Kind::Eager | Kind::Rts | Kind::Handoff)
+        matches!(self, Kind::Eager | Kind::Rts | Kind::Handoff | Kind::Bundle)
     }
 }
 
@@ -102,6 +155,9 @@ pub enum WireError {
     /// A rendezvous descriptor that does not parse.
     #[error("malformed rendezvous descriptor: {0}")]
     BadRendezvous(String),
+    /// A bundle whose records do not add up.
+    #[error("malformed bundle: {0}")]
+    BadBundle(String),
 }
 
 impl Header {
@@ -206,6 +262,32 @@ mod tests {
         let mut bad = h.to_bytes();
         bad[0] = 99;
         assert_eq!(Header::decode(&bad), Err(WireError::BadKind(99)));
+    }
+
+    #[test]
+    fn bundles_must_add_up() {
+        let mut buf = Vec::new();
+        for m in [&b"ab"[..], b"", b"xyz"] {
+            buf.extend_from_slice(&(m.len() as u32).to_le_bytes());
+            buf.extend_from_slice(m);
+        }
+        let mut got = Vec::new();
+        bundle_records(&buf, 3, |off, len| got.push(buf[off..off + len].to_vec())).unwrap();
+        assert_eq!(got, vec![b"ab".to_vec(), vec![], b"xyz".to_vec()]);
+        let none = |_: usize, _: usize| panic!("a malformed bundle reported a message");
+        // Wrong counts, cut records, overlong lengths, trailing bytes.
+        assert!(bundle_records(&buf, 2, none).is_err());
+        assert!(bundle_records(&buf, 4, none).is_err());
+        assert!(bundle_records(&buf, 0, none).is_err());
+        assert!(bundle_records(&buf[..buf.len() - 1], 3, none).is_err());
+        assert!(bundle_records(&buf[..2], 1, none).is_err());
+        let mut long = buf.clone();
+        long[0] = 200;
+        assert!(bundle_records(&long, 3, none).is_err());
+        let mut huge = buf.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(bundle_records(&huge, 3, none).is_err());
+        assert!(bundle_records(&[], MAX_BUNDLE + 1, none).is_err());
     }
 
     #[test]
