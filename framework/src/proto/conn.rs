@@ -728,13 +728,23 @@ impl Connection {
     /// Header and payload into `slot` for an inline SEND (counted as an
     /// inline copy); returns its SGE.
     fn fill_inline(&self, slot: &mut SlotMut, hdr: &Header, msg: &Msg) -> Sge {
-        slot.set_len(HDR);
-        hdr.encode(slot.as_mut_slice());
+        // The caller checked that header and payload fit `inline_copy`,
+        // which the header slots are sized to: plain slice copies.
+        let total = HDR + msg.len() as usize;
+        slot.set_len(total);
+        let buf = slot.as_mut_slice();
+        hdr.encode(&mut buf[..HDR]);
         match msg {
-            Msg::One(b) => slot.put_slice(b),
-            Msg::Many(v) => v.iter().for_each(|c| slot.put_slice(c)),
+            Msg::One(b) => buf[HDR..].copy_from_slice(b),
+            Msg::Many(v) => {
+                let mut at = HDR;
+                for c in v {
+                    buf[at..at + c.len()].copy_from_slice(c);
+                    at += c.len();
+                }
+            }
         }
-        self.pd.stats().add(CopyReason::Inline, slot.len() as u64);
+        self.pd.stats().add(CopyReason::Inline, total as u64);
         slot.sge_filled()
     }
 
