@@ -71,6 +71,12 @@ pub struct VerbsQp {
     /// accept more than the granted depth; this keeps to it, and so the
     /// completion queue can never overflow).
     sq: VecDeque<u64>,
+    /// Signaled requests posted whose completion was not polled yet: while
+    /// there are none, `poll_cq` looks at the send CQ only every
+    /// [`SEND_CQ_EVERY`]th call (see `poll_both`).
+    signaled_out: u32,
+    /// `poll_cq` calls since the send CQ was last looked at.
+    send_cq_skipped: u32,
     /// Receives posted and not yet completed (own receive queue).
     rq: u32,
     /// The shared receive queue's count of outstanding receives.
@@ -231,6 +237,8 @@ impl VerbsQp {
             send_scratch: SendList::with_capacity(64),
             recv_scratch: RecvList::with_capacity(64),
             sq: VecDeque::with_capacity(caps.max_send_wr as usize),
+            signaled_out: 0,
+            send_cq_skipped: 0,
             rq: 0,
             srq_outstanding,
             wc_buf: vec![sys::empty_wc(); POLL_BATCH],
@@ -494,6 +502,9 @@ impl VerbsQp {
     /// next completion).
     #[inline]
     fn retire_sends(&mut self, done: &[WorkCompletion]) {
+        // Each completion is a signaled request's, or an unsignaled one's
+        // error or flush (which the count never held): saturate.
+        self.signaled_out = self.signaled_out.saturating_sub(done.len() as u32);
         for c in done {
             while let Some(id) = self.sq.pop_front() {
                 if id == c.wr_id {
@@ -517,10 +528,28 @@ impl VerbsQp {
     }
 
     /// Poll both CQs into `out`, with accounting; returns how many.
+    ///
+    /// The send CQ can only hold something if a signaled request is
+    /// outstanding, or if an unsignaled one failed (or was flushed): while no
+    /// signaled request is outstanding it is polled every
+    /// [`SEND_CQ_EVERY`]th call only, which halves the cost of a busy-poll
+    /// loop waiting for receives, and bounds how late such an error shows.
+    /// `all` polls it regardless (before sleeping, and in the error state).
     #[inline]
-    fn poll_both(&mut self, out: &mut [WorkCompletion]) -> usize {
-        let a = Self::poll_one(&self.send_cq, &mut self.wc_buf, out, false, &self.errored);
-        self.retire_sends(&out[..a]);
+    fn poll_both(&mut self, out: &mut [WorkCompletion], all: bool) -> usize {
+        let mut a = 0;
+        if !self.sq.is_empty() {
+            self.send_cq_skipped += 1;
+            if all
+                || self.signaled_out > 0
+                || self.errored.get()
+                || self.send_cq_skipped >= SEND_CQ_EVERY
+            {
+                self.send_cq_skipped = 0;
+                a = Self::poll_one(&self.send_cq, &mut self.wc_buf, out, false, &self.errored);
+                self.retire_sends(&out[..a]);
+            }
+        }
         let b = Self::poll_one(
             &self.recv_cq,
             &mut self.wc_buf,
@@ -535,11 +564,15 @@ impl VerbsQp {
     /// Poll both CQs into the pending buffer; returns how many were added.
     fn poll_into_pending(&mut self) -> usize {
         let mut tmp = [WorkCompletion::EMPTY; POLL_BATCH];
-        let n = self.poll_both(&mut tmp);
+        let n = self.poll_both(&mut tmp, true);
         self.pending.extend(&tmp[..n]);
         n
     }
 }
+
+/// While no signaled send is outstanding, `poll_cq` looks at the send CQ
+/// once in this many calls (for the errors of unsignaled requests).
+const SEND_CQ_EVERY: u32 = 16;
 
 struct KeyGuard<'a> {
     core: &'a Arc<Core>,
@@ -611,6 +644,11 @@ impl QueuePair for VerbsQp {
                 Err(PostFail::Provider { index, .. }) | Err(PostFail::Inline { index }) => index,
             };
             self.sq.extend(wrs[..posted].iter().map(|w| w.wr_id));
+            let signaled = wrs[..posted]
+                .iter()
+                .filter(|w| w.flags.contains(SendFlags::SIGNALED))
+                .count();
+            self.signaled_out += signaled as u32;
             if posted > 0 {
                 self.after_post();
             }
@@ -701,7 +739,7 @@ impl QueuePair for VerbsQp {
             }
         }
         self.check_peer();
-        n + self.poll_both(&mut wc[n..])
+        n + self.poll_both(&mut wc[n..], false)
     }
 
     fn arm(&mut self, waker: &Waker) -> Armed {
