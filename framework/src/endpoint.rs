@@ -267,7 +267,10 @@ impl Endpoint {
             self.conn.on_tick(now);
             self.next_tick = now + self.tick_every;
         }
-        did |= self.flush(now);
+        // Idle: no call into the protocol's transmit at all.
+        if self.conn.has_work() {
+            did |= self.flush(now);
+        }
         did |= self.drain_events();
         did
     }

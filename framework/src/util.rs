@@ -5,18 +5,25 @@
 /// which costs a memory read where `Instant::now` may cost a trip to the
 /// clock hardware on every busy-poll iteration. Falls back to
 /// `Instant::now` where the coarse clock is unavailable.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CoarseClock {
     base: std::time::Instant,
     base_coarse: Option<std::time::Duration>,
+    /// The last reading and the `Instant` made of it: the coarse clock moves
+    /// once per timer tick, so most reads repeat the last one and need no
+    /// arithmetic.
+    last: std::cell::Cell<(std::time::Duration, std::time::Instant)>,
 }
 
 impl CoarseClock {
     /// A clock that starts now.
     pub fn new() -> Self {
+        let base = std::time::Instant::now();
+        let base_coarse = crate::mem::sys::coarse_monotonic();
         CoarseClock {
-            base: std::time::Instant::now(),
-            base_coarse: crate::mem::sys::coarse_monotonic(),
+            base,
+            base_coarse,
+            last: std::cell::Cell::new((base_coarse.unwrap_or_default(), base)),
         }
     }
 
@@ -24,7 +31,15 @@ impl CoarseClock {
     #[inline]
     pub fn now(&self) -> std::time::Instant {
         match (self.base_coarse, crate::mem::sys::coarse_monotonic()) {
-            (Some(b), Some(c)) => self.base + c.saturating_sub(b),
+            (Some(b), Some(c)) => {
+                let (seen, at) = self.last.get();
+                if c == seen {
+                    return at;
+                }
+                let t = self.base + c.saturating_sub(b);
+                self.last.set((c, t));
+                t
+            }
             _ => std::time::Instant::now(),
         }
     }

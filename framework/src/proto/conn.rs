@@ -1291,8 +1291,16 @@ impl Connection {
         }
     }
 
+    /// True if [`Connection::transmit`] has something to post: callers that
+    /// poll in a loop check this first and skip the call when idle.
+    #[inline]
+    pub fn has_work(&self) -> bool {
+        self.state != State::Failed && !self.nothing_to_post()
+    }
+
     /// True if [`Connection::transmit`] would post nothing: the check that
     /// keeps an idle progress call cheap.
+    #[inline]
     fn nothing_to_post(&self) -> bool {
         self.data.is_empty()
             && self.ctrl.is_empty()
@@ -1307,6 +1315,7 @@ impl Connection {
     /// posted (one doorbell per batch instead of per message; the peer's
     /// credits only lag by the batch and it still holds at least half of
     /// them), and below half every free slot goes back at once.
+    #[inline]
     fn repost_due(&self) -> bool {
         let target = self.cfg.recv_slots + self.cfg.reserve;
         !self.initial_posted

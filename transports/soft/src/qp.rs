@@ -1195,7 +1195,46 @@ impl Local {
         }
     }
 
+    /// In the error state: the completions the peer's last execution
+    /// produced, then every other posted receive flushed.
+    #[cold]
+    #[inline(never)]
+    fn drain_recv_in_error(
+        &mut self,
+        core: &QpCore,
+        peer: &QpCore,
+        r: &RecvRing,
+        wc: &mut [WorkCompletion],
+    ) -> usize {
+        let mut n = 0;
+        if !self.peer_quiesced {
+            // Our ERROR flag is set (SeqCst): once the execution of the
+            // peer's requests in progress ends, nobody consumes our
+            // receives again.
+            peer.exec.quiesce();
+            self.peer_quiesced = true;
+        }
+        let consume = r.consume.load(Ordering::Acquire);
+        while n < wc.len() && self.rq_poll < consume {
+            wc[n] = r.slots.completion(r.slot(self.rq_poll), core.qpn);
+            self.rq_poll += 1;
+            n += 1;
+        }
+        let post = r.post.load(Ordering::Relaxed);
+        while n < wc.len() && self.rq_poll < post {
+            wc[n] = r.slots.flushed(r.slot(self.rq_poll), core.qpn);
+            self.rq_poll += 1;
+            n += 1;
+        }
+        // We are the consumer now.
+        if self.rq_poll > consume {
+            r.consume.store(self.rq_poll, Ordering::Release);
+        }
+        n
+    }
+
     /// Move receive completions (and, in error, flushes) into `wc`.
+    #[inline]
     fn drain_recv(&mut self, core: &QpCore, peer: &QpCore, wc: &mut [WorkCompletion]) -> usize {
         let mut n = 0;
         match &core.recv {
@@ -1212,29 +1251,7 @@ impl Local {
                     n += 1;
                 }
                 if n < wc.len() && core.flags.load(Ordering::SeqCst) & ERROR != 0 {
-                    if !self.peer_quiesced {
-                        // Our ERROR flag is set (SeqCst): once the execution
-                        // of the peer's requests in progress ends, nobody
-                        // consumes our receives again.
-                        peer.exec.quiesce();
-                        self.peer_quiesced = true;
-                    }
-                    let consume = r.consume.load(Ordering::Acquire);
-                    while n < wc.len() && self.rq_poll < consume {
-                        wc[n] = r.slots.completion(r.slot(self.rq_poll), core.qpn);
-                        self.rq_poll += 1;
-                        n += 1;
-                    }
-                    let post = r.post.load(Ordering::Relaxed);
-                    while n < wc.len() && self.rq_poll < post {
-                        wc[n] = r.slots.flushed(r.slot(self.rq_poll), core.qpn);
-                        self.rq_poll += 1;
-                        n += 1;
-                    }
-                    // We are the consumer now.
-                    if self.rq_poll > consume {
-                        r.consume.store(self.rq_poll, Ordering::Release);
-                    }
+                    n += self.drain_recv_in_error(core, peer, r, &mut wc[n..]);
                 }
             }
             RecvSide::Srq { srq, comp } => {
@@ -1365,6 +1382,27 @@ impl SoftQp {
     }
 }
 
+impl SoftQp {
+    /// Send completions (and retries of waiting requests), under the send
+    /// queue's lock: kept out of `poll_cq` so that its common path (nothing
+    /// outstanding on the send side) stays a small function.
+    #[inline(never)]
+    fn poll_send(&mut self, wc: &mut [WorkCompletion]) -> usize {
+        let SoftQp { core, peer, l } = self;
+        let (n, wakes) = {
+            let mut s = lock(&core.send);
+            s.retry_pending(core, peer);
+            let n = s.sq.drain(wc, core.qpn);
+            l.sq_idle = s.sq.is_idle();
+            let mut w = s.take_wakes();
+            w.me = false;
+            (n, w)
+        };
+        wakes.fire(core, peer);
+        n
+    }
+}
+
 impl QueuePair for SoftQp {
     fn qp_num(&self) -> u32 {
         self.core.qpn
@@ -1452,21 +1490,12 @@ impl QueuePair for SoftQp {
     }
 
     fn poll_cq(&mut self, wc: &mut [WorkCompletion]) -> usize {
-        let SoftQp { core, peer, l } = self;
         let mut n = 0;
-        if !l.sq_idle {
-            let wakes = {
-                let mut s = lock(&core.send);
-                s.retry_pending(core, peer);
-                n = s.sq.drain(wc, core.qpn);
-                l.sq_idle = s.sq.is_idle();
-                let mut w = s.take_wakes();
-                w.me = false;
-                w
-            };
-            wakes.fire(core, peer);
+        if !self.l.sq_idle {
+            n = self.poll_send(wc);
         }
         if n < wc.len() {
+            let SoftQp { core, peer, l } = self;
             n += l.drain_recv(core, peer, &mut wc[n..]);
         }
         n
