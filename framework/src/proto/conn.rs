@@ -1479,8 +1479,19 @@ impl Connection {
             self.pd.stats().add(CopyReason::Inline, s.len() as u64);
         }
         self.sges.push(s.sge_filled());
-        let hold = Some(s);
         flags |= self.next_signal(false);
+        self.push_send_one(
+            flags,
+            sge_start,
+            now,
+            Inflight::Control { hdr: Some(s), kind },
+        );
+        true
+    }
+
+    /// Queue a one-SGE SEND (its SGE already at `sge_start`) that takes a
+    /// credit: the next request id, the credit, the time of the last send.
+    fn push_send_one(&mut self, flags: SendFlags, sge_start: u32, now: Instant, f: Inflight) {
         let wr_id = self.next_wr;
         self.next_wr += 1;
         self.peer_credits -= 1;
@@ -1494,8 +1505,7 @@ impl Connection {
             remote_addr: 0,
             rkey: 0,
         };
-        self.push_wr(op, Inflight::Control { hdr: hold, kind });
-        true
+        self.push_wr(op, f);
     }
 
     fn fill_reads(&mut self) {
@@ -1877,24 +1887,9 @@ impl Connection {
         }
         let sge_start = self.sges.len() as u32;
         self.sges.push(buf.sge_filled());
-        let wr_id = self.next_wr;
-        self.next_wr += 1;
         self.next_seq = self.next_seq.wrapping_add(n);
         self.bundled += u64::from(n);
-        self.peer_credits -= 1;
-        self.last_sent = now;
-        self.push_wr(
-            SendOp {
-                wr_id,
-                opcode: Opcode::Send,
-                flags,
-                sge_start,
-                sge_count: 1,
-                remote_addr: 0,
-                rkey: 0,
-            },
-            Inflight::Bundle { buf, n },
-        );
+        self.push_send_one(flags, sge_start, now, Inflight::Bundle { buf, n });
         None
     }
 
