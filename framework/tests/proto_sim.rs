@@ -527,6 +527,37 @@ fn small_messages_queued_together_travel_as_bundles() {
 }
 
 #[test]
+fn a_bundle_buffer_too_small_for_a_message_sends_it_alone() {
+    // Bundles of at most 48 bytes (the buffer rounds up to 64): two 30-byte
+    // messages (92 bytes with the header and records) never fit, so each is
+    // sent alone, never cut, refused or bundled on its own.
+    let t0 = Instant::now();
+    let mut rng = Rng(13);
+    let c = ProtoConfig {
+        bundle_bytes: 48,
+        ..cfg()
+    };
+    let mut sides = [side(t0, c.clone()), side(t0, c)];
+    for i in 0..50u8 {
+        sides[0].conn.send(Bytes::from(vec![i; 30])).unwrap();
+    }
+    let mut now = t0;
+    for _ in 0..50_000 {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+        if sides[1].got.len() == 50 {
+            break;
+        }
+    }
+    assert!(sides[0].failed.is_none() && sides[1].failed.is_none());
+    assert_eq!(sides[1].got.len(), 50);
+    for (i, m) in sides[1].got.iter().enumerate() {
+        assert_eq!(&m[..], &[i as u8; 30][..], "message {i}");
+    }
+    assert_eq!(sides[0].conn.bundled_count(), 0);
+}
+
+#[test]
 fn a_silent_peer_is_declared_dead_and_every_pending_send_resolves() {
     let t0 = Instant::now();
     let mut rng = Rng(5);

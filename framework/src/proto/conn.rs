@@ -1836,6 +1836,16 @@ impl Connection {
             return Some(msg);
         };
         let cap = buf.capacity();
+        let next = match self.data.front() {
+            Some(Out::Data { msg, .. }) => msg.len() as usize,
+            _ => usize::MAX / 4,
+        };
+        if HDR + 2 * wire::REC + msg.len() as usize + next > cap {
+            // Not even two fit (a bundle buffer configured small): a bundle
+            // of one only adds a record, so this one goes alone.
+            self.bundle_free.push(buf);
+            return Some(msg);
+        }
         buf.set_len(HDR);
         let put = |buf: &mut SlotMut, msg: &Msg| {
             buf.put_slice(&(msg.len() as u32).to_le_bytes());
