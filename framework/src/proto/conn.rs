@@ -153,6 +153,19 @@ impl Msg {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Copy the bytes, in order, into `out` (exactly `len()` bytes long).
+    fn copy_to(&self, out: &mut [u8]) {
+        match self {
+            Msg::One(b) => out.copy_from_slice(b),
+            Msg::Many(v) => {
+                let mut at = 0;
+                for c in v {
+                    out[at..at + c.len()].copy_from_slice(c);
+                    at += c.len();
+                }
+            }
+        }
+    }
 }
 
 impl From<Bytes> for Msg {
@@ -691,14 +704,7 @@ impl Connection {
                 None => return Ok(None),
             },
         };
-        let hdr = Header {
-            kind: Kind::Eager,
-            flags: 0,
-            credits: self.take_owed(),
-            seq: self.next_seq,
-            len,
-            aux: 0,
-        };
+        let hdr = self.eager_header(len);
         let sge = self.fill_inline(&mut stage, &hdr, msg);
         self.stage = Some(stage);
         let id = self.next_id;
@@ -725,6 +731,18 @@ impl Connection {
         }))
     }
 
+    /// The header of the next eager message, `len` bytes, with the credits owed.
+    fn eager_header(&mut self, len: u64) -> Header {
+        Header {
+            kind: Kind::Eager,
+            flags: 0,
+            credits: self.take_owed(),
+            seq: self.next_seq,
+            len,
+            aux: 0,
+        }
+    }
+
     /// Header and payload into `slot` for an inline SEND (counted as an
     /// inline copy); returns its SGE.
     fn fill_inline(&self, slot: &mut SlotMut, hdr: &Header, msg: &Msg) -> Sge {
@@ -734,16 +752,7 @@ impl Connection {
         slot.set_len(total);
         let buf = slot.as_mut_slice();
         hdr.encode(&mut buf[..HDR]);
-        match msg {
-            Msg::One(b) => buf[HDR..].copy_from_slice(b),
-            Msg::Many(v) => {
-                let mut at = HDR;
-                for c in v {
-                    buf[at..at + c.len()].copy_from_slice(c);
-                    at += c.len();
-                }
-            }
-        }
+        msg.copy_to(&mut buf[HDR..]);
         self.pd.stats().add(CopyReason::Inline, total as u64);
         slot.sge_filled()
     }
@@ -936,14 +945,7 @@ impl Connection {
                 Inflight::Bundle { mut buf, n } => {
                     buf.set_len(0);
                     self.bundle_free.push(buf);
-                    for _ in 0..n {
-                        if let Some(id) = self.bundle_ids.pop_front() {
-                            self.events.push_back(Event::Sent {
-                                id,
-                                outcome: Outcome::Delivered,
-                            });
-                        }
-                    }
+                    self.bundle_outcomes(n, Outcome::Delivered);
                 }
                 Inflight::Control { kind, hdr } => {
                     self.recycle_hdr(hdr);
@@ -967,6 +969,15 @@ impl Connection {
                         });
                     }
                 }
+            }
+        }
+    }
+
+    /// Report the oldest bundle in flight, of `n` messages.
+    fn bundle_outcomes(&mut self, n: u32, outcome: Outcome) {
+        for _ in 0..n {
+            if let Some(id) = self.bundle_ids.pop_front() {
+                self.events.push_back(Event::Sent { id, outcome });
             }
         }
     }
@@ -1157,18 +1168,16 @@ impl Connection {
                 let checked = wire::bundle_records(&b[HDR..], hdr.aux, |off, len| {
                     at.push((HDR + off, len));
                 });
-                if let Err(e) = checked {
-                    self.scratch_offsets = at;
-                    return self.protocol_error(e);
-                }
-                if !self.check_seq(hdr.seq) {
-                    self.scratch_offsets = at;
-                    return;
-                }
-                // `check_seq` took the first; the rest follow it.
-                self.expected_seq = self.expected_seq.wrapping_add(at.len() as u32 - 1);
-                for &(off, len) in &at {
-                    self.arrived(b.slice(off..off + len));
+                match checked {
+                    Err(e) => self.protocol_error(e),
+                    Ok(()) if self.check_seq(hdr.seq) => {
+                        // `check_seq` took the first; the rest follow it.
+                        self.expected_seq = self.expected_seq.wrapping_add(at.len() as u32 - 1);
+                        for &(off, len) in &at {
+                            self.arrived(b.slice(off..off + len));
+                        }
+                    }
+                    Ok(()) => {}
                 }
                 self.scratch_offsets = at;
             }
@@ -1209,16 +1218,7 @@ impl Connection {
                     id,
                     outcome: inflight_outcome,
                 }),
-                Inflight::Bundle { n, .. } => {
-                    for _ in 0..n {
-                        if let Some(id) = self.bundle_ids.pop_front() {
-                            self.events.push_back(Event::Sent {
-                                id,
-                                outcome: inflight_outcome,
-                            });
-                        }
-                    }
-                }
+                Inflight::Bundle { n, .. } => self.bundle_outcomes(n, inflight_outcome),
                 Inflight::Op { id, last: true, .. } => self.events.push_back(Event::OpDone {
                     id,
                     status: WcStatus::WrFlushErr,
@@ -1698,8 +1698,8 @@ impl Connection {
                 }
                 Out::Data { id, mut msg, track } => {
                     let len = msg.len();
-                    if self.bundles_with(len) && self.next_bundles() {
-                        match self.post_bundle(id, msg, track, now) {
+                    if let Some(next) = self.next_bundle_len(len) {
+                        match self.post_bundle(id, msg, track, next, now) {
                             None => continue,
                             // No bundle buffer free: this one goes alone.
                             Some(m) => msg = m,
@@ -1792,12 +1792,16 @@ impl Connection {
         self.cfg.bundle && self.handoff_out.is_none() && len as usize + HDR <= self.inline_copy
     }
 
-    /// The next queued message may join a bundle too (a bundle of one is
-    /// not worth its record).
-    fn next_bundles(&self) -> bool {
+    /// A message of `len` bytes and the next queued one may go in a bundle
+    /// together (a bundle of one is not worth its record): the next one's
+    /// length.
+    fn next_bundle_len(&self, len: u64) -> Option<u64> {
         match self.data.front() {
-            Some(Out::Data { msg, .. }) => self.bundles_with(msg.len()),
-            _ => false,
+            Some(Out::Data { msg, .. }) if self.bundles_with(len) => {
+                let next = msg.len();
+                self.bundles_with(next).then_some(next)
+            }
+            _ => None,
         }
     }
 
@@ -1829,30 +1833,35 @@ impl Connection {
         self.bundle_arena.as_ref().and_then(Arena::alloc)
     }
 
-    /// Pack message `id` and the small messages queued after it into one
-    /// SEND. Gives the message back if no bundle buffer is free.
-    fn post_bundle(&mut self, id: u64, msg: Msg, track: bool, now: Instant) -> Option<Msg> {
+    /// Pack message `id` and the small messages queued after it (the first
+    /// of them `next` bytes) into one SEND. Gives the message back if no
+    /// bundle buffer is free.
+    fn post_bundle(
+        &mut self,
+        id: u64,
+        msg: Msg,
+        track: bool,
+        next: u64,
+        now: Instant,
+    ) -> Option<Msg> {
         let Some(mut buf) = self.alloc_bundle() else {
             return Some(msg);
         };
         let cap = buf.capacity();
-        let next = match self.data.front() {
-            Some(Out::Data { msg, .. }) => msg.len() as usize,
-            _ => usize::MAX / 4,
-        };
-        if HDR + 2 * wire::REC + msg.len() as usize + next > cap {
+        if HDR + 2 * wire::REC + (msg.len() + next) as usize > cap {
             // Not even two fit (a bundle buffer configured small): a bundle
             // of one only adds a record, so this one goes alone.
             self.bundle_free.push(buf);
             return Some(msg);
         }
         buf.set_len(HDR);
+        // One record: the length, then the bytes (the caller checked the fit).
         let put = |buf: &mut SlotMut, msg: &Msg| {
-            buf.put_slice(&(msg.len() as u32).to_le_bytes());
-            match msg {
-                Msg::One(b) => buf.put_slice(b),
-                Msg::Many(v) => v.iter().for_each(|c| buf.put_slice(c)),
-            }
+            let (at, len) = (buf.len(), msg.len() as usize);
+            buf.set_len(at + wire::REC + len);
+            let out = &mut buf.as_mut_slice()[at..];
+            out[..wire::REC].copy_from_slice(&(len as u32).to_le_bytes());
+            msg.copy_to(&mut out[wire::REC..]);
         };
         put(&mut buf, &msg);
         drop(msg);
@@ -1943,14 +1952,7 @@ impl Connection {
                 return Err(SendError::Buffer(e.to_string()));
             }
         }
-        let h = Header {
-            kind: Kind::Eager,
-            flags: 0,
-            credits: self.take_owed(),
-            seq: self.next_seq,
-            len,
-            aux: 0,
-        };
+        let h = self.eager_header(len);
         if inline {
             // Small: the payload goes next to the header and the request
             // inline, one SGE (any memory will do: nothing stays referenced
