@@ -15,6 +15,8 @@
 #   ZCMSG_LAB_DEVICE_WAIT    seconds the guest waits for rxe0 to be ready (90)
 #   ZCMSG_LAB_VERBOSE=1      pass --verbose to vng (kernel console in the log)
 #   ZCMSG_LAB_CACHE          setup.sh's cache directory (/var/cache/zcmsg-lab)
+#   ZCMSG_LAB_APPEND         more guest kernel parameters (bench.sh sets the
+#                            clock source with it)
 
 lab_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 lab_cache=${ZCMSG_LAB_CACHE:-/var/cache/zcmsg-lab}
@@ -90,7 +92,7 @@ lab_guest() {
                        --exec "bash $(printf '%q %q' "$lab_dir/guest-init.sh" "$state")")
     # udev's coldplug would load drivers for every emulated q35 device (kvm,
     # ahci, watchdogs, input, ...), ~20 s of TCG time the lab never uses.
-    vng_args+=("--append=modprobe.blacklist=$lab_blacklist")
+    vng_args+=("--append=modprobe.blacklist=$lab_blacklist${ZCMSG_LAB_APPEND:+ $ZCMSG_LAB_APPEND}")
     [ "${ZCMSG_LAB_VERBOSE:-0}" = 1 ] && vng_args+=(--verbose)
 
     rm -f "$state"/{booted,ready,rc,reason,qemu.pid,killed,timeout.pid}
