@@ -115,6 +115,9 @@ pub struct Endpoint {
     recv_slots: usize,
     /// The clock at the last `progress`.
     now: Instant,
+    /// The last `progress` returned a message before its posts and timers
+    /// (see `progress_inner`): the next one runs them.
+    deferred: bool,
     /// The clock `progress` reads: the timers need milliseconds, not the
     /// precise clock's price per busy-poll iteration.
     clock: crate::util::CoarseClock,
@@ -207,6 +210,7 @@ impl Endpoint {
             spin: cfg.spin,
             recv_slots: proto.recv_slots as usize,
             now,
+            deferred: false,
             clock: crate::util::CoarseClock::new(),
             wr_buf: Vec::with_capacity(q.max_send_wr as usize),
             rr_buf: Vec::with_capacity((proto.recv_slots + proto.reserve) as usize),
@@ -244,6 +248,16 @@ impl Endpoint {
     /// Do all work that is ready: poll completions, run timers, post. Returns
     /// true if anything happened. Never blocks.
     pub fn progress(&mut self) -> bool {
+        self.progress_inner(false)
+    }
+
+    /// [`Endpoint::progress`]; with `for_message`, a call whose completions
+    /// made a message ready returns it to the caller before the rest of
+    /// the work (reposting receives, credit updates, timers, events), so
+    /// that work is not on the message's latency path: it runs in the next
+    /// call, which never defers again (so a receiver that always finds a
+    /// message still reposts at least every other call).
+    fn progress_inner(&mut self, for_message: bool) -> bool {
         // One coarse clock read per call (a memory read, not the clock
         // hardware): completions, timers and posts share it.
         let now = self.clock.now();
@@ -263,6 +277,11 @@ impl Endpoint {
                 break;
             }
         }
+        if for_message && !self.deferred && self.conn.messages_ready() > 0 {
+            self.deferred = true;
+            return true;
+        }
+        self.deferred = false;
         if now >= self.next_tick {
             self.conn.on_tick(now);
             self.next_tick = now + self.tick_every;
@@ -372,7 +391,7 @@ impl Endpoint {
 
     fn post_now(&mut self, s: SendNow) {
         let sge = [s.sge];
-        let wr = WorkRequest::send(s.wr_id, &sge).with_flags(s.flags);
+        let wr = s.work_request(&sge);
         if let Err(e) = self.qp.post_send(std::slice::from_ref(&wr)) {
             self.conn
                 .fail(ConnError::Post(e.to_string()), Outcome::Unknown);
@@ -416,10 +435,9 @@ impl Endpoint {
     /// `Ok(None)`: nothing yet. `Ok(Some(Recv::Eos))`: the peer closed.
     pub fn try_recv(&mut self) -> Result<Option<Recv>, EndpointError> {
         if self.conn.messages_ready() == 0 {
-            self.progress();
+            self.progress_inner(true);
         }
         if let Some(b) = self.conn.poll_message() {
-            // Returning slots early keeps the peer's credits flowing.
             return Ok(Some(Recv::Message(b)));
         }
         if self.eos {

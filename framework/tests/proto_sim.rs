@@ -46,7 +46,8 @@ struct Side {
     hold: bool,
     held: Vec<Bytes>,
     /// SENDs waiting for a receive (receiver-not-ready retry on the wire).
-    inbound: VecDeque<Vec<u8>>,
+    /// SENDs waiting for a receive: payload and immediate data.
+    inbound: VecDeque<(Vec<u8>, Option<u32>)>,
     /// A dead side does nothing; the wire answers its peer's requests with
     /// nothing (no completion) unless `nak` is set.
     dead: bool,
@@ -115,7 +116,7 @@ fn pump(a: &mut Side, b: &mut Side, now: Instant) {
     rq.extend(tx.recvs.iter().copied());
     // Receives just posted take SENDs that were waiting (RNR retry).
     while !inbound.is_empty() && !rq.is_empty() {
-        let (Some(data), Some(r)) = (inbound.pop_front(), rq.pop_front()) else {
+        let (Some((data, imm)), Some(r)) = (inbound.pop_front(), rq.pop_front()) else {
             break;
         };
         let n = dev
@@ -126,13 +127,13 @@ fn pump(a: &mut Side, b: &mut Side, now: Instant) {
             status: WcStatus::Success,
             opcode: WcOpcode::Recv,
             byte_len: n as u32,
-            imm_data: None,
+            imm_data: imm,
             qp_num: 2,
         });
     }
     for op in tx.sends {
         let sg = &tx.sges[op.sge_start as usize..(op.sge_start + op.sge_count) as usize];
-        execute(dev, send_cq, b, op, sg);
+        execute(dev, send_cq, b, op, sg, None);
     }
 }
 
@@ -144,6 +145,7 @@ fn execute(
     b: &mut Side,
     op: &SendOp,
     sg: &[Sge],
+    imm: Option<u32>,
 ) {
     let dev_b = b.dev.clone();
     {
@@ -153,19 +155,20 @@ fn execute(
             return;
         }
         let status = match op.opcode {
-            Opcode::Send => {
+            Opcode::Send | Opcode::SendWithImm => {
                 // Inline or not, every SGE must name registered memory.
                 let data = dev.gather(sg).expect("SGE outside registered memory");
                 if b.rq.is_empty() || !b.inbound.is_empty() {
                     // Only the handshake may arrive before the peer posted
                     // receives (RC retries it); anything else means the sender
                     // ignored its credits.
-                    let hello = Header::decode(&data).map(|h| h.kind) == Ok(Kind::Hello);
+                    let hello =
+                        imm.is_none() && Header::decode(&data).map(|h| h.kind) == Ok(Kind::Hello);
                     assert!(
                         hello || !b.inbound.is_empty(),
                         "credit flow control violated: a SEND arrived with no receive posted"
                     );
-                    b.inbound.push_back(data);
+                    b.inbound.push_back((data, imm));
                     if signaled {
                         send_cq.push_back(WorkCompletion {
                             wr_id: op.wr_id,
@@ -187,7 +190,7 @@ fn execute(
                     status: WcStatus::Success,
                     opcode: WcOpcode::Recv,
                     byte_len: n as u32,
-                    imm_data: None,
+                    imm_data: imm,
                     qp_num: 2,
                 });
                 WcStatus::Success
@@ -346,7 +349,11 @@ fn run_exchange(seed: u64, hold_for: usize, handoff: bool) {
                         };
                         let op = SendOp {
                             wr_id: f.wr_id,
-                            opcode: Opcode::Send,
+                            opcode: if f.imm.is_some() {
+                                Opcode::SendWithImm
+                            } else {
+                                Opcode::Send
+                            },
                             flags: f.flags,
                             sge_start: 0,
                             sge_count: 1,
@@ -354,7 +361,7 @@ fn run_exchange(seed: u64, hold_for: usize, handoff: bool) {
                             rkey: 0,
                         };
                         if !me.dead {
-                            execute(&me.dev.clone(), &mut me.send_cq, peer, &op, &[f.sge]);
+                            execute(&me.dev.clone(), &mut me.send_cq, peer, &op, &[f.sge], f.imm);
                         }
                         fast_sent[k] += 1;
                         f.id
@@ -686,8 +693,9 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
         h
     };
     // Garbage instead of a header, an eager header whose length lies, a
-    // forged bundle.
-    for garbage in [vec![0xffu8; 24], forged_bundle, {
+    // forged bundle; then immediates that are not compact eager headers,
+    // or one out of order.
+    let eager_lies = {
         let mut h = Header {
             kind: Kind::Eager,
             flags: 0,
@@ -700,7 +708,15 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
         .to_vec();
         h.extend_from_slice(&[1, 2, 3]);
         h
-    }] {
+    };
+    let cases = [
+        (vec![0xffu8; 24], None),
+        (forged_bundle, None),
+        (eager_lies, None),
+        (vec![1, 2, 3], Some(0x0000_0001)),
+        (vec![1, 2, 3], Some(zcmsg::proto::wire::eager_imm(5, 0))),
+    ];
+    for (garbage, imm) in cases {
         let t0 = Instant::now();
         let mut rng = Rng(3);
         let mut sides = [side(t0, cfg()), side(t0, cfg())];
@@ -718,7 +734,7 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
                 status: WcStatus::Success,
                 opcode: WcOpcode::Recv,
                 byte_len: n as u32,
-                imm_data: None,
+                imm_data: imm,
                 qp_num: 1,
             },
             now,
@@ -726,10 +742,97 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
         drain(s);
         assert!(
             matches!(s.failed, Some(ConnError::Protocol(_))),
-            "{:?}",
+            "{:?} for {imm:?}",
             s.failed
         );
     }
+
+    // A compact eager header before the handshake.
+    let mut s = side(t0, cfg());
+    let tx = s.conn.transmit(t0);
+    let recv = tx.recvs[0];
+    s.dev.scatter(&[recv.sge], b"early").unwrap();
+    s.conn.on_completion(
+        &WorkCompletion {
+            wr_id: recv.wr_id,
+            status: WcStatus::Success,
+            opcode: WcOpcode::Recv,
+            byte_len: 5,
+            imm_data: Some(zcmsg::proto::wire::eager_imm(0, 0)),
+            qp_num: 1,
+        },
+        t0,
+    );
+    drain(&mut s);
+    assert!(
+        matches!(&s.failed, Some(ConnError::Protocol(m)) if m.contains("before Hello")),
+        "{:?}",
+        s.failed
+    );
+}
+
+#[test]
+fn a_small_message_sent_at_once_carries_its_header_in_the_immediate() {
+    let t0 = Instant::now();
+    let mut rng = Rng(5);
+    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    let mut now = t0;
+    while !(sides[0].conn.is_open() && sides[1].conn.is_open()) {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+    }
+    let payload: Vec<u8> = (0..64u8).collect();
+    let msg = Msg::from(Bytes::from(payload.clone()));
+    let f = sides[0]
+        .conn
+        .send_now(&msg, false, now)
+        .unwrap()
+        .expect("the fast path applies to an open, idle connection");
+    let imm = f.imm.expect("a compact header in the immediate");
+    assert_eq!(
+        zcmsg::proto::wire::decode_eager_imm(imm).unwrap().0,
+        0,
+        "the first message's sequence number"
+    );
+    assert_eq!(f.sge.length(), 64, "the SEND carries the payload alone");
+    let sge = [f.sge];
+    let wr = f.work_request(&sge);
+    assert_eq!(wr.opcode, Opcode::SendWithImm);
+    assert_eq!(wr.imm_data, imm);
+    let op = SendOp {
+        wr_id: f.wr_id,
+        opcode: wr.opcode,
+        flags: f.flags,
+        sge_start: 0,
+        sge_count: 1,
+        remote_addr: 0,
+        rkey: 0,
+    };
+    {
+        let (a, b) = sides.split_at_mut(1);
+        execute(
+            &a[0].dev.clone(),
+            &mut a[0].send_cq,
+            &mut b[0],
+            &op,
+            &[f.sge],
+            f.imm,
+        );
+    }
+    for _ in 0..1000 {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+        if !sides[1].got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(sides[1].got.len(), 1, "delivered once");
+    assert_eq!(
+        &sides[1].got[0][..],
+        &payload[..],
+        "byte for byte, from the slot's start"
+    );
+    assert!(sides[1].failed.is_none(), "{:?}", sides[1].failed);
 }
 
 #[test]

@@ -54,7 +54,7 @@ use super::wire::{self, Header, Kind, WireError, HDR, MAGIC, VERSION};
 use crate::mem::{Arena, ArenaConfig, Exposure, HugePages, Pd, SlotMut, UnregisteredPolicy};
 use crate::sge::{RwPlan, Sge};
 use crate::stats::CopyReason;
-use crate::verbs::{Opcode, RemoteRegion, SendFlags, WcStatus, WorkCompletion};
+use crate::verbs::{Opcode, RemoteRegion, SendFlags, WcStatus, WorkCompletion, WorkRequest};
 
 /// Protocol settings of one connection.
 #[derive(Clone, Debug)]
@@ -328,8 +328,26 @@ pub struct SendNow {
     pub wr_id: u64,
     /// Flags (inline; signaled as the signaling policy says).
     pub flags: SendFlags,
-    /// The one SGE: header and payload in the connection's staging slot.
+    /// The one SGE: the payload (and, without `imm`, the header before it)
+    /// in the connection's staging slot.
     pub sge: Sge,
+    /// A compact header (see [`wire`](super::wire)): post a SEND_WITH_IMM
+    /// carrying it. `None`: a plain SEND whose payload starts with the header.
+    pub imm: Option<u32>,
+}
+
+impl SendNow {
+    /// The work request to post (its SGE list is `sge`, one entry).
+    pub fn work_request<'a>(&self, sge: &'a [Sge; 1]) -> WorkRequest<'a> {
+        let wr = WorkRequest::send(self.wr_id, sge).with_flags(self.flags);
+        match self.imm {
+            Some(imm) => WorkRequest {
+                opcode: Opcode::SendWithImm,
+                ..wr.with_imm(imm)
+            },
+            None => wr,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -671,8 +689,10 @@ impl Connection {
 
     /// The fast path of a small message: if it can go right now as one
     /// inline SEND (connection open, nothing queued before it, credit and
-    /// send-queue room, header and payload within the inline limit, no
-    /// in-process handoff), build that request and return it; the driver
+    /// send-queue room, the payload within the inline limit, no in-process
+    /// handoff), build that request and return it: a SEND_WITH_IMM whose
+    /// immediate is the compact header (see [`wire`](super::wire)), or for
+    /// an empty message a SEND with the full header. The driver
     /// must post it before anything else (if the post fails, call
     /// [`Connection::fail`]). Otherwise `Ok(None)`: queue it with
     /// [`Connection::send`]. The payload is copied (counted as inline), so
@@ -687,8 +707,17 @@ impl Connection {
         if self.local_closed {
             return Err(SendError::Closed);
         }
+        // A non-empty message goes with its header in the immediate (a
+        // zero-length SGE means 2 GiB to some devices), when the credits
+        // owed fit it; then the payload alone must fit inline.
+        let compact = len > 0 && self.owed <= u32::from(wire::IMM_MAX_CREDITS);
+        let fits = if compact {
+            len as usize <= self.inline_copy.min(self.eager_limit())
+        } else {
+            len as usize + HDR <= self.inline_copy
+        };
         if self.state != State::Open
-            || len as usize + HDR > self.inline_copy
+            || !fits
             || !self.data.is_empty()
             || !self.ctrl.is_empty()
             || self.handoff_out.is_some()
@@ -704,8 +733,18 @@ impl Connection {
                 None => return Ok(None),
             },
         };
-        let hdr = self.eager_header(len);
-        let sge = self.fill_inline(&mut stage, &hdr, msg);
+        let (sge, imm) = if compact {
+            let credits = self.take_owed();
+            let total = len as usize;
+            stage.set_len(total);
+            msg.copy_to(stage.as_mut_slice());
+            self.pd.stats().add(CopyReason::Inline, total as u64);
+            let imm = wire::eager_imm(self.next_seq, credits);
+            (stage.sge_filled(), Some(imm))
+        } else {
+            let hdr = self.eager_header(len);
+            (self.fill_inline(&mut stage, &hdr, msg), None)
+        };
         self.stage = Some(stage);
         let id = self.next_id;
         self.next_id += 1;
@@ -728,6 +767,7 @@ impl Connection {
             wr_id,
             flags,
             sge,
+            imm,
         }))
     }
 
@@ -1046,6 +1086,9 @@ impl Connection {
         }
         self.last_recv = now;
         slot.set_len((wc.byte_len as usize).min(slot.capacity()));
+        if let Some(imm) = wc.imm_data {
+            return self.on_compact_eager(slot, imm);
+        }
         let hdr = match Header::decode(slot.as_slice()) {
             Ok(h) => h,
             Err(e) => return self.protocol_error(e),
@@ -1187,6 +1230,27 @@ impl Connection {
                 self.deliver();
             }
         }
+    }
+
+    /// An eager message whose header came as immediate data: the whole
+    /// slot is the payload.
+    fn on_compact_eager(&mut self, slot: SlotMut, imm: u32) {
+        let (seq, credits) = match wire::decode_eager_imm(imm) {
+            Ok(h) => h,
+            Err(e) => return self.protocol_error(e),
+        };
+        if !self.hello_seen {
+            return self.protocol_error(WireError::Handshake("a message before Hello".into()));
+        }
+        self.peer_credits += i64::from(credits);
+        if seq != self.expected_seq as u16 {
+            return self.protocol_error(WireError::BadRendezvous(format!(
+                "message {seq} (low 16 bits) out of order, expected {}",
+                self.expected_seq
+            )));
+        }
+        self.expected_seq = self.expected_seq.wrapping_add(1);
+        self.arrived(slot.freeze());
     }
 
     fn check_seq(&mut self, seq: u32) -> bool {

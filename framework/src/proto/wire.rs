@@ -6,15 +6,54 @@
 //! ```
 //! All fields little-endian. `credits` returns receive slots the sender of
 //! this message reposted since its last report (piggybacked flow control).
+//!
+//! A small eager message sent at once (`Connection::send_now`) carries no
+//! header in its payload: it is a SEND_WITH_IMM whose immediate data is a
+//! compact header, so a 64-byte message lands in one cache line of the
+//! receive slot instead of spilling its last 24 bytes into a second one,
+//! and the slot is handed over from offset 0:
+//!
+//! ```text
+//! bit 31        30..16              15..0
+//! | 1 (eager) | credits (15 bits) | low 16 bits of seq |
+//! ```
+//!
+//! Its length is the completion's byte count. Every other message keeps
+//! the full header and is sent without immediate data.
 
 use crate::verbs::RemoteRegion;
 
 /// Protocol version carried by `Hello`.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Header length in bytes.
 pub const HDR: usize = 24;
 /// Magic in `Hello`'s aux field, so a non-zcmsg peer is recognised at once.
 pub const MAGIC: u64 = 0x7a63_6d73_6731_0000; // "zcmsg1\0\0"
+
+/// Marks an immediate that is a compact eager header (see the module docs);
+/// an immediate without it is a protocol error.
+pub const IMM_EAGER: u32 = 1 << 31;
+/// Most credits a compact eager header returns.
+pub const IMM_MAX_CREDITS: u16 = 0x7fff;
+
+/// The compact header of an eager message: `seq` (its low 16 bits are
+/// sent) and up to [`IMM_MAX_CREDITS`] credits.
+pub fn eager_imm(seq: u32, credits: u16) -> u32 {
+    debug_assert!(credits <= IMM_MAX_CREDITS);
+    IMM_EAGER | (u32::from(credits & IMM_MAX_CREDITS) << 16) | (seq & 0xffff)
+}
+
+/// Decode a compact eager header into the low 16 bits of its sequence
+/// number and its credits.
+pub fn decode_eager_imm(imm: u32) -> Result<(u16, u16), WireError> {
+    if imm & IMM_EAGER == 0 {
+        return Err(WireError::BadImmediate(imm));
+    }
+    Ok((
+        (imm & 0xffff) as u16,
+        ((imm >> 16) as u16) & IMM_MAX_CREDITS,
+    ))
+}
 
 /// What a message is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +197,9 @@ pub enum WireError {
     /// A bundle whose records do not add up.
     #[error("malformed bundle: {0}")]
     BadBundle(String),
+    /// Immediate data that is not a compact eager header.
+    #[error("immediate data {0:#010x} is not a compact eager header")]
+    BadImmediate(u32),
 }
 
 impl Header {
