@@ -258,10 +258,6 @@ impl Endpoint {
     /// call, which never defers again (so a receiver that always finds a
     /// message still reposts at least every other call).
     fn progress_inner(&mut self, for_message: bool) -> bool {
-        // One coarse clock read per call (a memory read, not the clock
-        // hardware): completions, timers and posts share it.
-        let now = self.clock.now();
-        self.now = now;
         let mut did = false;
         loop {
             let n = self.qp.poll_cq(&mut self.wc);
@@ -271,7 +267,7 @@ impl Endpoint {
             did = true;
             for i in 0..n {
                 let wc = self.wc[i];
-                self.conn.on_completion(&wc, now);
+                self.conn.on_completion(&wc);
             }
             if n < self.wc.len() {
                 break;
@@ -282,6 +278,10 @@ impl Endpoint {
             return true;
         }
         self.deferred = false;
+        // One coarse clock read per call (a memory read, not the clock
+        // hardware): timers and posts share it.
+        let now = self.clock.now();
+        self.now = now;
         if now >= self.next_tick {
             self.conn.on_tick(now);
             self.next_tick = now + self.tick_every;

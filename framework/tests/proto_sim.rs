@@ -264,12 +264,12 @@ fn step(sides: &mut [Side; 2], rng: &mut Rng, now: Instant) {
     match rng.below(5) {
         0 | 1 => {
             if let Some(wc) = me.recv_cq.pop_front() {
-                me.conn.on_completion(&wc, now);
+                me.conn.on_completion(&wc);
             }
         }
         2 => {
             if let Some(wc) = me.send_cq.pop_front() {
-                me.conn.on_completion(&wc, now);
+                me.conn.on_completion(&wc);
             }
         }
         3 => pump(me, peer, now),
@@ -628,7 +628,7 @@ fn a_failed_work_request_fails_the_connection_with_typed_outcomes() {
     // The device reports the request failed: retries exhausted, peer gone.
     let mut wc = s0.send_cq.pop_back().expect("a tracked send is signaled");
     wc.status = WcStatus::RetryExcErr;
-    s0.conn.on_completion(&wc, now);
+    s0.conn.on_completion(&wc);
     drain(s0);
     assert_eq!(
         s0.failed,
@@ -658,17 +658,14 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
         aux: zcmsg::proto::wire::MAGIC | 99,
     };
     s.dev.scatter(&[recv.sge], &bad.to_bytes()).unwrap();
-    s.conn.on_completion(
-        &WorkCompletion {
-            wr_id: recv.wr_id,
-            status: WcStatus::Success,
-            opcode: WcOpcode::Recv,
-            byte_len: 24,
-            imm_data: None,
-            qp_num: 1,
-        },
-        t0,
-    );
+    s.conn.on_completion(&WorkCompletion {
+        wr_id: recv.wr_id,
+        status: WcStatus::Success,
+        opcode: WcOpcode::Recv,
+        byte_len: 24,
+        imm_data: None,
+        qp_num: 1,
+    });
     drain(&mut s);
     assert!(
         matches!(&s.failed, Some(ConnError::Protocol(m)) if m.contains("version 99")),
@@ -728,17 +725,14 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
         let s = &mut sides[0];
         let r = s.rq.pop_front().expect("a posted receive");
         let n = s.dev.scatter(&[r.sge], &garbage).unwrap();
-        s.conn.on_completion(
-            &WorkCompletion {
-                wr_id: r.wr_id,
-                status: WcStatus::Success,
-                opcode: WcOpcode::Recv,
-                byte_len: n as u32,
-                imm_data: imm,
-                qp_num: 1,
-            },
-            now,
-        );
+        s.conn.on_completion(&WorkCompletion {
+            wr_id: r.wr_id,
+            status: WcStatus::Success,
+            opcode: WcOpcode::Recv,
+            byte_len: n as u32,
+            imm_data: imm,
+            qp_num: 1,
+        });
         drain(s);
         assert!(
             matches!(s.failed, Some(ConnError::Protocol(_))),
@@ -752,17 +746,14 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
     let tx = s.conn.transmit(t0);
     let recv = tx.recvs[0];
     s.dev.scatter(&[recv.sge], b"early").unwrap();
-    s.conn.on_completion(
-        &WorkCompletion {
-            wr_id: recv.wr_id,
-            status: WcStatus::Success,
-            opcode: WcOpcode::Recv,
-            byte_len: 5,
-            imm_data: Some(zcmsg::proto::wire::eager_imm(0, 0)),
-            qp_num: 1,
-        },
-        t0,
-    );
+    s.conn.on_completion(&WorkCompletion {
+        wr_id: recv.wr_id,
+        status: WcStatus::Success,
+        opcode: WcOpcode::Recv,
+        byte_len: 5,
+        imm_data: Some(zcmsg::proto::wire::eager_imm(0, 0)),
+        qp_num: 1,
+    });
     drain(&mut s);
     assert!(
         matches!(&s.failed, Some(ConnError::Protocol(m)) if m.contains("before Hello")),

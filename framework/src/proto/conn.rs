@@ -498,6 +498,8 @@ pub struct Connection {
     delivered: u64,
     last_sent: Instant,
     last_recv: Instant,
+    /// A receive completed since the last tick (which then sets `last_recv`).
+    recv_seen: bool,
     plan: RwPlan,
     scratch: Vec<Sge>,
     /// Where a received bundle's messages lie (offset, length).
@@ -607,6 +609,7 @@ impl Connection {
             delivered: 0,
             last_sent: now,
             last_recv: now,
+            recv_seen: false,
             plan: RwPlan::new(),
             scratch: Vec::with_capacity(32),
             scratch_offsets: Vec::with_capacity(wire::MAX_BUNDLE as usize),
@@ -911,6 +914,12 @@ impl Connection {
         if self.state == State::Failed {
             return;
         }
+        // Receives are timed here, at tick granularity, so completion
+        // handling needs no clock (the liveness timeout is hundreds of ms).
+        if self.recv_seen {
+            self.recv_seen = false;
+            self.last_recv = now;
+        }
         if now.saturating_duration_since(self.last_recv) > self.cfg.heartbeat_timeout {
             self.fail(
                 ConnError::HeartbeatTimeout(self.cfg.heartbeat_timeout),
@@ -934,10 +943,11 @@ impl Connection {
         }
     }
 
-    /// Completion input.
-    pub fn on_completion(&mut self, wc: &WorkCompletion, now: Instant) {
+    /// Completion input (it needs no clock: a receive counts for liveness
+    /// at the next [`Connection::on_tick`]).
+    pub fn on_completion(&mut self, wc: &WorkCompletion) {
         if self.is_recv_id(wc.wr_id) {
-            self.on_recv(wc, now);
+            self.on_recv(wc);
         } else {
             self.on_send_completion(wc);
         }
@@ -1071,7 +1081,7 @@ impl Connection {
         }
     }
 
-    fn on_recv(&mut self, wc: &WorkCompletion, now: Instant) {
+    fn on_recv(&mut self, wc: &WorkCompletion) {
         let pos = (wc.wr_id & !RECV_BIT) as usize;
         let Some(mut slot) = self.recv_table.get_mut(pos).and_then(Option::take) else {
             return;
@@ -1084,7 +1094,7 @@ impl Connection {
             self.fail(ConnError::Completion(wc.status), Outcome::Unknown);
             return;
         }
-        self.last_recv = now;
+        self.recv_seen = true;
         slot.set_len((wc.byte_len as usize).min(slot.capacity()));
         if let Some(imm) = wc.imm_data {
             return self.on_compact_eager(slot, imm);
