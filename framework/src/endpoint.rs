@@ -193,7 +193,9 @@ impl Endpoint {
         let mut proto = cfg.proto.clone();
         proto.slot_size = proto.slot_size.min(caps.max_msg_sz as usize);
         let now = Instant::now();
-        let conn = Connection::new(pd.clone(), proto.clone(), lim, now)?;
+        let mut conn = Connection::new(pd.clone(), proto.clone(), lim, now)?;
+        // Only `send`'s tracked outcomes are awaited.
+        conn.set_report_untracked(false);
         let tick_every = (proto.heartbeat_interval / 4).max(Duration::from_millis(1));
         let mut ep = Endpoint {
             pd: pd.clone(),

@@ -861,3 +861,40 @@ fn close_is_end_of_stream_after_everything_sent_before() {
         .all(|(i, m)| m.len() == 3000 && m[0] == i as u8));
     assert!(sides[1].failed.is_none(), "end of stream is not an error");
 }
+
+#[test]
+fn untracked_deliveries_go_unreported_when_asked_and_tracked_ones_still_report() {
+    let t0 = Instant::now();
+    let mut rng = Rng(21);
+    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    sides[0].conn.set_report_untracked(false);
+    // Small ones (inline, bundled when queued together), a large eager
+    // one, and one tracked among them.
+    let mut untracked = Vec::new();
+    for i in 0..20u8 {
+        let len = if i == 7 { 900 } else { 40 };
+        untracked.push(sides[0].conn.send(Bytes::from(vec![i; len])).unwrap());
+    }
+    let tracked = sides[0]
+        .conn
+        .send_tracked(Bytes::from_static(b"tracked"))
+        .unwrap();
+    let mut now = t0;
+    for _ in 0..100_000 {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+        if sides[1].got.len() == 21 && !sides[0].outcomes.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(sides[1].got.len(), 21, "everything arrived");
+    assert_eq!(
+        sides[0].outcomes,
+        vec![(tracked, Outcome::Delivered)],
+        "only the tracked message reported (untracked: {untracked:?})"
+    );
+    assert!(
+        sides[0].conn.bundled_count() > 0,
+        "bundles were covered too"
+    );
+}

@@ -30,7 +30,9 @@
 //! 256 bytes) is copied next to its header and sent inline as one
 //! SGE, counted as an inline copy; nothing of the application's stays
 //! referenced. [`Connection::send_now`] builds such a request at once when
-//! nothing is queued before it. A request is signaled every
+//! nothing is queued before it, with the header in the SEND's immediate
+//! data instead of before the payload (the payload alone must then fit the
+//! inline limit; see [`wire`](super::wire)). A request is signaled every
 //! [`ProtoConfig::signal_every`] requests, at half the send queue, and at the
 //! end of any batch that holds application memory (zero-copy eager chunks),
 //! closes, or carries a tracked send ([`Connection::send_tracked`]); the
@@ -360,6 +362,8 @@ enum State {
 enum Inflight {
     Eager {
         id: u64,
+        /// Sent with `send_tracked` (or `send_now(.., true, ..)`).
+        track: bool,
         _msg: Msg,
         hdr: Option<SlotMut>,
     },
@@ -462,7 +466,9 @@ pub struct Connection {
     bundle_arena: Option<Arena>,
     bundle_free: Vec<SlotMut>,
     /// Ids of the messages of bundles in flight, in posting order.
-    bundle_ids: VecDeque<u64>,
+    bundle_ids: VecDeque<(u64, bool)>,
+    /// Report `Delivered` for untracked eager and bundled messages too.
+    report_untracked: bool,
     /// Messages sent in bundles so far.
     bundled: u64,
     peer_credits: i64,
@@ -583,6 +589,7 @@ impl Connection {
             bundle_arena: None,
             bundle_free: Vec::with_capacity(BUNDLE_SLOTS),
             bundle_ids: VecDeque::with_capacity(BUNDLE_SLOTS * wire::MAX_BUNDLE as usize),
+            report_untracked: true,
             bundled: 0,
             peer_credits: 0,
             hello_seen: false,
@@ -675,6 +682,16 @@ impl Connection {
         self.posted
     }
 
+    /// With `false`, an untracked message ([`Connection::send`], or
+    /// [`Connection::send_now`] without `track`) that is delivered eagerly,
+    /// alone or in a bundle, reports no [`Event::Sent`]: a driver that only
+    /// acts on tracked outcomes saves an event per message. Failures,
+    /// unknown outcomes and rendezvous releases are still reported. On by
+    /// default.
+    pub fn set_report_untracked(&mut self, on: bool) {
+        self.report_untracked = on;
+    }
+
     /// Queue a message; returns its id. It goes eager or by rendezvous by size.
     /// Its [`Event::Sent`] may come late: a small message that went inline
     /// holds nothing of the application's, so its request is signaled only
@@ -761,6 +778,7 @@ impl Connection {
             wr_id,
             Inflight::Eager {
                 id,
+                track,
                 _msg: Msg::One(Bytes::new()),
                 hdr: None,
             },
@@ -984,12 +1002,14 @@ impl Connection {
             };
             self.sq_used -= 1;
             match f {
-                Inflight::Eager { id, hdr, .. } => {
+                Inflight::Eager { id, track, hdr, .. } => {
                     self.recycle_hdr(hdr);
-                    self.events.push_back(Event::Sent {
-                        id,
-                        outcome: Outcome::Delivered,
-                    })
+                    if track || self.report_untracked {
+                        self.events.push_back(Event::Sent {
+                            id,
+                            outcome: Outcome::Delivered,
+                        })
+                    }
                 }
                 Inflight::Rts { .. } => {}
                 Inflight::Bundle { mut buf, n } => {
@@ -1026,8 +1046,10 @@ impl Connection {
     /// Report the oldest bundle in flight, of `n` messages.
     fn bundle_outcomes(&mut self, n: u32, outcome: Outcome) {
         for _ in 0..n {
-            if let Some(id) = self.bundle_ids.pop_front() {
-                self.events.push_back(Event::Sent { id, outcome });
+            if let Some((id, track)) = self.bundle_ids.pop_front() {
+                if track || self.report_untracked || outcome != Outcome::Delivered {
+                    self.events.push_back(Event::Sent { id, outcome });
+                }
             }
         }
     }
@@ -1798,6 +1820,7 @@ impl Connection {
                                         self.next_wr - 1,
                                         Inflight::Eager {
                                             id,
+                                            track,
                                             _msg: Msg::One(Bytes::new()),
                                             hdr,
                                         },
@@ -1939,7 +1962,7 @@ impl Connection {
         };
         put(&mut buf, &msg);
         drop(msg);
-        self.bundle_ids.push_back(id);
+        self.bundle_ids.push_back((id, track));
         let mut n = 1u32;
         let mut signal = track;
         while u64::from(n) < wire::MAX_BUNDLE {
@@ -1957,7 +1980,7 @@ impl Connection {
                 break;
             };
             put(&mut buf, &msg);
-            self.bundle_ids.push_back(id);
+            self.bundle_ids.push_back((id, track));
             signal |= track;
             n += 1;
         }
@@ -2073,6 +2096,7 @@ impl Connection {
             op,
             Inflight::Eager {
                 id,
+                track,
                 _msg: held,
                 hdr: hold,
             },
