@@ -32,7 +32,7 @@
 //! referenced. [`Connection::send_now`] builds such a request at once when
 //! nothing is queued before it, with the header in the SEND's immediate
 //! data instead of before the payload (the payload alone must then fit the
-//! inline limit; see [`wire`](super::wire)). A request is signaled every
+//! inline limit; see [`wire`]). A request is signaled every
 //! [`ProtoConfig::signal_every`] requests, at half the send queue, and at the
 //! end of any batch that holds application memory (zero-copy eager chunks),
 //! closes, or carries a tracked send ([`Connection::send_tracked`]); the
@@ -333,7 +333,7 @@ pub struct SendNow {
     /// The one SGE: the payload (and, without `imm`, the header before it)
     /// in the connection's staging slot.
     pub sge: Sge,
-    /// A compact header (see [`wire`](super::wire)): post a SEND_WITH_IMM
+    /// A compact header (see [`wire`]): post a SEND_WITH_IMM
     /// carrying it. `None`: a plain SEND whose payload starts with the header.
     pub imm: Option<u32>,
 }
@@ -711,7 +711,7 @@ impl Connection {
     /// inline SEND (connection open, nothing queued before it, credit and
     /// send-queue room, the payload within the inline limit, no in-process
     /// handoff), build that request and return it: a SEND_WITH_IMM whose
-    /// immediate is the compact header (see [`wire`](super::wire)), or for
+    /// immediate is the compact header (see [`wire`]), or for
     /// an empty message a SEND with the full header. The driver
     /// must post it before anything else (if the post fails, call
     /// [`Connection::fail`]). Otherwise `Ok(None)`: queue it with
