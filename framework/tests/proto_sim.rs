@@ -437,6 +437,35 @@ fn run_exchange(seed: u64, hold_for: usize, handoff: bool) {
     }
 }
 
+/// `data` arrives in the posted receive `r` of side `s` (with `imm`), as
+/// the device would complete it; then the side's events are drained.
+fn arrive(s: &mut Side, r: RecvOp, data: &[u8], imm: Option<u32>) {
+    let n = s.dev.scatter(&[r.sge], data).unwrap();
+    s.conn.on_completion(&WorkCompletion {
+        wr_id: r.wr_id,
+        status: WcStatus::Success,
+        opcode: WcOpcode::Recv,
+        byte_len: n as u32,
+        imm_data: imm,
+        qp_num: 1,
+    });
+    drain(s);
+}
+
+/// Two sides with the default test configuration, stepped (with `seed`)
+/// until both handshakes are done; returns them, the generator and the time.
+fn open_pair(seed: u64) -> ([Side; 2], Rng, Instant) {
+    let t0 = Instant::now();
+    let mut rng = Rng(seed);
+    let mut sides = [side(t0, cfg()), side(t0, cfg())];
+    let mut now = t0;
+    while !(sides[0].conn.is_open() && sides[1].conn.is_open()) {
+        now += Duration::from_micros(10);
+        step(&mut sides, &mut rng, now);
+    }
+    (sides, rng, now)
+}
+
 #[test]
 fn random_interleavings_deliver_everything_in_order_exactly_once() {
     for seed in 1..=12u64 {
@@ -610,14 +639,7 @@ fn a_silent_peer_is_declared_dead_and_every_pending_send_resolves() {
 
 #[test]
 fn a_failed_work_request_fails_the_connection_with_typed_outcomes() {
-    let t0 = Instant::now();
-    let mut rng = Rng(9);
-    let mut sides = [side(t0, cfg()), side(t0, cfg())];
-    let mut now = t0;
-    while !(sides[0].conn.is_open() && sides[1].conn.is_open()) {
-        now += Duration::from_micros(10);
-        step(&mut sides, &mut rng, now);
-    }
+    let (mut sides, _, now) = open_pair(9);
     let id = sides[0]
         .conn
         .send_tracked(Bytes::from_static(b"one"))
@@ -657,16 +679,7 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
         len: 16,
         aux: zcmsg::proto::wire::MAGIC | 99,
     };
-    s.dev.scatter(&[recv.sge], &bad.to_bytes()).unwrap();
-    s.conn.on_completion(&WorkCompletion {
-        wr_id: recv.wr_id,
-        status: WcStatus::Success,
-        opcode: WcOpcode::Recv,
-        byte_len: 24,
-        imm_data: None,
-        qp_num: 1,
-    });
-    drain(&mut s);
+    arrive(&mut s, recv, &bad.to_bytes(), None);
     assert!(
         matches!(&s.failed, Some(ConnError::Protocol(m)) if m.contains("version 99")),
         "{:?}",
@@ -714,26 +727,10 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
         (vec![1, 2, 3], Some(zcmsg::proto::wire::eager_imm(5, 0))),
     ];
     for (garbage, imm) in cases {
-        let t0 = Instant::now();
-        let mut rng = Rng(3);
-        let mut sides = [side(t0, cfg()), side(t0, cfg())];
-        let mut now = t0;
-        while !(sides[0].conn.is_open() && sides[1].conn.is_open()) {
-            now += Duration::from_micros(10);
-            step(&mut sides, &mut rng, now);
-        }
+        let (mut sides, _, _) = open_pair(3);
         let s = &mut sides[0];
         let r = s.rq.pop_front().expect("a posted receive");
-        let n = s.dev.scatter(&[r.sge], &garbage).unwrap();
-        s.conn.on_completion(&WorkCompletion {
-            wr_id: r.wr_id,
-            status: WcStatus::Success,
-            opcode: WcOpcode::Recv,
-            byte_len: n as u32,
-            imm_data: imm,
-            qp_num: 1,
-        });
-        drain(s);
+        arrive(s, r, &garbage, imm);
         assert!(
             matches!(s.failed, Some(ConnError::Protocol(_))),
             "{:?} for {imm:?}",
@@ -745,16 +742,12 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
     let mut s = side(t0, cfg());
     let tx = s.conn.transmit(t0);
     let recv = tx.recvs[0];
-    s.dev.scatter(&[recv.sge], b"early").unwrap();
-    s.conn.on_completion(&WorkCompletion {
-        wr_id: recv.wr_id,
-        status: WcStatus::Success,
-        opcode: WcOpcode::Recv,
-        byte_len: 5,
-        imm_data: Some(zcmsg::proto::wire::eager_imm(0, 0)),
-        qp_num: 1,
-    });
-    drain(&mut s);
+    arrive(
+        &mut s,
+        recv,
+        b"early",
+        Some(zcmsg::proto::wire::eager_imm(0, 0)),
+    );
     assert!(
         matches!(&s.failed, Some(ConnError::Protocol(m)) if m.contains("before Hello")),
         "{:?}",
@@ -764,14 +757,7 @@ fn forged_headers_and_wrong_versions_are_protocol_errors() {
 
 #[test]
 fn a_small_message_sent_at_once_carries_its_header_in_the_immediate() {
-    let t0 = Instant::now();
-    let mut rng = Rng(5);
-    let mut sides = [side(t0, cfg()), side(t0, cfg())];
-    let mut now = t0;
-    while !(sides[0].conn.is_open() && sides[1].conn.is_open()) {
-        now += Duration::from_micros(10);
-        step(&mut sides, &mut rng, now);
-    }
+    let (mut sides, mut rng, mut now) = open_pair(5);
     let payload: Vec<u8> = (0..64u8).collect();
     let msg = Msg::from(Bytes::from(payload.clone()));
     let f = sides[0]
