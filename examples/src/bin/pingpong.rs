@@ -106,7 +106,7 @@ fn run(a: &Args) -> Result<(), String> {
     );
     let lat_copies = ep.copies().since(&before);
     println!(
-        "  copies by the framework: {} B inline (small messages go inline: header and payload copied into the request at post time), {} B bounced, {} B coalesced",
+        "  copies by the framework: {} B inline (small messages go inline: the payload is copied into the request at post time, its header rides in the immediate), {} B bounced, {} B coalesced",
         lat_copies.inline_bytes, lat_copies.bounce_bytes, lat_copies.coalesce_bytes
     );
     drop(msg);
