@@ -754,6 +754,9 @@ impl Connection {
             },
         };
         let (sge, imm) = if compact {
+            // `fill_inline` without the header, written out: folding the
+            // two into one function with an optional header cost ~37
+            // instructions per send (callgrind `cost_probe N pp`).
             let credits = self.take_owed();
             let total = len as usize;
             stage.set_len(total);
@@ -1275,14 +1278,10 @@ impl Connection {
             return self.protocol_error(WireError::Handshake("a message before Hello".into()));
         }
         self.peer_credits += i64::from(credits);
-        if seq != self.expected_seq as u16 {
-            return self.protocol_error(WireError::BadRendezvous(format!(
-                "message {seq} (low 16 bits) out of order, expected {}",
-                self.expected_seq
-            )));
+        // The low 16 bits travel; the rest is the expected number's.
+        if self.check_seq((self.expected_seq & !0xffff) | u32::from(seq)) {
+            self.arrived(slot.freeze());
         }
-        self.expected_seq = self.expected_seq.wrapping_add(1);
-        self.arrived(slot.freeze());
     }
 
     fn check_seq(&mut self, seq: u32) -> bool {
