@@ -648,7 +648,13 @@ impl Endpoint {
         self.eos && self.conn.messages_ready() == 0
     }
 
-    /// True once our own close went out and everything before it resolved.
+    /// True once our own close went out and everything before it was
+    /// delivered. When the peer closed first it may tear its queue pair
+    /// down as soon as it has our Close: a Close that then fails for want
+    /// of an acknowledgement still counts (see [`Connection::close_done`]),
+    /// while the endpoint reports the failure too.
+    ///
+    /// [`Connection::close_done`]: crate::proto::Connection::close_done
     pub fn close_delivered(&self) -> bool {
         self.conn.close_done()
     }

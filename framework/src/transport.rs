@@ -115,7 +115,10 @@ pub struct QpConfig {
     pub srq: Option<Arc<dyn SharedRecvQueue>>,
     /// Receiver-not-ready retries before `RnrRetryExcErr` (7 means "infinite" in verbs).
     pub rnr_retry: u8,
-    /// Transport retries before `RetryExcErr`.
+    /// Transport retries before `RetryExcErr`. Keep it at 6 or below: the
+    /// verbs encoding holds 0-7 and Soft-RoCE (rxe) takes 7 as unlimited,
+    /// as the spec does for `rnr_retry`, so a peer that vanished mid-request
+    /// is then found only by the heartbeat.
     pub retry_count: u8,
     /// Local ACK timeout exponent: 4.096 µs * 2^timeout (verbs encoding); 0 = transport default.
     pub ack_timeout: u8,

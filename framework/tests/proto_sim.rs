@@ -848,6 +848,102 @@ fn close_is_end_of_stream_after_everything_sent_before() {
     assert!(sides[1].failed.is_none(), "end of stream is not an error");
 }
 
+/// Side 0 sends a last tracked message and closes (after side 1 closed, if
+/// `peer_first`). Side 1 takes the requests but is gone before its
+/// acknowledgement reaches side 0: the message's request (or, with
+/// `fail_close`, the Close's) ends in RetryExcErr, the ones after it are
+/// flushed. Returns both sides and the message's id.
+fn unacknowledged_last_request(peer_first: bool, fail_close: bool) -> ([Side; 2], u64) {
+    let (mut sides, mut rng, mut now) = open_pair(31);
+    if peer_first {
+        sides[1].conn.close().unwrap();
+        while !(sides[0].eos && sides[1].conn.close_done()) {
+            now += Duration::from_micros(10);
+            step(&mut sides, &mut rng, now);
+        }
+    }
+    let [s0, s1] = &mut sides;
+    // Settle what side 0 has pending, so the batch below is all there is.
+    while let Some(wc) = s0.recv_cq.pop_front().or_else(|| s0.send_cq.pop_front()) {
+        s0.conn.on_completion(&wc);
+    }
+    drain(s0);
+    let id = s0
+        .conn
+        .send_tracked(Bytes::from_static(b"the last word"))
+        .unwrap();
+    s0.conn.close().unwrap();
+    let tx = s0.conn.transmit(now);
+    let (ops, sges) = (tx.sends.to_vec(), tx.sges.to_vec());
+    s0.rq.extend(tx.recvs.iter().copied());
+    let kinds: Vec<Kind> = ops
+        .iter()
+        .map(|op| {
+            let sg = &sges[op.sge_start as usize..(op.sge_start + op.sge_count) as usize];
+            Header::decode(&s0.dev.gather(sg).unwrap()).unwrap().kind
+        })
+        .collect();
+    let want = if fail_close { Kind::Close } else { Kind::Eager };
+    let at = kinds
+        .iter()
+        .position(|&k| k == want)
+        .unwrap_or_else(|| panic!("no {want:?} request in {kinds:?}"));
+    for (i, op) in ops.iter().enumerate() {
+        let status = match i.cmp(&at) {
+            std::cmp::Ordering::Less => {
+                let sg = &sges[op.sge_start as usize..(op.sge_start + op.sge_count) as usize];
+                execute(&s0.dev, &mut s0.send_cq, s1, op, sg, None);
+                continue;
+            }
+            std::cmp::Ordering::Equal => WcStatus::RetryExcErr,
+            std::cmp::Ordering::Greater => WcStatus::WrFlushErr,
+        };
+        s0.send_cq.push_back(WorkCompletion {
+            wr_id: op.wr_id,
+            status,
+            opcode: WcOpcode::Send,
+            byte_len: 0,
+            imm_data: None,
+            qp_num: 1,
+        });
+    }
+    s1.dead = true;
+    while let Some(wc) = s0.send_cq.pop_front() {
+        s0.conn.on_completion(&wc);
+    }
+    drain(s0);
+    (sides, id)
+}
+
+#[test]
+fn a_close_that_fails_after_the_peers_close_is_done_when_all_before_it_was_delivered() {
+    let (sides, id) = unacknowledged_last_request(true, true);
+    let s0 = &sides[0];
+    assert!(
+        s0.conn.close_done(),
+        "the peer closed first and everything before our Close was delivered"
+    );
+    assert_eq!(s0.outcomes, vec![(id, Outcome::Delivered)]);
+    assert_eq!(
+        s0.failed,
+        Some(ConnError::Completion(WcStatus::RetryExcErr)),
+        "the connection still ends failed"
+    );
+}
+
+#[test]
+fn a_failed_close_is_not_done_when_a_message_before_it_failed_or_the_peer_had_not_closed() {
+    // The message's own request failed: its fate is unknown, so is the close's.
+    let (sides, id) = unacknowledged_last_request(true, false);
+    assert!(!sides[0].conn.close_done());
+    assert_eq!(sides[0].outcomes, vec![(id, Outcome::Unknown)]);
+    // The peer had not closed: it never learns that we did.
+    let (sides, id) = unacknowledged_last_request(false, true);
+    assert!(!sides[0].conn.close_done());
+    assert_eq!(sides[0].outcomes, vec![(id, Outcome::Delivered)]);
+    assert!(sides[0].failed.is_some());
+}
+
 #[test]
 fn untracked_deliveries_go_unreported_when_asked_and_tracked_ones_still_report() {
     let t0 = Instant::now();

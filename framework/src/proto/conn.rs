@@ -661,7 +661,10 @@ impl Connection {
             && self.inflight.is_empty()
     }
 
-    /// True once our close went out and everything before it resolved.
+    /// True once our close went out and everything before it resolved:
+    /// its completion arrived, or, when the peer had closed first, it
+    /// failed with every request before it delivered (the peer may leave
+    /// as soon as it has our Close, before its acknowledgement reaches us).
     pub fn close_done(&self) -> bool {
         self.close_posted
             && self.rdv_out.is_empty()
@@ -982,6 +985,22 @@ impl Connection {
         if wc.status != WcStatus::Success {
             // Retire what completed before it, then fail.
             self.retire_through(wc.wr_id.wrapping_sub(1));
+            // Our Close failed after the peer's: everything before it was
+            // delivered (a request fails only after all before it
+            // completed; no rendezvous payload still waits for the peer's
+            // READ), and the peer, having closed, tore its queue pair
+            // down before acknowledging ours (or the ACK was lost on the
+            // way and the retries found nobody). Nothing was lost: the
+            // close is done, and the connection ends failed all the same.
+            if self.peer_closed
+                && self.rdv_out.is_empty()
+                && matches!(
+                    self.inflight.front(),
+                    Some((id, Inflight::Control { kind: Kind::Close, .. })) if *id == wc.wr_id
+                )
+            {
+                self.close_posted = true;
+            }
             let outcome = match wc.status {
                 WcStatus::RemAccessErr
                 | WcStatus::RemInvReqErr
