@@ -14,7 +14,7 @@ use std::cell::RefCell;
 
 use crate::error::SgeError;
 use crate::mem::UnregisteredPolicy;
-use crate::mem::{CachedTable, Pd};
+use crate::mem::{CachedTable, Hot, Pd};
 use crate::stats::CopyReason;
 use crate::verbs::{Opcode, RemoteRegion, WorkRequest};
 
@@ -83,6 +83,30 @@ pub struct SgeBuilder<'a> {
     pd: &'a Pd,
     policy: UnregisteredPolicy,
     table: RefCell<Option<CachedTable>>,
+}
+
+/// The loop of [`SgeBuilder::list`]'s runs: SGEs for `block` into `buf`
+/// while each chunk is non-empty and fits the record `pick` names for its
+/// address; returns how many. No calls inside, so its values stay in
+/// registers and its stores do not wait on a vector's length.
+#[inline(always)]
+fn fill_run<'t>(
+    buf: &mut [Sge; RUN],
+    block: &[Bytes],
+    delta_mask: u64,
+    pick: impl Fn(u64) -> &'t Hot,
+) -> usize {
+    let mut k = 0;
+    for (slot, c) in buf.iter_mut().zip(block) {
+        let (addr, len) = (c.as_ptr() as u64, c.len() as u64);
+        let h = pick(addr);
+        if !(h.fits(addr, addr.wrapping_add(len)) & (len.wrapping_sub(1) < u64::from(u32::MAX))) {
+            break;
+        }
+        *slot = Sge::new(addr.wrapping_add(h.delta & delta_mask), len as u32, h.lkey);
+        k += 1;
+    }
+    k
 }
 
 impl<'a> SgeBuilder<'a> {
@@ -183,17 +207,19 @@ impl<'a> SgeBuilder<'a> {
             // empty, misses its hint or needs the general path.
             let block = &chunks[i..chunks.len().min(i + RUN)];
             let mut buf = [Sge::default(); RUN];
-            let mut k = 0;
-            for (slot, c) in buf.iter_mut().zip(block) {
-                let (addr, len) = (c.as_ptr() as u64, c.len() as u64);
-                let h = look.hinted(addr);
-                if !(h.fits(addr, addr.wrapping_add(len))
-                    & (len.wrapping_sub(1) < u64::from(u32::MAX)))
-                {
-                    break;
+            // First the whole run against the first chunk's record alone
+            // (the chunks of a message mostly share an arena: then no hint
+            // is loaded per chunk); if one falls outside it, the run is
+            // built again from its start, each chunk by its page hint.
+            let mut k = match block.first() {
+                Some(first) => {
+                    let h = look.hinted(first.as_ptr() as u64);
+                    fill_run(&mut buf, block, delta_mask, |_| h)
                 }
-                *slot = Sge::new(addr.wrapping_add(h.delta & delta_mask), len as u32, h.lkey);
-                k += 1;
+                None => 0,
+            };
+            if k < block.len() {
+                k = fill_run(&mut buf, block, delta_mask, |addr| look.hinted(addr));
             }
             out.extend_from_slice(&buf[..k]);
             i += k;

@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 pub use arena::{Arena, ArenaConfig, SlotMut};
 pub use cache::CacheConfig;
-pub(crate) use registry::{CachedTable, Lookup};
+pub(crate) use registry::{CachedTable, Hot, Lookup};
 pub use registry::{RegionEntry, Registry, Snapshot};
 pub use sys::HugePages;
 pub use window::{Exposure, Revoked, Window};
