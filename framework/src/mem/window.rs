@@ -25,6 +25,9 @@ pub struct Window {
     access: Access,
     transport: Arc<dyn Transport>,
     live: bool,
+    /// [`crate::DeviceCaps::dma_remote_writes`], read once: `load_byte`
+    /// is a spin loop's body, which should not make a virtual call.
+    watchable: bool,
 }
 
 impl std::fmt::Debug for Window {
@@ -47,6 +50,7 @@ impl Window {
         let access = access | Access::LOCAL_WRITE;
         let reg =
             transport.register_range(mapping.clone() as Arc<dyn RegionMemory>, 0, len, access)?;
+        let watchable = transport.caps().dma_remote_writes;
         Ok(Window {
             mapping,
             len,
@@ -54,6 +58,7 @@ impl Window {
             access,
             transport,
             live: true,
+            watchable,
         })
     }
 
@@ -107,8 +112,9 @@ impl Window {
     /// process ([`crate::DeviceCaps::dma_remote_writes`]: the in-process
     /// software device copies with plain Rust writes, which an atomic read
     /// would race with), or if `off` is outside the window.
+    #[inline]
     pub fn load_byte(&self, off: usize) -> Option<u8> {
-        if off >= self.len || !self.transport.caps().dma_remote_writes {
+        if off >= self.len || !self.watchable {
             return None;
         }
         // SAFETY: `off` is inside the mapping, which lives as long as
