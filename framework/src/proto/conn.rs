@@ -367,6 +367,12 @@ enum Inflight {
         _msg: Msg,
         hdr: Option<SlotMut>,
     },
+    /// A message [`Connection::send_now`] copied into the request (inline):
+    /// nothing of it is held, so retiring it drops nothing.
+    Inline {
+        id: u64,
+        track: bool,
+    },
     Rts {
         _hdr: SlotMut,
     },
@@ -672,7 +678,7 @@ impl Connection {
             && self
                 .inflight
                 .iter()
-                .all(|(_, f)| !matches!(f, Inflight::Eager { .. }))
+                .all(|(_, f)| !matches!(f, Inflight::Eager { .. } | Inflight::Inline { .. }))
     }
 
     /// Data credits left (for tests and diagnostics).
@@ -780,15 +786,7 @@ impl Connection {
         self.peer_credits -= 1;
         self.last_sent = now;
         let flags = self.next_signal(track) | SendFlags::INLINE;
-        self.add_inflight(
-            wr_id,
-            Inflight::Eager {
-                id,
-                track,
-                _msg: Msg::One(Bytes::new()),
-                hdr: None,
-            },
-        );
+        self.add_inflight(wr_id, Inflight::Inline { id, track });
         Ok(Some(SendNow {
             id,
             wr_id,
@@ -1023,6 +1021,19 @@ impl Connection {
                 break;
             };
             self.sq_used -= 1;
+            // The common entry first, apart: it holds nothing to drop.
+            if let Inflight::Inline { id, track } = f {
+                // Nothing to drop: skip the drop glue's call (~27
+                // instructions per entry, callgrind `cost_probe N pp`).
+                std::mem::forget(f);
+                if track || self.report_untracked {
+                    self.events.push_back(Event::Sent {
+                        id,
+                        outcome: Outcome::Delivered,
+                    })
+                }
+                continue;
+            }
             match f {
                 Inflight::Eager { id, track, hdr, .. } => {
                     self.recycle_hdr(hdr);
@@ -1033,7 +1044,7 @@ impl Connection {
                         })
                     }
                 }
-                Inflight::Rts { .. } => {}
+                Inflight::Inline { .. } | Inflight::Rts { .. } => {}
                 Inflight::Bundle { mut buf, n } => {
                     buf.set_len(0);
                     self.bundle_free.push(buf);
@@ -1328,10 +1339,12 @@ impl Connection {
         self.state = State::Failed;
         while let Some((_, f)) = self.inflight.pop_front() {
             match f {
-                Inflight::Eager { id, .. } => self.events.push_back(Event::Sent {
-                    id,
-                    outcome: inflight_outcome,
-                }),
+                Inflight::Eager { id, .. } | Inflight::Inline { id, .. } => {
+                    self.events.push_back(Event::Sent {
+                        id,
+                        outcome: inflight_outcome,
+                    })
+                }
                 Inflight::Bundle { n, .. } => self.bundle_outcomes(n, inflight_outcome),
                 Inflight::Op { id, last: true, .. } => self.events.push_back(Event::OpDone {
                     id,
