@@ -87,6 +87,9 @@ pub(crate) struct Core {
     /// Live registrations by lkey, for checking and translating inline
     /// SGEs (read lock-free on the send path, replaced on every change).
     pub(crate) regions: arc_swap::ArcSwap<sys::Regions>,
+    /// Bumped after every replacement of `regions` (Release): a queue
+    /// pair's one-entry cache of it is current while this is unchanged.
+    pub(crate) regions_gen: std::sync::atomic::AtomicU64,
 }
 
 impl Core {
@@ -256,6 +259,7 @@ impl VerbsDevice {
                 cfg: cfg.clone(),
                 caps,
                 regions: arc_swap::ArcSwap::from_pointee(sys::Regions::new()),
+                regions_gen: std::sync::atomic::AtomicU64::new(0),
             }),
             fork,
         }))
@@ -317,6 +321,9 @@ impl VerbsDevice {
         }
         edit(&mut t);
         self.core.regions.store(Arc::new(t));
+        self.core
+            .regions_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// The IOVA a registration of `cpu` gets in this device's address space.
@@ -545,6 +552,9 @@ impl Transport for VerbsDevice {
 impl Drop for VerbsDevice {
     fn drop(&mut self) {
         self.core.regions.store(Arc::new(sys::Regions::new()));
+        self.core
+            .regions_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         let mrs: Vec<MrEntry> = self.lock_mrs().drain().map(|(_, e)| e).collect();
         for e in mrs {
             let pinned = e.pinned;

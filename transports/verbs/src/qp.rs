@@ -66,6 +66,14 @@ pub struct VerbsQp {
     atomics: bool,
     send_scratch: SendList,
     recv_scratch: RecvList,
+    /// The registration the last INLINE request named, with the table
+    /// generation it was read at: (generation, lkey, region). While the
+    /// generation is current it is the table's own entry, and an INLINE
+    /// post of that key needs neither the table nor its hash lookup. A
+    /// stale one is replaced at the next INLINE post that reads the table;
+    /// until then (or the queue pair's drop) it keeps its region's memory
+    /// mapped, never usable: its generation no longer matches.
+    inline_hint: Option<(u64, u32, sys::Region)>,
     /// wr_ids of posted send requests whose completion has not been polled,
     /// in post order: a request holds its slot until then (providers may
     /// accept more than the granted depth; this keeps to it, and so the
@@ -236,6 +244,7 @@ impl VerbsQp {
             atomics: dev.atomics,
             send_scratch: SendList::with_capacity(64),
             recv_scratch: RecvList::with_capacity(64),
+            inline_hint: None,
             sq: VecDeque::with_capacity(caps.max_send_wr as usize),
             signaled_out: 0,
             send_cq_skipped: 0,
@@ -629,16 +638,49 @@ impl QueuePair for VerbsQp {
         let k = stop.as_ref().map_or(wrs.len(), |(i, _)| *i);
         if k > 0 {
             // INLINE requests are checked against (and translated through)
-            // the registration table, which the guard keeps alive for the post.
-            let regions = wrs[..k]
-                .iter()
-                .any(|w| w.flags.contains(SendFlags::INLINE))
-                .then(|| self.core.regions.load());
+            // the registration table, which the guard keeps alive for the
+            // post; or, when every INLINE SGE names the key of the kept
+            // hint and the table has not changed since it was read, the
+            // hint alone (its region keeps the memory alive).
+            let inline = |w: &&WorkRequest<'_>| w.flags.contains(SendFlags::INLINE);
+            let mut regions = None;
+            let mut hint = None;
+            if wrs[..k].iter().any(|w| inline(&w)) {
+                let gen = self.core.regions_gen.load(Ordering::Acquire);
+                hint = self
+                    .inline_hint
+                    .as_ref()
+                    .filter(|h| h.0 == gen)
+                    .map(|h| (h.1, &h.2));
+                let all_hinted = hint.is_some_and(|(key, _)| {
+                    wrs[..k]
+                        .iter()
+                        .filter(inline)
+                        .all(|w| w.sg_list.iter().all(|s| s.lkey() == key || s.length() == 0))
+                });
+                if !all_hinted {
+                    let table = self.core.regions.load();
+                    // Keep the first INLINE key's entry for the next post,
+                    // tagged with the generation read before the table.
+                    let key = wrs[..k]
+                        .iter()
+                        .filter(inline)
+                        .flat_map(|w| w.sg_list.iter())
+                        .find(|s| s.length() > 0)
+                        .map(|s| s.lkey());
+                    let next = key.and_then(|key| Some((gen, key, table.get(&key)?.clone())));
+                    regions = Some((table, next));
+                }
+            }
             let r = self.id.post_send(
                 &mut self.send_scratch,
                 &wrs[..k],
-                regions.as_deref().map(|a| &**a),
+                hint,
+                regions.as_ref().map(|(t, _)| &***t),
             );
+            if let Some((_, next)) = regions {
+                self.inline_hint = next;
+            }
             let posted = match r {
                 Ok(()) => k,
                 Err(PostFail::Provider { index, .. }) | Err(PostFail::Inline { index }) => index,

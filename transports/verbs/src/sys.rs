@@ -985,14 +985,15 @@ fn fill_send_wr(raw: &mut RawSendWr, wr: &WorkRequest<'_>) {
     };
 }
 
-/// Build a chained list in `scratch` (grown, never shrunk) and return its head.
 /// Check and translate the SGEs of INLINE requests into `inline` (CPU
-/// addresses: the provider copies inline payloads with the CPU). Returns how
-/// many requests may be posted: all, or up to the first INLINE request with
-/// an SGE outside the registration its lkey names.
+/// addresses: the provider copies inline payloads with the CPU), looking
+/// each lkey up in `hint` (one current entry of the table) first, then in
+/// `regions`. Returns how many requests may be posted: all, or up to the
+/// first INLINE request with an SGE outside the registration its lkey names.
 fn check_inline(
     inline: &mut Vec<Sge>,
     wrs: &[WorkRequest<'_>],
+    hint: Option<(u32, &Region)>,
     regions: Option<&Regions>,
 ) -> usize {
     inline.clear();
@@ -1006,9 +1007,11 @@ fn check_inline(
                 inline.push(Sge::new(0, 0, sge.lkey()));
                 continue;
             }
-            let cpu = regions
-                .and_then(|r| r.get(&sge.lkey()))
-                .and_then(|r| r.translate(sge.addr(), sge.length()));
+            let region = match hint {
+                Some((k, r)) if k == sge.lkey() => Some(r),
+                _ => regions.and_then(|r| r.get(&sge.lkey())),
+            };
+            let cpu = region.and_then(|r| r.translate(sge.addr(), sge.length()));
             match cpu {
                 Some(cpu) => inline.push(Sge::new(cpu, sge.length(), sge.lkey())),
                 None => {
@@ -1799,6 +1802,7 @@ impl CmId {
         &self,
         scratch: &mut SendList,
         wrs: &[WorkRequest<'_>],
+        hint: Option<(u32, &Region)>,
         regions: Option<&Regions>,
     ) -> Result<(), PostFail> {
         let qp = self.qp();
@@ -1808,7 +1812,7 @@ impl CmId {
                 code: libc::EINVAL,
             });
         }
-        let n = check_inline(&mut scratch.inline, wrs, regions);
+        let n = check_inline(&mut scratch.inline, wrs, hint, regions);
         if n > 0 {
             let head = chain_send(scratch, &wrs[..n]);
             let mut bad: *mut RawSendWr = std::ptr::null_mut();
@@ -1816,8 +1820,8 @@ impl CmId {
             // call; non-inline SGE pointers borrow `wrs` (layout-identical to
             // ibv_sge) and are checked by the device against their keys;
             // inline SGEs point into `scratch.inline`, whose CPU ranges were
-            // checked to lie inside registrations whose memory `regions`
-            // keeps alive for the call.
+            // checked to lie inside registrations whose memory `hint` or
+            // `regions` keeps alive for the call.
             let rc = unsafe { ffi::ibv_post_send(qp, head, &mut bad) };
             if rc != 0 {
                 return Err(PostFail::Provider {
@@ -2063,7 +2067,7 @@ mod tests {
         let mut list = SendList::default();
         let regions = inline_regions(&sg);
         assert_eq!(
-            check_inline(&mut list.inline, &wrs, Some(&regions)),
+            check_inline(&mut list.inline, &wrs, None, Some(&regions)),
             wrs.len()
         );
         let head = chain_send(&mut list, &wrs);
@@ -2101,7 +2105,7 @@ mod tests {
         assert_ne!(scratch[1].sg_list.cast_const(), sg.as_ptr().cast());
         // A shorter list reuses the array without reallocating.
         let cap = scratch.capacity();
-        check_inline(&mut list.inline, &wrs[..2], Some(&regions));
+        check_inline(&mut list.inline, &wrs[..2], None, Some(&regions));
         let head2 = chain_send(&mut list, &wrs[..2]);
         assert_eq!(list.wrs.capacity(), cap);
         assert!(list.wrs[1].next.is_null());
@@ -2150,7 +2154,7 @@ mod tests {
         ];
         let mut v = Vec::new();
         assert_eq!(
-            check_inline(&mut v, &wrs, Some(&t)),
+            check_inline(&mut v, &wrs, None, Some(&t)),
             2,
             "stops at the bad INLINE request"
         );
@@ -2158,18 +2162,27 @@ mod tests {
         assert_eq!((v[0].addr(), v[0].length()), (cpu + 110, 20));
         assert_eq!(v[1].length(), 0);
         let w = [WorkRequest::send(1, &wrong_key).with_flags(inl)];
-        assert_eq!(check_inline(&mut v, &w, Some(&t)), 0);
+        assert_eq!(check_inline(&mut v, &w, None, Some(&t)), 0);
         assert_eq!(
-            check_inline(&mut v, &wrs[..1], None),
+            check_inline(&mut v, &wrs[..1], None, None),
             0,
             "no table: nothing inline passes"
         );
         assert!(v.is_empty());
         assert_eq!(
-            check_inline(&mut v, &wrs[1..2], None),
+            check_inline(&mut v, &wrs[1..2], None, None),
             1,
             "non-inline requests are not checked"
         );
+        // The hint answers for its own key, without the table; other keys
+        // still go to the table, and a hint checks ranges like the table.
+        let r7 = t.get(&7).unwrap();
+        assert_eq!(check_inline(&mut v, &wrs[..1], Some((7, r7)), None), 1);
+        assert_eq!((v[0].addr(), v[0].length()), (cpu + 110, 20));
+        assert_eq!(check_inline(&mut v, &wrs[2..3], Some((7, r7)), None), 0);
+        assert_eq!(check_inline(&mut v, &w, Some((7, r7)), Some(&t)), 0);
+        assert_eq!(check_inline(&mut v, &wrs[..1], Some((8, r7)), Some(&t)), 1);
+        assert_eq!(v[0].addr(), cpu + 110, "a hint for another key is not used");
     }
 
     #[test]
