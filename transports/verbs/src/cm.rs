@@ -301,7 +301,7 @@ impl Listener for VerbsListener {
         timeout: Duration,
     ) -> Result<(Box<dyn QueuePair>, Vec<u8>), TransportError> {
         let deadline = Instant::now() + timeout;
-        loop {
+        'requests: loop {
             let mut req = self.next_request(deadline)?;
             if let Some(e) = wrong_device(&self.core, &req.id, &self.local) {
                 tracing::warn!("rejecting a connection that arrived on another device: {e}");
@@ -349,11 +349,15 @@ impl Listener for VerbsListener {
                 if ev.kind == event::ESTABLISHED {
                     break;
                 }
-                return Err(TransportError::ConnectionRefused(format!(
-                    "accepted connection failed: {} ({})",
+                // This handshake died before it was established (on a lossy
+                // wire the connector may give up on it and try again, which
+                // reaches us as a new request): drop it and keep listening.
+                tracing::warn!(
+                    "an accepted connection failed before it was established: {} ({}); waiting for the next request",
                     sys::event_str(ev.kind),
                     status_text(&ev)
-                )));
+                );
+                continue 'requests;
             }
             let key = qp.key() as usize;
             qp.id_mut().set_context(key);
