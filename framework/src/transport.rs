@@ -245,7 +245,9 @@ pub trait Listener: Send {
     /// The address peers connect to (with the port filled in when 0 was asked).
     fn local_addr(&self) -> String;
     /// Wait up to `timeout` for one connection; returns the queue pair and the
-    /// private data the peer connected with.
+    /// private data the peer connected with. A connection whose handshake
+    /// fails before it is established is dropped, and the wait goes on for
+    /// the next one (a connector on a lossy wire may give up and retry).
     fn accept(
         &mut self,
         timeout: Duration,
