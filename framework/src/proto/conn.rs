@@ -1026,24 +1026,15 @@ impl Connection {
                 // Nothing to drop: skip the drop glue's call (~27
                 // instructions per entry, callgrind `cost_probe N pp`).
                 std::mem::forget(f);
-                if track || self.report_untracked {
-                    self.events.push_back(Event::Sent {
-                        id,
-                        outcome: Outcome::Delivered,
-                    })
-                }
+                self.report_sent(id, track, Outcome::Delivered);
                 continue;
             }
             match f {
                 Inflight::Eager { id, track, hdr, .. } => {
                     self.recycle_hdr(hdr);
-                    if track || self.report_untracked {
-                        self.events.push_back(Event::Sent {
-                            id,
-                            outcome: Outcome::Delivered,
-                        })
-                    }
+                    self.report_sent(id, track, Outcome::Delivered);
                 }
+                // (Inline entries were retired above.)
                 Inflight::Inline { .. } | Inflight::Rts { .. } => {}
                 Inflight::Bundle { mut buf, n } => {
                     buf.set_len(0);
@@ -1080,10 +1071,16 @@ impl Connection {
     fn bundle_outcomes(&mut self, n: u32, outcome: Outcome) {
         for _ in 0..n {
             if let Some((id, track)) = self.bundle_ids.pop_front() {
-                if track || self.report_untracked || outcome != Outcome::Delivered {
-                    self.events.push_back(Event::Sent { id, outcome });
-                }
+                self.report_sent(id, track, outcome);
             }
+        }
+    }
+
+    /// A message's outcome as a `Sent` event, unless it is an untracked
+    /// delivery and those go unreported ([`Connection::set_report_untracked`]).
+    fn report_sent(&mut self, id: u64, track: bool, outcome: Outcome) {
+        if track || self.report_untracked || outcome != Outcome::Delivered {
+            self.events.push_back(Event::Sent { id, outcome });
         }
     }
 
