@@ -93,6 +93,14 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// Replace the inline-check table, then bump its generation (Release),
+    /// so no queue pair keeps using an entry of the old one.
+    fn replace_regions(&self, t: sys::Regions) {
+        self.regions.store(Arc::new(t));
+        self.regions_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
     pub(crate) fn name(&self) -> &str {
         self.ctx.name()
     }
@@ -320,10 +328,7 @@ impl VerbsDevice {
             t.insert(*k, r.clone());
         }
         edit(&mut t);
-        self.core.regions.store(Arc::new(t));
-        self.core
-            .regions_gen
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.core.replace_regions(t);
     }
 
     /// The IOVA a registration of `cpu` gets in this device's address space.
@@ -551,10 +556,7 @@ impl Transport for VerbsDevice {
 
 impl Drop for VerbsDevice {
     fn drop(&mut self) {
-        self.core.regions.store(Arc::new(sys::Regions::new()));
-        self.core
-            .regions_gen
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.core.replace_regions(sys::Regions::new());
         let mrs: Vec<MrEntry> = self.lock_mrs().drain().map(|(_, e)| e).collect();
         for e in mrs {
             let pinned = e.pinned;

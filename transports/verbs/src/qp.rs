@@ -642,33 +642,28 @@ impl QueuePair for VerbsQp {
             // post; or, when every INLINE SGE names the key of the kept
             // hint and the table has not changed since it was read, the
             // hint alone (its region keeps the memory alive).
-            let inline = |w: &&WorkRequest<'_>| w.flags.contains(SendFlags::INLINE);
             let mut regions = None;
             let mut hint = None;
-            if wrs[..k].iter().any(|w| inline(&w)) {
+            // The keys of the INLINE SGEs that carry bytes (empty ones need
+            // no lookup).
+            let mut keys = wrs[..k]
+                .iter()
+                .filter(|w| w.flags.contains(SendFlags::INLINE))
+                .flat_map(|w| w.sg_list.iter())
+                .filter(|s| s.length() > 0)
+                .map(|s| s.lkey());
+            if let Some(first) = keys.next() {
                 let gen = self.core.regions_gen.load(Ordering::Acquire);
                 hint = self
                     .inline_hint
                     .as_ref()
-                    .filter(|h| h.0 == gen)
+                    .filter(|h| h.0 == gen && h.1 == first)
                     .map(|h| (h.1, &h.2));
-                let all_hinted = hint.is_some_and(|(key, _)| {
-                    wrs[..k]
-                        .iter()
-                        .filter(inline)
-                        .all(|w| w.sg_list.iter().all(|s| s.lkey() == key || s.length() == 0))
-                });
-                if !all_hinted {
+                if hint.is_none() || !keys.all(|key| key == first) {
                     let table = self.core.regions.load();
-                    // Keep the first INLINE key's entry for the next post,
-                    // tagged with the generation read before the table.
-                    let key = wrs[..k]
-                        .iter()
-                        .filter(inline)
-                        .flat_map(|w| w.sg_list.iter())
-                        .find(|s| s.length() > 0)
-                        .map(|s| s.lkey());
-                    let next = key.and_then(|key| Some((gen, key, table.get(&key)?.clone())));
+                    // Keep the first key's entry for the next post, tagged
+                    // with the generation read before the table.
+                    let next = table.get(&first).map(|r| (gen, first, r.clone()));
                     regions = Some((table, next));
                 }
             }
