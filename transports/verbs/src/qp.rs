@@ -383,6 +383,67 @@ impl VerbsQp {
         }
     }
 
+    /// [`QueuePair::post_send`] of one request that is not INLINE or is
+    /// INLINE from one non-empty SGE: the list path's checks and accounting
+    /// in straight-line code.
+    #[inline]
+    fn post_send_one(&mut self, wr: &WorkRequest<'_>) -> Result<(), PostError> {
+        self.before_post();
+        if let Some((_, e)) = self.validate(std::slice::from_ref(wr)) {
+            return Err(PostError::at(0, e));
+        }
+        if self.sq.len() >= self.caps.max_send_wr as usize {
+            return Err(PostError::at(
+                0,
+                TransportError::QueueFull {
+                    depth: self.caps.max_send_wr,
+                },
+            ));
+        }
+        let r = match wr.sg_list {
+            [sge] if wr.flags.contains(SendFlags::INLINE) => {
+                let key = sge.lkey();
+                let gen = self.core.regions_gen.load(Ordering::Acquire);
+                match &self.inline_hint {
+                    // The hint is the table's current entry for `key`.
+                    Some((g, k, region)) if *g == gen && *k == key => {
+                        self.id
+                            .post_send_one(&mut self.send_scratch, wr, Some(region))
+                    }
+                    _ => {
+                        let table = self.core.regions.load();
+                        let region = table.get(&key);
+                        let r = self.id.post_send_one(&mut self.send_scratch, wr, region);
+                        // Kept for the next post, tagged with the generation
+                        // read before the table.
+                        self.inline_hint = region.map(|r| (gen, key, r.clone()));
+                        r
+                    }
+                }
+            }
+            _ => self.id.post_send_one(&mut self.send_scratch, wr, None),
+        };
+        match r {
+            Ok(()) => {
+                self.sq.push_back(wr.wr_id);
+                if wr.flags.contains(SendFlags::SIGNALED) {
+                    self.signaled_out += 1;
+                }
+                self.after_post();
+                Ok(())
+            }
+            Err(PostFail::Provider { code, .. }) => {
+                Err(PostError::at(0, self.post_error(code, true)))
+            }
+            Err(PostFail::Inline { .. }) => Err(PostError::at(
+                0,
+                invalid(
+                    "request 0 is INLINE and its SGE is not inside the registration its lkey names (inline data must be registered memory)",
+                ),
+            )),
+        }
+    }
+
     /// The first request that must not be posted, and why.
     fn validate(&self, wrs: &[WorkRequest<'_>]) -> Option<(usize, TransportError)> {
         for (i, wr) in wrs.iter().enumerate() {
@@ -471,8 +532,11 @@ impl VerbsQp {
         }
     }
 
-    /// Poll `cq` into `out`, converting; returns how many.
-    #[inline]
+    /// Poll `cq` into `out`, converting; returns how many. Inlined into
+    /// `poll_cq`: a busy-poll loop calls it once per turn, and under full
+    /// emulation each call and return (an indirect jump to look up) cost
+    /// more than the checks around the provider's poll.
+    #[inline(always)]
     fn poll_one(
         cq: &Cq,
         buf: &mut [RawWc],
@@ -544,7 +608,7 @@ impl VerbsQp {
     /// [`SEND_CQ_EVERY`]th call only, which halves the cost of a busy-poll
     /// loop waiting for receives, and bounds how late such an error shows.
     /// `all` polls it regardless (before sleeping, and in the error state).
-    #[inline]
+    #[inline(always)]
     fn poll_both(&mut self, out: &mut [WorkCompletion], all: bool) -> usize {
         let mut a = 0;
         if !self.sq.is_empty() {
@@ -568,6 +632,22 @@ impl VerbsQp {
         );
         self.retire_recvs(b);
         a + b
+    }
+
+    /// Move completions `arm` polled early into `wc`; returns how many.
+    #[inline(never)]
+    fn take_pending(&mut self, wc: &mut [WorkCompletion]) -> usize {
+        let mut n = 0;
+        while n < wc.len() {
+            match self.pending.pop_front() {
+                Some(c) => {
+                    wc[n] = c;
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        n
     }
 
     /// Poll both CQs into the pending buffer; returns how many were added.
@@ -621,8 +701,16 @@ impl QueuePair for VerbsQp {
     }
 
     fn post_send(&mut self, wrs: &[WorkRequest<'_>]) -> Result<(), PostError> {
-        if wrs.is_empty() {
-            return Ok(());
+        match wrs {
+            [] => return Ok(()),
+            // One request, not INLINE or INLINE from one non-empty SGE: the
+            // latency path, without the list's passes.
+            [wr] if !wr.flags.contains(SendFlags::INLINE)
+                || matches!(wr.sg_list, [s] if s.length() > 0) =>
+            {
+                return self.post_send_one(wr)
+            }
+            _ => {}
         }
         self.before_post();
         let mut stop = self.validate(wrs);
@@ -766,14 +854,8 @@ impl QueuePair for VerbsQp {
     #[inline]
     fn poll_cq(&mut self, wc: &mut [WorkCompletion]) -> usize {
         let mut n = 0;
-        while n < wc.len() {
-            match self.pending.pop_front() {
-                Some(c) => {
-                    wc[n] = c;
-                    n += 1;
-                }
-                None => break,
-            }
+        if !self.pending.is_empty() {
+            n = self.take_pending(wc);
         }
         self.check_peer();
         n + self.poll_both(&mut wc[n..], false)

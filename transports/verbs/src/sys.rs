@@ -1836,6 +1836,64 @@ impl CmId {
         Ok(())
     }
 
+    /// [`CmId::post_send`] of one request, without the list's passes (the
+    /// latency path posts one request per message, and under emulation, as
+    /// on a busy core, every instruction of the wrapper is time). `wr` is
+    /// either not INLINE, or INLINE with exactly one non-empty SGE: that
+    /// SGE must lie inside `inline_region`, the registration its lkey names
+    /// (`None`: no such registration), through which it is translated to
+    /// the CPU address the provider copies from. Refused with
+    /// [`PostFail::Inline`] otherwise, nothing posted.
+    #[inline]
+    pub fn post_send_one(
+        &self,
+        scratch: &mut SendList,
+        wr: &WorkRequest<'_>,
+        inline_region: Option<&Region>,
+    ) -> Result<(), PostFail> {
+        let qp = self.qp();
+        if qp.is_null() {
+            return Err(PostFail::Provider {
+                index: 0,
+                code: libc::EINVAL,
+            });
+        }
+        if scratch.wrs.is_empty() {
+            scratch.wrs.push(empty_send_wr());
+        }
+        let raw = &mut scratch.wrs[0];
+        fill_send_wr(raw, wr);
+        let cpu: [Sge; 1];
+        if wr.flags.contains(SendFlags::INLINE) {
+            let translated = match wr.sg_list {
+                [s] if s.length() > 0 => inline_region
+                    .and_then(|r| r.translate(s.addr(), s.length()))
+                    .map(|addr| Sge::new(addr, s.length(), s.lkey())),
+                _ => None,
+            };
+            let Some(t) = translated else {
+                return Err(PostFail::Inline { index: 0 });
+            };
+            cpu = [t];
+            raw.sg_list = sge_ptr(&cpu);
+        }
+        let mut bad: *mut RawSendWr = std::ptr::null_mut();
+        // SAFETY: live QP; `raw` is one request (its `next` is null) that
+        // lives in `scratch` for the call; a non-inline SGE pointer borrows
+        // `wr` (layout-identical to ibv_sge) and is checked by the device
+        // against its key; an inline SGE points at `cpu`, a CPU range
+        // checked to lie inside `inline_region`, whose memory the caller's
+        // borrow keeps alive for the call.
+        let rc = unsafe { ffi::ibv_post_send(qp, raw, &mut bad) };
+        if rc != 0 {
+            return Err(PostFail::Provider {
+                index: 0,
+                code: rc.abs(),
+            });
+        }
+        Ok(())
+    }
+
     /// `ibv_post_recv` of the whole list with one doorbell. On failure:
     /// (index of the first request not posted, error code).
     #[inline]
