@@ -143,6 +143,7 @@
 //! - `ep_small_messages_inline` (through the device only): messages that fit `max_inline_data` with their header are copied at post time (counted, foreign memory not bounced) and release their chunks at once; larger eager ones hold theirs until the completion.
 //! - `ep_graceful_close`: everything before the close arrives, then end of stream; a second close and a late send are typed errors.
 //! - `ep_peer_failure_mid_stream`: the peer vanishes; the failure is reported in bounded time and later sends are refused.
+//! - `ep_silent_peer_under_slow_polling`: a connected peer that stops talking fails the connection by the heartbeat timeout, also for an application that polls slowly with its own sleeps.
 //! - `ep_async_under_tokio_and_cancellation`: async send/recv/close under tokio; a dropped send future leaves its buffer parked until the device is done.
 
 #![forbid(unsafe_code)]
@@ -257,6 +258,7 @@ macro_rules! __for_each_case {
             ep_small_messages_inline,
             ep_small_messages_bundled,
             ep_peer_failure_mid_stream,
+            ep_silent_peer_under_slow_polling,
             ep_async_under_tokio_and_cancellation,
         }
     };

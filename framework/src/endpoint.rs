@@ -98,6 +98,10 @@ pub enum Recv {
     Eos,
 }
 
+/// An idle `progress` call (nothing polled) reads the clock only every this
+/// many calls in a row (see `Endpoint::progress`).
+const IDLE_CLOCK_EVERY: u32 = 16;
+
 /// A connected messaging endpoint.
 pub struct Endpoint {
     pd: Pd,
@@ -121,6 +125,9 @@ pub struct Endpoint {
     /// The clock `progress` reads: the timers need milliseconds, not the
     /// precise clock's price per busy-poll iteration.
     clock: crate::util::CoarseClock,
+    /// `progress` calls in a row that polled nothing since the clock was
+    /// last read (see `progress_inner`).
+    idle_polls: u32,
     /// Buffers for the work requests of one flush, kept across calls.
     wr_buf: Vec<WorkRequest<'static>>,
     rr_buf: Vec<RecvRequest<'static>>,
@@ -214,6 +221,7 @@ impl Endpoint {
             now,
             deferred: false,
             clock: crate::util::CoarseClock::new(),
+            idle_polls: 0,
             wr_buf: Vec::with_capacity(q.max_send_wr as usize),
             rr_buf: Vec::with_capacity((proto.recv_slots + proto.reserve) as usize),
         };
@@ -249,6 +257,13 @@ impl Endpoint {
 
     /// Do all work that is ready: poll completions, run timers, post. Returns
     /// true if anything happened. Never blocks.
+    ///
+    /// The timers (heartbeats, idle credit returns) run at millisecond
+    /// granularity off a coarse clock, which a call that polled nothing
+    /// reads only every 16th time in a row (and always after the
+    /// endpoint's own waits slept): a busy-poll loop pays for no clock, and
+    /// a caller that polls slowly by its own sleeps sees its timers late by
+    /// at most 16 of its calls.
     pub fn progress(&mut self) -> bool {
         self.progress_inner(false)
     }
@@ -280,10 +295,20 @@ impl Endpoint {
             return true;
         }
         self.deferred = false;
-        // One coarse clock read per call (a memory read, not the clock
-        // hardware): timers and posts share it.
-        let now = self.clock.now();
-        self.now = now;
+        // The coarse clock (a vDSO call, not the clock hardware) is read by
+        // a call that polled something, by every IDLE_CLOCK_EVERY-th idle
+        // call in a row, and by the first call after a sleep: in a
+        // busy-poll loop its read was the largest cost of an empty call,
+        // and the timers need milliseconds. Timers and posts share it.
+        let now = if did || self.idle_polls >= IDLE_CLOCK_EVERY {
+            self.idle_polls = 0;
+            let now = self.clock.now();
+            self.now = now;
+            now
+        } else {
+            self.idle_polls += 1;
+            self.now
+        };
         if now >= self.next_tick {
             self.conn.on_tick(now);
             self.next_tick = now + self.tick_every;
@@ -512,6 +537,7 @@ impl Endpoint {
         if self.qp.arm(&waker) == Armed::Armed {
             let until = deadline.min(self.next_tick);
             std::thread::park_timeout(until.saturating_duration_since(Instant::now()));
+            self.idle_polls = IDLE_CLOCK_EVERY;
         }
     }
 
@@ -627,6 +653,8 @@ impl Endpoint {
     /// Register the task's waker: with the queue pair for completions and with
     /// the coarse timer for heartbeats.
     fn park_task(&mut self, cx: &mut std::task::Context<'_>) {
+        // The task may sleep long: its next progress reads the clock.
+        self.idle_polls = IDLE_CLOCK_EVERY;
         match self.qp.arm(cx.waker()) {
             Armed::Ready => cx.waker().wake_by_ref(),
             Armed::Armed => crate::util::wake_at(cx.waker().clone(), self.next_tick),

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
 use zcmsg::{
-    Access, ArenaConfig, Endpoint, EndpointConfig, Outcome, Pd, Recv, RemoteRegion, Rpc, RpcError,
-    SendError, Transport,
+    Access, ArenaConfig, ConnError, Endpoint, EndpointConfig, Outcome, Pd, Recv, RemoteRegion, Rpc,
+    RpcError, SendError, Transport,
 };
 
 use crate::Harness;
@@ -383,6 +383,34 @@ fn peer_failure_mid_stream_with(d: Devices, c: &EndpointConfig) {
     );
 }
 
+/// A peer that stops talking is found out by the heartbeat timeout even
+/// when the application polls slowly, with its own sleeps between
+/// `progress` calls (an idle call reads the clock only every 16th time).
+fn silent_peer_under_slow_polling_with(d: Devices, c: &EndpointConfig) {
+    let mut c = c.clone();
+    c.proto.heartbeat_interval = Duration::from_millis(50);
+    c.proto.heartbeat_timeout = Duration::from_millis(400);
+    let (mut a, b) = endpoint_pair(d, &c);
+    // `b` stays connected but never runs its protocol again: no heartbeat
+    // or anything else reaches `a` from now on.
+    let start = Instant::now();
+    let limit = Duration::from_secs(10);
+    while a.failure().is_none() && start.elapsed() < limit {
+        a.progress();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = start.elapsed();
+    assert!(
+        matches!(a.failure(), Some(ConnError::HeartbeatTimeout(_))),
+        "a silent peer fails the connection by its heartbeat timeout: {:?} after {took:?}",
+        a.failure()
+    );
+    // 400 ms of silence, at most 16 slow calls late, plus slack for
+    // emulated guests.
+    assert!(took < Duration::from_secs(5), "found out late: {took:?}");
+    drop(b);
+}
+
 /// Async API under tokio: send/recv/close futures, and a dropped send
 /// future leaves its buffer parked until the device is done with it.
 fn async_under_tokio_and_cancellation_with(d: Devices, c: &EndpointConfig) {
@@ -477,6 +505,11 @@ pub fn ep_graceful_close(h: &Harness) {
 pub fn ep_peer_failure_mid_stream(h: &Harness) {
     peer_failure_mid_stream_with(devices(h), &cfg());
     peer_failure_mid_stream_with(devices(h), &cfg_handoff());
+}
+
+/// `silent_peer_under_slow_polling_with` through the device.
+pub fn ep_silent_peer_under_slow_polling(h: &Harness) {
+    silent_peer_under_slow_polling_with(devices(h), &cfg());
 }
 
 /// `async_under_tokio_and_cancellation_with` through the device, then with the in-process handoff on.
