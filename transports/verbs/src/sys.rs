@@ -1658,6 +1658,19 @@ impl CmId {
         })
     }
 
+    /// The QP to post sends to, or the refusal when there is none.
+    #[inline]
+    fn send_qp(&self) -> Result<*mut ffi::ibv_qp, PostFail> {
+        let qp = self.qp();
+        if qp.is_null() {
+            return Err(PostFail::Provider {
+                index: 0,
+                code: libc::EINVAL,
+            });
+        }
+        Ok(qp)
+    }
+
     fn qp(&self) -> *mut ffi::ibv_qp {
         if self.parts.is_none() {
             return std::ptr::null_mut();
@@ -1805,13 +1818,7 @@ impl CmId {
         hint: Option<(u32, &Region)>,
         regions: Option<&Regions>,
     ) -> Result<(), PostFail> {
-        let qp = self.qp();
-        if qp.is_null() {
-            return Err(PostFail::Provider {
-                index: 0,
-                code: libc::EINVAL,
-            });
-        }
+        let qp = self.send_qp()?;
         let n = check_inline(&mut scratch.inline, wrs, hint, regions);
         if n > 0 {
             let head = chain_send(scratch, &wrs[..n]);
@@ -1851,13 +1858,7 @@ impl CmId {
         wr: &WorkRequest<'_>,
         inline_region: Option<&Region>,
     ) -> Result<(), PostFail> {
-        let qp = self.qp();
-        if qp.is_null() {
-            return Err(PostFail::Provider {
-                index: 0,
-                code: libc::EINVAL,
-            });
-        }
+        let qp = self.send_qp()?;
         if scratch.wrs.is_empty() {
             scratch.wrs.push(empty_send_wr());
         }
