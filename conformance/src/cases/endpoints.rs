@@ -388,13 +388,14 @@ fn peer_failure_mid_stream_with(d: Devices, c: &EndpointConfig) {
 /// `progress` calls (an idle call reads the clock only every 16th time).
 fn silent_peer_under_slow_polling_with(d: Devices, c: &EndpointConfig) {
     let mut c = c.clone();
-    c.proto.heartbeat_interval = Duration::from_millis(50);
-    c.proto.heartbeat_timeout = Duration::from_millis(400);
+    // Long enough for the handshake in an emulated guest (400 ms was not).
+    c.proto.heartbeat_interval = Duration::from_millis(100);
+    c.proto.heartbeat_timeout = Duration::from_secs(3);
     let (mut a, b) = endpoint_pair(d, &c);
     // `b` stays connected but never runs its protocol again: no heartbeat
     // or anything else reaches `a` from now on.
     let start = Instant::now();
-    let limit = Duration::from_secs(10);
+    let limit = Duration::from_secs(30);
     while a.failure().is_none() && start.elapsed() < limit {
         a.progress();
         std::thread::sleep(Duration::from_millis(10));
@@ -405,9 +406,9 @@ fn silent_peer_under_slow_polling_with(d: Devices, c: &EndpointConfig) {
         "a silent peer fails the connection by its heartbeat timeout: {:?} after {took:?}",
         a.failure()
     );
-    // 400 ms of silence, at most 16 slow calls late, plus slack for
+    // 3 s of silence, at most 16 slow calls late, plus slack for
     // emulated guests.
-    assert!(took < Duration::from_secs(5), "found out late: {took:?}");
+    assert!(took < Duration::from_secs(15), "found out late: {took:?}");
     drop(b);
 }
 
