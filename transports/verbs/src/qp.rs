@@ -404,13 +404,11 @@ impl VerbsQp {
             [sge] if wr.flags.contains(SendFlags::INLINE) => {
                 let key = sge.lkey();
                 let gen = self.core.regions_gen.load(Ordering::Acquire);
-                match &self.inline_hint {
-                    // The hint is the table's current entry for `key`.
-                    Some((g, k, region)) if *g == gen && *k == key => {
-                        self.id
-                            .post_send_one(&mut self.send_scratch, wr, Some(region))
-                    }
-                    _ => {
+                match current_hint(&self.inline_hint, gen, key) {
+                    Some(region) => self
+                        .id
+                        .post_send_one(&mut self.send_scratch, wr, Some(region)),
+                    None => {
                         let table = self.core.regions.load();
                         let region = table.get(&key);
                         let r = self.id.post_send_one(&mut self.send_scratch, wr, region);
@@ -425,22 +423,40 @@ impl VerbsQp {
         };
         match r {
             Ok(()) => {
-                self.sq.push_back(wr.wr_id);
-                if wr.flags.contains(SendFlags::SIGNALED) {
-                    self.signaled_out += 1;
-                }
-                self.after_post();
+                self.note_posted(std::slice::from_ref(wr));
                 Ok(())
             }
-            Err(PostFail::Provider { code, .. }) => {
-                Err(PostError::at(0, self.post_error(code, true)))
-            }
-            Err(PostFail::Inline { .. }) => Err(PostError::at(
-                0,
-                invalid(
-                    "request 0 is INLINE and its SGE is not inside the registration its lkey names (inline data must be registered memory)",
-                ),
-            )),
+            Err(f) => Err(self.send_failure(f)),
+        }
+    }
+
+    /// Account for send requests the provider took: each holds its slot
+    /// until its completion is polled.
+    #[inline]
+    fn note_posted(&mut self, posted: &[WorkRequest<'_>]) {
+        if posted.is_empty() {
+            return;
+        }
+        self.sq.extend(posted.iter().map(|w| w.wr_id));
+        let signaled = posted
+            .iter()
+            .filter(|w| w.flags.contains(SendFlags::SIGNALED))
+            .count();
+        self.signaled_out += signaled as u32;
+        self.after_post();
+    }
+
+    /// The error of a send post that stopped at `f`.
+    #[cold]
+    fn send_failure(&self, f: PostFail) -> PostError {
+        match f {
+            PostFail::Provider { index, code } => PostError::at(index, self.post_error(code, true)),
+            PostFail::Inline { index } => PostError::at(
+                index,
+                invalid(format!(
+                    "request {index} is INLINE and one of its SGEs is not inside the registration its lkey names (inline data must be registered memory)"
+                )),
+            ),
         }
     }
 
@@ -659,6 +675,19 @@ impl VerbsQp {
     }
 }
 
+/// The kept INLINE hint's region, if it is the registration table's current
+/// entry for `key` (its generation is `gen`, the table's now).
+#[inline]
+fn current_hint(
+    hint: &Option<(u64, u32, sys::Region)>,
+    gen: u64,
+    key: u32,
+) -> Option<&sys::Region> {
+    hint.as_ref()
+        .filter(|h| h.0 == gen && h.1 == key)
+        .map(|h| &h.2)
+}
+
 /// While no signaled send is outstanding, `poll_cq` looks at the send CQ
 /// once in this many calls (for the errors of unsignaled requests).
 const SEND_CQ_EVERY: u32 = 16;
@@ -742,11 +771,7 @@ impl QueuePair for VerbsQp {
                 .map(|s| s.lkey());
             if let Some(first) = keys.next() {
                 let gen = self.core.regions_gen.load(Ordering::Acquire);
-                hint = self
-                    .inline_hint
-                    .as_ref()
-                    .filter(|h| h.0 == gen && h.1 == first)
-                    .map(|h| (h.1, &h.2));
+                hint = current_hint(&self.inline_hint, gen, first).map(|r| (first, r));
                 if hint.is_none() || !keys.all(|key| key == first) {
                     let table = self.core.regions.load();
                     // Keep the first key's entry for the next post, tagged
@@ -768,28 +793,9 @@ impl QueuePair for VerbsQp {
                 Ok(()) => k,
                 Err(PostFail::Provider { index, .. }) | Err(PostFail::Inline { index }) => index,
             };
-            self.sq.extend(wrs[..posted].iter().map(|w| w.wr_id));
-            let signaled = wrs[..posted]
-                .iter()
-                .filter(|w| w.flags.contains(SendFlags::SIGNALED))
-                .count();
-            self.signaled_out += signaled as u32;
-            if posted > 0 {
-                self.after_post();
-            }
-            match r {
-                Ok(()) => {}
-                Err(PostFail::Provider { index, code }) => {
-                    return Err(PostError::at(index, self.post_error(code, true)))
-                }
-                Err(PostFail::Inline { index }) => {
-                    return Err(PostError::at(
-                        index,
-                        invalid(format!(
-                            "request {index} is INLINE and one of its SGEs is not inside the registration its lkey names (inline data must be registered memory)"
-                        )),
-                    ))
-                }
+            self.note_posted(&wrs[..posted]);
+            if let Err(f) = r {
+                return Err(self.send_failure(f));
             }
         }
         match stop {
