@@ -30,16 +30,14 @@ pub const POST_LIST: u64 = 16;
 
 /// Busy-polling receive (the lowest-latency mode).
 fn spin_recv(ep: &mut Endpoint, limit: Duration) -> Result<Bytes, String> {
-    let start = Instant::now();
-    let mut spins = 0u64;
+    let mut wait = crate::raw::Patience::new(limit);
     loop {
         match ep.try_recv().map_err(|e| e.to_string())? {
             Some(Recv::Message(m)) => return Ok(m),
             Some(Recv::Eos) => return Err("end of stream".into()),
             None => {
-                spins += 1;
                 // No PAUSE between polls, as in the raw device's loop.
-                if spins % crate::raw::CLOCK_EVERY == 0 && start.elapsed() > limit {
+                if wait.spun_out() {
                     return Err("no message within the limit".into());
                 }
             }
@@ -47,7 +45,8 @@ fn spin_recv(ep: &mut Endpoint, limit: Duration) -> Result<Bytes, String> {
     }
 }
 
-/// One-way latency samples (ns) of `size`-byte endpoint ping-pong (RTT/2, the timer's own cost subtracted, as in `raw`).
+/// One-way latency samples (ns) of `size`-byte endpoint ping-pong, taken
+/// as in `raw` ([`crate::report::RttClock`]).
 pub fn ping_pong(
     a: Arc<dyn Transport>,
     b: Arc<dyn Transport>,
@@ -73,19 +72,17 @@ pub fn ping_pong(
     let mut s = arena.alloc().ok_or("slot")?;
     s.put_bytes(0x61, size);
     let msg = s.freeze();
-    let mut samples = Vec::with_capacity(iters as usize);
-    let clock = crate::report::clock_overhead_ns();
+    let mut clk = crate::report::RttClock::start(iters);
     for _ in 0..iters {
-        let t = Instant::now();
         cli.try_send(msg.clone()).map_err(|e| e.to_string())?;
         let m = spin_recv(&mut cli, Duration::from_secs(10))?;
-        samples.push((t.elapsed().as_nanos() as u64).saturating_sub(clock) / 2);
+        clk.lap();
         if m.len() != size {
             return Err("echo length".into());
         }
     }
     server.join().map_err(|_| "server panicked")??;
-    Ok(samples)
+    Ok(clk.into_samples())
 }
 
 /// Messages per second (and bytes per second) of a one-way stream of

@@ -15,6 +15,44 @@ use zcmsg::{
 /// polls: a clock read costs ~40 ns on these VMs, as much as a poll.
 pub const CLOCK_EVERY: u64 = 256;
 
+/// The time limit of one busy wait, checked every [`CLOCK_EVERY`] spins:
+/// it reads the clock for the first time after that many, so a wait that
+/// ends sooner (every wait of a healthy run) reads no clock at all.
+pub struct Patience {
+    spins: u64,
+    since: Option<Instant>,
+    limit: Duration,
+}
+
+impl Patience {
+    /// A wait that may last about `limit`.
+    #[inline]
+    pub fn new(limit: Duration) -> Patience {
+        Patience {
+            spins: 0,
+            since: None,
+            limit,
+        }
+    }
+
+    /// One more spin: true once the wait has lasted longer than its limit.
+    #[inline]
+    pub fn spun_out(&mut self) -> bool {
+        self.spins += 1;
+        if self.spins % CLOCK_EVERY != 0 {
+            return false;
+        }
+        let now = Instant::now();
+        match self.since {
+            None => {
+                self.since = Some(now);
+                false
+            }
+            Some(s) => now.duration_since(s) > self.limit,
+        }
+    }
+}
+
 /// How to run one test.
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -32,7 +70,8 @@ pub struct Params {
     pub inline: bool,
 }
 
-/// Per-iteration one-way latencies (RTT/2, the timer's own cost, [`crate::report::clock_overhead_ns`], subtracted), in nanoseconds.
+/// Per-iteration one-way latencies in nanoseconds, taken by
+/// [`crate::report::RttClock`] (RTT/2, the timer's own cost subtracted).
 pub struct Latency {
     /// Samples.
     pub samples: Vec<u64>,
@@ -231,11 +270,9 @@ pub fn send_lat(
         flags |= SendFlags::INLINE;
     }
     let echo = vec![0x5au8; size];
-    let mut samples = Vec::with_capacity(iters as usize);
-    let clock = crate::report::clock_overhead_ns();
     let mut echoed = 0u64;
+    let mut clk = crate::report::RttClock::start(iters);
     for it in 0..iters {
-        let t0 = Instant::now();
         let f = if (it + 1) % 64 == 0 {
             flags | SendFlags::SIGNALED
         } else {
@@ -244,8 +281,7 @@ pub fn send_lat(
         cli.qp
             .post_send(&[WorkRequest::send(it, &sge).with_flags(f)])
             .map_err(|e| e.to_string())?;
-        let deadline = t0 + Duration::from_secs(10);
-        let mut spins = 0u64;
+        let mut wait = Patience::new(Duration::from_secs(10));
         'wait: loop {
             let n = cli.qp.poll_cq(&mut cli.wc);
             for i in 0..n {
@@ -264,12 +300,11 @@ pub fn send_lat(
                     }
                     echoed += 1;
                     cli.repost(wc.wr_id)?;
-                    samples.push((t0.elapsed().as_nanos() as u64).saturating_sub(clock) / 2);
+                    clk.lap();
                     break 'wait;
                 }
             }
-            spins += 1;
-            if spins % CLOCK_EVERY == 0 && Instant::now() > deadline {
+            if wait.spun_out() {
                 return Err(format!("no echo for iteration {it} within 10 s"));
             }
         }
@@ -281,7 +316,9 @@ pub fn send_lat(
     if echoed != iters {
         return Err("lost echoes".into());
     }
-    Ok(Latency { samples })
+    Ok(Latency {
+        samples: clk.into_samples(),
+    })
 }
 
 /// One-directional SEND (or RDMA WRITE) stream: messages per second at the sender,

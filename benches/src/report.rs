@@ -86,6 +86,48 @@ pub fn bw_row(size: usize, iters: u64, bytes_per_sec: f64, msgs_per_sec: f64) {
     );
 }
 
+/// Latency samples taken as perftest takes them: one clock read per
+/// iteration, at its end (which is the next one's start), so a sample is
+/// the whole iteration, RTT/2, less the timer's own cost
+/// ([`clock_overhead_ns`]). Under full emulation a clock read is a vDSO
+/// call and a `rdtsc` helper: one per round trip, not one at each end.
+pub struct RttClock {
+    last: std::time::Instant,
+    clock: u64,
+    samples: Vec<u64>,
+}
+
+impl RttClock {
+    /// Measure the timer's cost, then start the first iteration.
+    pub fn start(iters: u64) -> RttClock {
+        let clock = clock_overhead_ns();
+        RttClock {
+            samples: Vec::with_capacity(iters as usize),
+            clock,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// When the current iteration started.
+    pub fn since(&self) -> std::time::Instant {
+        self.last
+    }
+
+    /// The current iteration is over: record it; the next starts now.
+    #[inline]
+    pub fn lap(&mut self) {
+        let now = std::time::Instant::now();
+        let rtt = now.duration_since(self.last).as_nanos() as u64;
+        self.samples.push(rtt.saturating_sub(self.clock) / 2);
+        self.last = now;
+    }
+
+    /// The samples, one per [`RttClock::lap`], in nanoseconds.
+    pub fn into_samples(self) -> Vec<u64> {
+        self.samples
+    }
+}
+
 /// What timing one interval costs by itself: the median of back-to-back
 /// `Instant::now()` / `elapsed()` pairs, in nanoseconds. Latency samples
 /// subtract it, as a benchmark harness subtracts its timer's cost (on these

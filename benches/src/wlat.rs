@@ -159,13 +159,8 @@ fn pong(
         flags |= SendFlags::INLINE;
     }
     let mut wc = [WorkCompletion::EMPTY; 16];
-    let mut samples = Vec::with_capacity(if client { iters as usize } else { 0 });
-    // Samples subtract the timer's own cost, as the other latency tests do.
-    let clock = if client {
-        crate::report::clock_overhead_ns()
-    } else {
-        0
-    };
+    // The client times each round trip as the other latency tests do.
+    let mut clk = client.then(|| crate::report::RttClock::start(iters));
     let write = |e: &mut End, src: &mut zcmsg::SlotMut, it: u64| -> Result<(), String> {
         let f = if (it + 1) % 64 == 0 {
             flags | SendFlags::SIGNALED
@@ -183,17 +178,14 @@ fn pong(
         e.qp.post_send(&[wr]).map_err(|x| x.to_string())
     };
     for it in 0..iters {
-        let t0 = Instant::now();
         if client {
             write(e, &mut src, it)?;
         }
-        let deadline = t0 + Duration::from_secs(10);
+        let mut wait = crate::raw::Patience::new(Duration::from_secs(10));
         if let Some(w) = watch {
-            let mut spins = 0u64;
             while w.load_byte(size - 1) != Some(mark(it)) {
-                spins += 1;
                 // No PAUSE between polls, as in ib_write_lat.
-                if spins % crate::raw::CLOCK_EVERY == 0 && Instant::now() > deadline {
+                if wait.spun_out() {
                     return Err(format!("no write for iteration {it} within 10 s"));
                 }
             }
@@ -223,14 +215,13 @@ fn pong(
                     break 'wait;
                 }
             }
-            if Instant::now() > deadline {
+            if wait.spun_out() {
                 return Err(format!("no write for iteration {it} within 10 s"));
             }
         }
-        if client {
-            samples.push((t0.elapsed().as_nanos() as u64).saturating_sub(clock) / 2);
-        } else {
-            write(e, &mut src, it)?;
+        match clk.as_mut() {
+            Some(c) => c.lap(),
+            None => write(e, &mut src, it)?,
         }
     }
     // Let the last signaled writes complete before teardown.
@@ -238,5 +229,7 @@ fn pong(
     while t.elapsed() < Duration::from_millis(200) {
         e.qp.poll_cq(&mut wc);
     }
-    Ok(samples)
+    Ok(clk
+        .map(crate::report::RttClock::into_samples)
+        .unwrap_or_default())
 }
