@@ -383,6 +383,38 @@ impl VerbsQp {
         }
     }
 
+    /// [`QueuePair::post_recv`] of one request (not through an SRQ): the
+    /// list path's checks and accounting in straight-line code.
+    #[inline]
+    fn post_recv_one(&mut self, wr: &RecvRequest<'_>) -> Result<(), PostError> {
+        self.before_post();
+        if wr.sg_list.len() > self.caps.max_recv_sge as usize {
+            return Err(PostError::at(
+                0,
+                TransportError::TooManySges {
+                    got: wr.sg_list.len(),
+                    max: self.caps.max_recv_sge,
+                },
+            ));
+        }
+        if self.rq >= self.caps.max_recv_wr {
+            return Err(PostError::at(
+                0,
+                TransportError::QueueFull {
+                    depth: self.caps.max_recv_wr,
+                },
+            ));
+        }
+        match self.id.post_recv_one(wr) {
+            Ok(()) => {
+                self.rq += 1;
+                self.after_post();
+                Ok(())
+            }
+            Err(code) => Err(PostError::at(0, self.post_error(code, false))),
+        }
+    }
+
     /// [`QueuePair::post_send`] of one request that is not INLINE or is
     /// INLINE from one non-empty SGE: the list path's checks and accounting
     /// in straight-line code.
@@ -810,6 +842,9 @@ impl QueuePair for VerbsQp {
                 0,
                 invalid("this queue pair receives through a shared receive queue: post there"),
             ));
+        }
+        if let [wr] = wrs {
+            return self.post_recv_one(wr);
         }
         if wrs.is_empty() {
             return Ok(());

@@ -1895,6 +1895,30 @@ impl CmId {
         Ok(())
     }
 
+    /// `ibv_post_recv` of one request, built on the stack (the latency
+    /// loops repost one receive per message). On failure: the error code.
+    #[inline]
+    pub fn post_recv_one(&self, wr: &RecvRequest<'_>) -> Result<(), i32> {
+        let qp = self.qp();
+        if qp.is_null() {
+            return Err(libc::EINVAL);
+        }
+        let mut raw = empty_recv_wr();
+        raw.wr_id = wr.wr_id;
+        raw.sg_list = sge_ptr(wr.sg_list);
+        raw.num_sge = wr.sg_list.len() as c_int;
+        let mut bad: *mut RawRecvWr = std::ptr::null_mut();
+        // SAFETY: live QP; `raw` is one request (its `next` is null) on our
+        // stack for the call, its SGE pointer borrows `wr`; the device
+        // writes only memory the SGEs' lkeys grant and checks them.
+        let rc = unsafe { ffi::ibv_post_recv(qp, &mut raw, &mut bad) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(rc.abs())
+        }
+    }
+
     /// `ibv_post_recv` of the whole list with one doorbell. On failure:
     /// (index of the first request not posted, error code).
     #[inline]
