@@ -6,6 +6,8 @@
 //! cost_probe N pp       # N ping-pong round trips (try_send / try_recv)
 //! cost_probe N empty    # N calls of progress() with nothing to do (the spin granularity)
 //! cost_probe N raw-pp   # N ping-pong round trips on the raw device (inline 64 B SENDs)
+//! cost_probe N raw-stream # N inline 64 B SENDs on the raw device, in post lists of 16
+//!                         # (zcperf send-bw's shape: one signaled, one repost list)
 //! ```
 //!
 //! Wall time is printed, but the repeatable figure is the instruction count:
@@ -61,6 +63,9 @@ fn main() {
     let msg = s.freeze();
     if mode == "raw-pp" {
         return raw_pp(&dev, n);
+    }
+    if mode == "raw-stream" {
+        return raw_stream(&dev, n);
     }
     let t = Instant::now();
     match mode.as_str() {
@@ -161,6 +166,76 @@ fn raw_pp(dev: &std::sync::Arc<SoftDevice>, n: usize) {
     }
     println!(
         "{:.1} ns per raw round trip",
+        t.elapsed().as_nanos() as f64 / n as f64
+    );
+}
+
+/// The raw device's SEND stream, as zcperf's send-bw does it, in one thread:
+/// a post list of 16 inline SENDs (the last signaled), the receiver's poll
+/// and one repost list for what it polled, the sender's poll.
+fn raw_stream(dev: &std::sync::Arc<SoftDevice>, n: usize) {
+    use zcmsg::{QpConfig, RecvRequest, SendFlags, Sge, WorkCompletion, WorkRequest};
+    const LIST: usize = 16;
+    let cfg = QpConfig {
+        max_send_wr: 128,
+        max_recv_wr: 64,
+        max_send_sge: 1,
+        max_recv_sge: 1,
+        max_inline_data: 64,
+        ..QpConfig::default()
+    };
+    let (mut a, mut b) = dev.pair(&cfg, &cfg).expect("pair");
+    let pd = Pd::new(dev.clone() as std::sync::Arc<dyn Transport>);
+    let arena = pd.arena(ArenaConfig::new(64, 70)).expect("arena");
+    let slots: Vec<_> = (0..64).map(|_| arena.alloc().expect("slot")).collect();
+    // On the stack, as zcperf's repost_all builds its list.
+    let repost = |qp: &mut Box<dyn zcmsg::QueuePair>, ids: &[u64]| {
+        let mut sges = [[Sge::default(); 1]; 32];
+        for (d, &i) in sges.iter_mut().zip(ids) {
+            d[0] = slots[i as usize].sge();
+        }
+        let wrs: [RecvRequest<'_>; 32] = std::array::from_fn(|k| RecvRequest {
+            wr_id: ids.get(k).copied().unwrap_or(0),
+            sg_list: &sges[k],
+        });
+        qp.post_recv(&wrs[..ids.len().min(32)]).expect("post_recv");
+    };
+    let all: Vec<u64> = (0..64).collect();
+    repost(&mut b, &all[..32]);
+    repost(&mut b, &all[32..]);
+    let mut msg = arena.alloc().expect("slot");
+    msg.put_bytes(0x5a, 64);
+    let sge = [msg.sge_filled()];
+    let mut wc = [WorkCompletion::EMPTY; 32];
+    let mut ids = Vec::with_capacity(32);
+    let t = Instant::now();
+    for it in 0..n / LIST {
+        let wrs: [WorkRequest<'_>; LIST] = std::array::from_fn(|k| {
+            let f = if k + 1 == LIST {
+                SendFlags::SIGNALED | SendFlags::INLINE
+            } else {
+                SendFlags::INLINE
+            };
+            WorkRequest::send((it * LIST + k) as u64, &sge).with_flags(f)
+        });
+        a.post_send(&wrs).expect("post_send");
+        let mut got = 0;
+        while got < LIST {
+            let k = b.poll_cq(&mut wc);
+            ids.clear();
+            ids.extend(
+                wc[..k]
+                    .iter()
+                    .filter(|w| w.opcode.is_recv())
+                    .map(|w| w.wr_id),
+            );
+            got += ids.len();
+            repost(&mut b, &ids);
+        }
+        while a.poll_cq(&mut wc) == 0 {}
+    }
+    println!(
+        "{:.1} ns per raw streamed message",
         t.elapsed().as_nanos() as f64 / n as f64
     );
 }
