@@ -485,6 +485,68 @@ fn gather_src(t: &MrTable, v: &WrView<'_>, out: &mut Vec<Seg>) -> bool {
     true
 }
 
+/// The source of a SEND or WRITE when it is at most one segment (the common
+/// shape), translated without the scratch list: `Some(Ok(None))` for no
+/// bytes, `Some(Ok(Some(seg)))`, `Some(Err(()))` when it does not translate
+/// (LocProtErr, as [`gather_src`]); `None` when it has more than one
+/// non-empty SGE (use [`gather_src`]).
+#[inline]
+fn src_one(t: &MrTable, v: &WrView<'_>) -> Option<Result<Option<Seg>, ()>> {
+    if let Some(buf) = v.staged {
+        return Some(Ok((!buf.is_empty()).then(|| Seg::of(buf))));
+    }
+    let mut found = None;
+    for s in v.sges {
+        if s.length() == 0 {
+            continue;
+        }
+        if found.is_some() {
+            return None;
+        }
+        found = Some(s);
+    }
+    let Some(s) = found else {
+        return Some(Ok(None));
+    };
+    let len = u64::from(s.length());
+    Some(
+        t.translate(s.lkey(), KeyKind::Local, Access::LOCAL_READ, s.addr(), len)
+            .map(|addr| {
+                Some(Seg {
+                    addr,
+                    len: len as usize,
+                })
+            })
+            .ok_or(()),
+    )
+}
+
+/// [`scatter`] into a receive of one SGE, without the scratch list:
+/// `Ok(None)` when no bytes land.
+#[inline]
+fn scatter_one(t: &MrTable, g: Sge, need: u64) -> Result<Option<Seg>, Scatter> {
+    if u64::from(g.length()) < need {
+        return Err(Scatter::Short);
+    }
+    if need == 0 {
+        return Ok(None);
+    }
+    t.translate(
+        g.lkey(),
+        KeyKind::Local,
+        Access::LOCAL_WRITE,
+        g.addr(),
+        need,
+    )
+    .map(|addr| {
+        Some(Seg {
+            addr,
+            len: need as usize,
+        })
+    })
+    .ok_or(Scatter::Prot)
+}
+
 /// Translate the part of `sges` that `need` bytes land in, for writing.
 /// Like rxe, only SGEs that receive data are checked, and only the range used.
 fn scatter<I: Iterator<Item = Sge> + Clone>(
@@ -533,7 +595,15 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
     let len32 = u32::try_from(v.len).unwrap_or(u32::MAX);
     match v.opcode {
         Opcode::Send | Opcode::SendWithImm => {
-            if !gather_src(x.own_t, v, x.src) {
+            // One segment each side (the common shape) goes without the
+            // scratch lists; any other, or a failure, takes the general
+            // path below, which reports it.
+            let src = match src_one(x.own_t, v) {
+                Some(Ok(seg)) => Some(seg),
+                Some(Err(())) => return Done(WcStatus::LocProtErr, 0),
+                None => None,
+            };
+            if src.is_none() && !gather_src(x.own_t, v, x.src) {
                 return Done(WcStatus::LocProtErr, 0);
             }
             if x.peer.is_error() {
@@ -543,6 +613,31 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
                 return Outcome::Rnr;
             };
             let (slots, i) = x.peer.recv_slot(r);
+            if let Some(src) = src {
+                if let Some(Ok(dst)) = slots.single_sge(i).map(|g| scatter_one(x.peer_t, g, v.len))
+                {
+                    if let (Some(d), Some(s)) = (dst, src) {
+                        // SAFETY: `d` was translated just now through the
+                        // peer's table snapshot `peer_t` (a live
+                        // registration with LOCAL_WRITE, in bounds), `s`
+                        // through `own_t` or is the staged payload; both
+                        // snapshots are held by the caller for the call and
+                        // its `Exec` is busy, so deregistration waits for us.
+                        unsafe { dma::copy_segs(&[d], &[s]) };
+                    }
+                    let imm = (v.opcode == Opcode::SendWithImm).then_some(v.imm);
+                    x.peer
+                        .finish_recv(r, x.rx, WcStatus::Success, false, len32, imm);
+                    *x.wake_peer = true;
+                    x.counters.count(Count::Send(v.len));
+                    return Done(WcStatus::Success, len32);
+                }
+                // Several receive SGEs, too short or not translated: the
+                // general path checks again (with a fresh table) and
+                // reports it.
+                x.src.clear();
+                x.src.extend(src);
+            }
             let scatter_into = |t: &MrTable, dst: &mut Vec<Seg>| match slots.single_sge(i) {
                 Some(g) => scatter(t, std::iter::once(g), v.len, dst),
                 None => scatter(t, slots.sges(i), v.len, dst),
