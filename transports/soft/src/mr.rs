@@ -1,9 +1,10 @@
 //! The device's region table: keys to registered memory.
 //!
-//! The table is immutable and sorted by key; register and deregister (rare:
-//! arenas register once) build a new one and publish it through an
-//! `ArcSwap`, so a lookup on the data path is one lock-free load plus a
-//! binary search, and the snapshot it returns keeps every region it names
+//! The table is immutable; register and deregister (rare: arenas register
+//! once) build a new one and publish it through an `ArcSwap`. A lookup on
+//! the data path is one probe, usually, of an open-addressed index that
+//! holds each registration's translation inline (key, rights, bounds, CPU
+//! address: no pointer to chase), and the snapshot keeps every region it names
 //! (and so its memory, an `Arc<dyn RegionMemory>`) alive while the device
 //! copies. That the device no longer *touches* a region once `deregister`
 //! returns is the job of the quiescence protocol in `device.rs`.
@@ -73,17 +74,75 @@ pub(crate) enum KeyKind {
     Remote,
 }
 
-/// An immutable snapshot of the registrations, sorted by local key.
+/// One registration's translation, inline in the table's index.
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    /// 0: an empty entry (0 is never a key).
+    lkey: u32,
+    access: Access,
+    /// Device address of the first registered byte, and the length.
+    addr: u64,
+    len: u64,
+    /// CPU address of the first registered byte (`base + offset`).
+    cpu: usize,
+}
+
+/// An immutable snapshot of the registrations, sorted by local key, with
+/// an open-addressed index by key (at most half full, so a lookup of a key
+/// that is not there ends at an empty entry soon).
 #[derive(Default)]
 pub(crate) struct MrTable {
     keys: Vec<u32>,
     mrs: Vec<Arc<Mr>>,
+    index: Box<[Entry]>,
+}
+
+/// The index position a key's probe starts at (a multiplicative hash: keys
+/// are consecutive even numbers).
+#[inline]
+fn home(lkey: u32, mask: usize) -> usize {
+    (lkey.wrapping_mul(0x9E37_79B1).rotate_right(16) as usize) & mask
 }
 
 impl MrTable {
-    fn find(&self, lkey: u32) -> Option<&Mr> {
-        let i = self.keys.binary_search(&lkey).ok()?;
-        Some(&self.mrs[i])
+    fn new(keys: Vec<u32>, mrs: Vec<Arc<Mr>>) -> MrTable {
+        let cap = if mrs.is_empty() {
+            0
+        } else {
+            (2 * mrs.len()).next_power_of_two()
+        };
+        let mut index = vec![Entry::default(); cap].into_boxed_slice();
+        let mask = cap.wrapping_sub(1);
+        for mr in &mrs {
+            let mut h = home(mr.lkey, mask);
+            while index[h].lkey != 0 {
+                h = (h + 1) & mask;
+            }
+            index[h] = Entry {
+                lkey: mr.lkey,
+                access: mr.access,
+                addr: mr.addr,
+                len: mr.len,
+                cpu: mr.base.wrapping_add(mr.offset),
+            };
+        }
+        MrTable { keys, mrs, index }
+    }
+
+    #[inline]
+    fn find(&self, lkey: u32) -> Option<&Entry> {
+        let mask = self.index.len().checked_sub(1)?;
+        let mut h = home(lkey, mask);
+        loop {
+            let e = &self.index[h];
+            if e.lkey == 0 {
+                return None;
+            }
+            if e.lkey == lkey {
+                return Some(e);
+            }
+            h = (h + 1) & mask;
+        }
     }
 
     /// Number of registrations.
@@ -108,19 +167,18 @@ impl MrTable {
         if is_remote != (kind == KeyKind::Remote) {
             return None;
         }
-        let mr = self.find(key & !1)?;
-        if !mr.access.contains(need) {
+        let e = self.find(key & !1)?;
+        if !e.access.contains(need) {
             return None;
         }
-        let off = addr.checked_sub(mr.addr)?;
+        let off = addr.checked_sub(e.addr)?;
         let end = off.checked_add(len)?;
-        if end > mr.len {
+        if end > e.len {
             return None;
         }
-        // `off + mr.offset` stays inside `mem` (checked at registration that
-        // `offset + len <= mem.len()`), so it fits a usize.
-        let off = usize::try_from(off).ok()?.checked_add(mr.offset)?;
-        Some(mr.base.wrapping_add(off))
+        // `offset + off` stays inside the memory (checked at registration
+        // that `offset + len <= mem.len()`), so the sum does not wrap.
+        Some(e.cpu.wrapping_add(usize::try_from(off).ok()?))
     }
 
     /// A table with `mr` added.
@@ -134,7 +192,7 @@ impl MrTable {
         mrs.extend_from_slice(&self.mrs[..i]);
         mrs.push(Arc::new(mr));
         mrs.extend_from_slice(&self.mrs[i..]);
-        MrTable { keys, mrs }
+        MrTable::new(keys, mrs)
     }
 
     /// A table without the registration of `lkey`, and that registration.
@@ -144,7 +202,7 @@ impl MrTable {
         let mut mrs = self.mrs.clone();
         keys.remove(i);
         let mr = mrs.remove(i);
-        Some((MrTable { keys, mrs }, mr))
+        Some((MrTable::new(keys, mrs), mr))
     }
 }
 
@@ -215,6 +273,51 @@ pub(crate) mod tests {
         assert_eq!(k.next(), None, "exhausted counters refuse");
         // Two devices start far apart.
         assert_ne!(KeyAlloc::new(1).next, KeyAlloc::new(2).next);
+    }
+
+    #[test]
+    fn the_index_finds_every_live_key_and_no_other() {
+        let mem: Arc<dyn RegionMemory> = Arc::new(Buf(vec![0u8; 4096].into_boxed_slice()));
+        let base = mem.as_ptr() as usize;
+        let mut alloc = KeyAlloc::new(3);
+        let mut t = MrTable::default();
+        assert_eq!(
+            t.translate(2, KeyKind::Local, Access::LOCAL_READ, 0, 1),
+            None
+        );
+        let mut keys = Vec::new();
+        // Region k covers byte k of `mem`: a lookup that found the wrong
+        // entry would translate to the wrong byte.
+        for k in 0..300usize {
+            let key = alloc.next().unwrap();
+            t = t.with(Mr::new(key, mem.clone(), k, 1, Access::LOCAL_WRITE));
+            keys.push(key);
+        }
+        let addr = |k: usize| mem.as_ptr() as u64 + k as u64;
+        for (k, &key) in keys.iter().enumerate() {
+            let got = t.translate(key, KeyKind::Local, Access::LOCAL_WRITE, addr(k), 1);
+            assert_eq!(got, Some(base + k), "key {key}");
+            assert_eq!(
+                t.translate(key, KeyKind::Local, Access::LOCAL_WRITE, addr(k + 1), 1),
+                None
+            );
+        }
+        // Every other one removed: those fail, the rest still translate.
+        for &key in keys.iter().step_by(2) {
+            t = t.without(key).unwrap().0;
+        }
+        for (k, &key) in keys.iter().enumerate() {
+            let got = t.translate(key, KeyKind::Local, Access::LOCAL_READ, addr(k), 1);
+            assert_eq!(got, (k % 2 == 1).then_some(base + k), "key {key}");
+        }
+        assert_eq!(t.len(), 150);
+        // Keys never handed out, and 0, find nothing.
+        for key in [0, alloc.next().unwrap(), keys[0] + 600 * 2] {
+            assert_eq!(
+                t.translate(key, KeyKind::Local, Access::LOCAL_READ, addr(0), 1),
+                None
+            );
+        }
     }
 
     #[test]
