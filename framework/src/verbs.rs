@@ -30,14 +30,17 @@ pub enum Opcode {
 
 impl Opcode {
     /// True for operations that name remote memory (`remote_addr`/`rkey`).
+    #[inline]
     pub fn is_one_sided(self) -> bool {
         !matches!(self, Opcode::Send | Opcode::SendWithImm)
     }
     /// True for operations that carry immediate data.
+    #[inline]
     pub fn has_imm(self) -> bool {
         matches!(self, Opcode::SendWithImm | Opcode::RdmaWriteWithImm)
     }
     /// True for the two atomic operations.
+    #[inline]
     pub fn is_atomic(self) -> bool {
         matches!(self, Opcode::AtomicCmpAndSwp | Opcode::AtomicFetchAndAdd)
     }
@@ -151,6 +154,7 @@ pub struct WorkRequest<'a> {
 
 impl<'a> WorkRequest<'a> {
     /// A signaled SEND of `sg_list`.
+    #[inline]
     pub fn send(wr_id: u64, sg_list: &'a [Sge]) -> Self {
         WorkRequest {
             wr_id,
@@ -165,6 +169,7 @@ impl<'a> WorkRequest<'a> {
         }
     }
     /// A signaled one-sided operation on `remote_addr`/`rkey`.
+    #[inline]
     pub fn one_sided(
         wr_id: u64,
         opcode: Opcode,
@@ -180,22 +185,26 @@ impl<'a> WorkRequest<'a> {
         }
     }
     /// Replace the flags.
+    #[inline]
     pub fn with_flags(mut self, flags: SendFlags) -> Self {
         self.flags = flags;
         self
     }
     /// Set immediate data.
+    #[inline]
     pub fn with_imm(mut self, imm: u32) -> Self {
         self.imm_data = imm;
         self
     }
     /// Set the atomic operands.
+    #[inline]
     pub fn with_atomic(mut self, compare_add: u64, swap: u64) -> Self {
         self.compare_add = compare_add;
         self.swap = swap;
         self
     }
     /// Sum of the SGE lengths.
+    #[inline]
     pub fn byte_len(&self) -> u64 {
         self.sg_list.iter().map(|s| u64::from(s.length())).sum()
     }
@@ -262,6 +271,7 @@ pub enum WcStatus {
 
 impl WcStatus {
     /// True for `Success`.
+    #[inline]
     pub fn is_ok(self) -> bool {
         self == WcStatus::Success
     }
@@ -319,10 +329,12 @@ pub enum WcOpcode {
 
 impl WcOpcode {
     /// True for receive-side completions.
+    #[inline]
     pub fn is_recv(self) -> bool {
         matches!(self, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm)
     }
     /// The completion opcode a successful send-queue request of `op` reports.
+    #[inline]
     pub fn for_send(op: Opcode) -> WcOpcode {
         match op {
             Opcode::Send | Opcode::SendWithImm => WcOpcode::Send,
