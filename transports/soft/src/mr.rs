@@ -129,7 +129,7 @@ impl MrTable {
         MrTable { keys, mrs, index }
     }
 
-    #[inline]
+    #[inline(always)]
     fn find(&self, lkey: u32) -> Option<&Entry> {
         let mask = self.index.len().checked_sub(1)?;
         let mut h = home(lkey, mask);
@@ -154,7 +154,7 @@ impl MrTable {
     /// the key is live and of the right kind, the registration grants
     /// `need`, and the range lies inside it (checked arithmetic throughout).
     /// `len` must be positive; zero-length SGEs are never translated.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn translate(
         &self,
         key: u32,

@@ -166,6 +166,7 @@ impl QpCore {
 
     /// Complete a taken receive; it reaches the owner with the next
     /// [`QpCore::publish_consumed`] (own receive queue) or at once (SRQ).
+    #[inline]
     fn finish_recv(
         &self,
         r: RecvRef,
@@ -587,6 +588,52 @@ fn scatter<I: Iterator<Item = Sge> + Clone>(
     Ok(())
 }
 
+/// The common SEND, inlined where requests execute: at most one source
+/// segment into a receive of one SGE, all checks passing. `None` when the
+/// request is of any other shape (an SRQ receive included) or a check
+/// fails, having changed nothing (the receive is not consumed): [`execute`]
+/// then runs it from the start and reports what fails.
+#[inline(always)]
+fn send_fast(x: &mut Exe<'_>, v: &WrView<'_>) -> Option<Outcome> {
+    if !matches!(v.opcode, Opcode::Send | Opcode::SendWithImm) {
+        return None;
+    }
+    let Some(Ok(src)) = src_one(x.own_t, v) else {
+        return None;
+    };
+    // Taking from an SRQ consumes the receive: only an own receive queue,
+    // where taking is a look until the completion, can fall back.
+    let RecvSide::Ring(ring) = &x.peer.recv else {
+        return None;
+    };
+    if x.peer.is_error() {
+        return None;
+    }
+    let Some(RecvRef::Ring(c)) = x.peer.take_recv(x.rx) else {
+        return None;
+    };
+    let i = ring.slot(c);
+    let dst = scatter_one(x.peer_t, ring.slots.single_sge(i)?, v.len).ok()?;
+    if let (Some(d), Some(s)) = (dst, src) {
+        // SAFETY: `d` was translated just now through the peer's table
+        // snapshot `peer_t` (a live registration with LOCAL_WRITE, in
+        // bounds), `s` through `own_t` or is the staged payload; both
+        // snapshots are held by the caller for the call and its `Exec` is
+        // busy, so deregistration waits for us.
+        unsafe { dma::copy_segs(&[d], &[s]) };
+    }
+    // Validated at post time against max_msg_sz, a u32.
+    let len32 = v.len as u32;
+    let imm = (v.opcode == Opcode::SendWithImm).then_some(v.imm);
+    // `finish_recv` of a ring receive, written out.
+    ring.slots
+        .complete(i, Some(c), WcStatus::Success, false, len32, imm);
+    x.rx.consume = c + 1;
+    *x.wake_peer = true;
+    x.counters.count(Count::Send(v.len));
+    Some(Outcome::Done(WcStatus::Success, len32))
+}
+
 /// Execute one request; see the status table in the crate docs for the
 /// order of checks and who reports what.
 fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
@@ -595,15 +642,7 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
     let len32 = u32::try_from(v.len).unwrap_or(u32::MAX);
     match v.opcode {
         Opcode::Send | Opcode::SendWithImm => {
-            // One segment each side (the common shape) goes without the
-            // scratch lists; any other, or a failure, takes the general
-            // path below, which reports it.
-            let src = match src_one(x.own_t, v) {
-                Some(Ok(seg)) => Some(seg),
-                Some(Err(())) => return Done(WcStatus::LocProtErr, 0),
-                None => None,
-            };
-            if src.is_none() && !gather_src(x.own_t, v, x.src) {
+            if !gather_src(x.own_t, v, x.src) {
                 return Done(WcStatus::LocProtErr, 0);
             }
             if x.peer.is_error() {
@@ -613,31 +652,6 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
                 return Outcome::Rnr;
             };
             let (slots, i) = x.peer.recv_slot(r);
-            if let Some(src) = src {
-                if let Some(Ok(dst)) = slots.single_sge(i).map(|g| scatter_one(x.peer_t, g, v.len))
-                {
-                    if let (Some(d), Some(s)) = (dst, src) {
-                        // SAFETY: `d` was translated just now through the
-                        // peer's table snapshot `peer_t` (a live
-                        // registration with LOCAL_WRITE, in bounds), `s`
-                        // through `own_t` or is the staged payload; both
-                        // snapshots are held by the caller for the call and
-                        // its `Exec` is busy, so deregistration waits for us.
-                        unsafe { dma::copy_segs(&[d], &[s]) };
-                    }
-                    let imm = (v.opcode == Opcode::SendWithImm).then_some(v.imm);
-                    x.peer
-                        .finish_recv(r, x.rx, WcStatus::Success, false, len32, imm);
-                    *x.wake_peer = true;
-                    x.counters.count(Count::Send(v.len));
-                    return Done(WcStatus::Success, len32);
-                }
-                // Several receive SGEs, too short or not translated: the
-                // general path checks again (with a fresh table) and
-                // reports it.
-                x.src.clear();
-                x.src.extend(src);
-            }
             let scatter_into = |t: &MrTable, dst: &mut Vec<Seg>| match slots.single_sge(i) {
                 Some(g) => scatter(t, std::iter::once(g), v.len, dst),
                 None => scatter(t, slots.sges(i), v.len, dst),
@@ -1040,7 +1054,7 @@ impl SendSide {
                     rx: &mut self.peer_rx,
                     wake_peer: &mut self.wakes.peer,
                 };
-                execute(&mut x, &view)
+                send_fast(&mut x, &view).unwrap_or_else(|| execute(&mut x, &view))
             };
             match out {
                 Outcome::Done(status, n) => {
@@ -1221,7 +1235,7 @@ impl SendSide {
                     rx: &mut self.peer_rx,
                     wake_peer: &mut self.wakes.peer,
                 };
-                execute(&mut x, &view)
+                send_fast(&mut x, &view).unwrap_or_else(|| execute(&mut x, &view))
             };
             match out {
                 Outcome::Done(WcStatus::Success, n) => {
