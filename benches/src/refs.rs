@@ -127,6 +127,37 @@ pub fn copy_bw(size: usize, iters: u64) -> f64 {
     size as f64 * iters as f64 / start.elapsed().as_secs_f64()
 }
 
+/// As [`copy_bw`], from one buffer into `dsts` destination buffers in
+/// turn, all slots of one arena (the memory the SEND's source and receives
+/// are): the working set of a SEND stream whose receives each have their
+/// own buffer, which the one-destination copy, hot in the cache, does not
+/// pay for.
+pub fn copy_bw_spread(size: usize, dsts: usize, iters: u64) -> f64 {
+    use bytes::BufMut;
+    let dsts = dsts.max(1);
+    let dev = zcmsg_soft::SoftDevice::new();
+    let pd = zcmsg::Pd::new(dev as Arc<dyn zcmsg::Transport>);
+    let arena = pd
+        .arena(zcmsg::ArenaConfig::new(size, dsts + 1))
+        .expect("an arena for the copy reference");
+    let mut slots: Vec<zcmsg::SlotMut> = (0..=dsts)
+        .map(|_| {
+            let mut s = arena.alloc().expect("a slot of the arena just made");
+            s.put_bytes(1, size);
+            s
+        })
+        .collect();
+    let mut src = slots.pop().expect("dsts + 1 slots");
+    let start = Instant::now();
+    for i in 0..iters {
+        src.as_mut_slice()[0] = i as u8;
+        let d = &mut slots[i as usize % dsts];
+        d.as_mut_slice().copy_from_slice(src.as_slice());
+        std::hint::black_box(&mut *d);
+    }
+    size as f64 * iters as f64 / start.elapsed().as_secs_f64()
+}
+
 /// UCX's own figures from `ucx_perftest` over shared memory (`UCX_TLS=sm`),
 /// server and client on 127.0.0.1, if `ucx_perftest` is installed (Debian
 /// package `ucx-utils`). Returns (median latency in µs, message rate in msg/s)
