@@ -62,8 +62,12 @@
 //!
 //! A work request executes synchronously in the thread that posts it, as rxe
 //! runs requests in the sender's context. That thread translates both sides'
-//! SGEs (one lock-free load of each device's region table snapshot, a binary
-//! search per key), copies with `memmove`, and completes:
+//! SGEs (one lock-free load of each device's region table snapshot, then
+//! usually one probe of its key index, which holds each translation inline),
+//! copies with `memmove`, and completes. The common SEND (one source
+//! segment into a one-SGE receive) runs as straight-line code in the post
+//! loop; every other shape, and every failure, goes through the general
+//! executor, which applies the status table below:
 //!
 //! - **Receive queue**: a single-producer (the owner posts) single-consumer
 //!   (whoever executes the peer's requests takes) ring of preallocated slots.

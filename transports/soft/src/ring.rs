@@ -127,10 +127,15 @@ impl SlotArray {
         let s = &self.slots[i];
         s.wr_id.store(wr.wr_id, Ordering::Relaxed);
         s.nsge.store(wr.sg_list.len() as u32, Ordering::Relaxed);
-        if let Some((first, rest)) = wr.sg_list.split_first() {
-            s.sge0.set(first);
-            for (c, g) in self.more(i, rest.len()).iter().zip(rest) {
-                c.set(g);
+        match wr.sg_list {
+            [] => {}
+            // The common case, in the slot's own line only.
+            [g] => s.sge0.set(g),
+            [first, rest @ ..] => {
+                s.sge0.set(first);
+                for (c, g) in self.more(i, rest.len()).iter().zip(rest) {
+                    c.set(g);
+                }
             }
         }
     }
@@ -204,7 +209,11 @@ impl SlotArray {
     pub(crate) fn completion(&self, i: usize, qp_num: u32) -> WorkCompletion {
         let s = &self.slots[i];
         let meta = s.meta.load(Ordering::Relaxed);
-        let status = STATUSES[(meta & 0xff) as usize % STATUSES.len()];
+        // Codes come from `status_code`, so always in range.
+        let status = STATUSES
+            .get((meta & 0xff) as usize)
+            .copied()
+            .unwrap_or(WcStatus::GeneralErr);
         WorkCompletion {
             wr_id: s.wr_id.load(Ordering::Relaxed),
             status,
