@@ -205,10 +205,30 @@ fn run_bw(a: &Args, p: &Params, op: Opcode, tag: &str) -> Result<(f64, f64), Str
 /// Raw/endpoint pairs in the summary's endpoint section.
 const PAIRS: usize = 5;
 
+/// Rounds of zcmsg and its references in the summary's first sections
+/// (short runs: the median of many ratios is steadier than a few long runs).
+const ROUNDS: usize = 9;
+
 /// Median, smallest and largest of `v` (sorted in place; `v` not empty).
 fn median_range(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// One reference's line of a paired section: its median, and the median
+/// (and range) of zcmsg's per-round ratios to it; `z[i]` and `r[i]` were
+/// measured in the same round. A reference that did not run (UCX not
+/// installed) says so.
+fn paired_row(name: &str, unit: &str, scale: f64, z: &[f64], r: &[f64], rate: bool) {
+    if r.len() != z.len() || r.is_empty() {
+        println!("  {name}   not measured (UCX: apt-get install ucx-utils)");
+        return;
+    }
+    let mut ratios: Vec<f64> = z.iter().zip(r).map(|(a, b)| a / b).collect();
+    let (m, lo, hi) = median_range(&mut ratios);
+    let v = median_range(&mut r.to_vec()).0 * scale;
+    let prec = if rate { 2 } else { 3 };
+    println!("  {name}   {v:8.prec$} {unit:<6}  zcmsg/ref = {m:.2}x ({lo:.2}-{hi:.2})");
 }
 
 fn summary(a: &Args) -> Result<(), String> {
@@ -217,49 +237,62 @@ fn summary(a: &Args) -> Result<(), String> {
         a.transport
     );
     println!("--- 64 B SEND ping-pong, one-way latency ---");
-    let lat = run_lat(a, &params(a, 64, 100_000), "lat")?;
-    let floor = refs::atomic_pingpong(1_000_000).as_nanos() as f64 / 1000.0;
-    let xbeam = refs::crossbeam_pingpong(200_000).as_nanos() as f64 / 1000.0;
-    println!("  zcmsg send_lat (median)      {lat:8.3} us");
+    run_lat(a, &params(a, 64, 100_000), "lat")?;
     println!(
-        "  floor: AtomicU64 ping-pong   {floor:8.3} us   zcmsg/floor     = {:.2}x",
-        lat / floor
+        "  {ROUNDS} rounds, zcmsg then each reference back to back (the vCPUs' placement \
+         moves between runs; a round shares it): medians, and the median of the per-round \
+         ratios (range)"
     );
-    println!(
-        "  crossbeam-channel bounded    {xbeam:8.3} us   zcmsg/crossbeam = {:.2}x",
-        lat / xbeam
-    );
-    match refs::ucx_perftest("tag_lat", 64, 100_000) {
-        Some((ucx, _)) => println!(
-            "  UCX sm tag_lat (median)      {ucx:8.3} us   zcmsg/ucx       = {:.2}x\n",
-            lat / ucx
-        ),
-        None => println!("  UCX: ucx_perftest not found (apt-get install ucx-utils)\n"),
+    let (mut z, mut refs_l) = (Vec::new(), [Vec::new(), Vec::new(), Vec::new()]);
+    for i in 0..ROUNDS {
+        let (x, y, addr) = devices(a, &format!("l{i}"))?;
+        let l = raw::send_lat(x, y, &addr, &params(a, 64, 30_000))?;
+        z.push(report::summarize(&l.samples).typical);
+        refs_l[0].push(refs::atomic_pingpong(300_000).as_nanos() as f64 / 1000.0);
+        refs_l[1].push(refs::crossbeam_pingpong(60_000).as_nanos() as f64 / 1000.0);
+        if let Some((ucx, _)) = refs::ucx_perftest("tag_lat", 64, 30_000) {
+            refs_l[2].push(ucx);
+        }
     }
+    println!(
+        "  zcmsg send_lat               {:8.3} us",
+        median_range(&mut z.clone()).0
+    );
+    for (name, r) in [
+        ("floor: AtomicU64 ping-pong", &refs_l[0]),
+        ("crossbeam-channel bounded ", &refs_l[1]),
+        ("UCX sm tag_lat            ", &refs_l[2]),
+    ] {
+        paired_row(name, "us", 1.0, &z, r, false);
+    }
+    println!();
 
     println!("--- 64 B SEND message rate ---");
-    let (_, mps) = run_bw(a, &params(a, 64, 2_000_000), Opcode::Send, "rate")?;
-    let xr = refs::crossbeam_msgrate(2_000_000);
-    let sr = refs::spsc_msgrate(2_000_000);
-    println!("  zcmsg send_bw                {:8.2} Mmsg/s", mps / 1e6);
-    println!(
-        "  crossbeam-channel bounded    {:8.2} Mmsg/s   zcmsg/crossbeam = {:.2}x",
-        xr / 1e6,
-        mps / xr
-    );
-    println!(
-        "  SPSC ring (rtrb)             {:8.2} Mmsg/s   zcmsg/spsc      = {:.2}x",
-        sr / 1e6,
-        mps / sr
-    );
-    match refs::ucx_perftest("tag_bw", 64, 2_000_000) {
-        Some((_, ucx)) => println!(
-            "  UCX sm tag_bw                {:8.2} Mmsg/s   zcmsg/ucx       = {:.2}x\n",
-            ucx / 1e6,
-            mps / ucx
-        ),
-        None => println!("  UCX: ucx_perftest not found (apt-get install ucx-utils)\n"),
+    run_bw(a, &params(a, 64, 2_000_000), Opcode::Send, "rate")?;
+    println!("  {ROUNDS} rounds, as above");
+    let (mut z, mut refs_r) = (Vec::new(), [Vec::new(), Vec::new(), Vec::new()]);
+    for i in 0..ROUNDS {
+        let (x, y, addr) = devices(a, &format!("r{i}"))?;
+        let bw = raw::stream_bw(x, y, &addr, &params(a, 64, 500_000), Opcode::Send)?;
+        z.push(bw.msgs as f64 / bw.elapsed.as_secs_f64());
+        refs_r[0].push(refs::crossbeam_msgrate(500_000));
+        refs_r[1].push(refs::spsc_msgrate(500_000));
+        if let Some((_, ucx)) = refs::ucx_perftest("tag_bw", 64, 500_000) {
+            refs_r[2].push(ucx);
+        }
     }
+    println!(
+        "  zcmsg send_bw                {:8.2} Mmsg/s",
+        median_range(&mut z.clone()).0 / 1e6
+    );
+    for (name, r) in [
+        ("crossbeam-channel bounded ", &refs_r[0]),
+        ("SPSC ring (rtrb)          ", &refs_r[1]),
+        ("UCX sm tag_bw             ", &refs_r[2]),
+    ] {
+        paired_row(name, "Mmsg/s", 1e-6, &z, r, true);
+    }
+    println!();
 
     println!("--- endpoints (framing, credits, zero-copy receive) against the raw device ---");
     println!(
