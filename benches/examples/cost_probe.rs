@@ -110,20 +110,49 @@ fn main() {
 }
 
 /// The raw device's ping-pong, as zcperf's send_lat does it, in one thread.
-fn raw_pp(dev: &std::sync::Arc<SoftDevice>, n: usize) {
-    use zcmsg::{QpConfig, RecvRequest, SendFlags, WorkCompletion, WorkRequest};
-    let cfg = QpConfig {
+/// Two connected raw queue pairs for 64 B inline SENDs, and 64 B slots of
+/// one arena.
+struct Raw {
+    a: Box<dyn zcmsg::QueuePair>,
+    b: Box<dyn zcmsg::QueuePair>,
+    _pd: Pd,
+    arena: zcmsg::Arena,
+    slots: Vec<zcmsg::SlotMut>,
+}
+
+/// [`Raw`] with `recv_wr` receives per queue pair and `n` slots (the arena
+/// has 8 more).
+fn raw_setup(dev: &std::sync::Arc<SoftDevice>, recv_wr: u32, n: usize) -> Raw {
+    let cfg = zcmsg::QpConfig {
         max_send_wr: 128,
-        max_recv_wr: 16,
+        max_recv_wr: recv_wr,
         max_send_sge: 1,
         max_recv_sge: 1,
         max_inline_data: 64,
-        ..QpConfig::default()
+        ..zcmsg::QpConfig::default()
     };
-    let (mut a, mut b) = dev.pair(&cfg, &cfg).expect("pair");
+    let (a, b) = dev.pair(&cfg, &cfg).expect("pair");
     let pd = Pd::new(dev.clone() as std::sync::Arc<dyn Transport>);
-    let arena = pd.arena(ArenaConfig::new(64, 40)).expect("arena");
-    let slots: Vec<_> = (0..32).map(|_| arena.alloc().expect("slot")).collect();
+    let arena = pd.arena(ArenaConfig::new(64, n + 8)).expect("arena");
+    let slots = (0..n).map(|_| arena.alloc().expect("slot")).collect();
+    Raw {
+        a,
+        b,
+        _pd: pd,
+        arena,
+        slots,
+    }
+}
+
+fn raw_pp(dev: &std::sync::Arc<SoftDevice>, n: usize) {
+    use zcmsg::{RecvRequest, SendFlags, WorkCompletion, WorkRequest};
+    let Raw {
+        mut a,
+        mut b,
+        _pd,
+        arena,
+        slots,
+    } = raw_setup(dev, 16, 32);
     let post = |qp: &mut Box<dyn zcmsg::QueuePair>, i: usize| {
         let sge = [slots[i].sge()];
         qp.post_recv(&[RecvRequest {
@@ -174,20 +203,15 @@ fn raw_pp(dev: &std::sync::Arc<SoftDevice>, n: usize) {
 /// a post list of 16 inline SENDs (the last signaled), the receiver's poll
 /// and one repost list for what it polled, the sender's poll.
 fn raw_stream(dev: &std::sync::Arc<SoftDevice>, n: usize) {
-    use zcmsg::{QpConfig, RecvRequest, SendFlags, Sge, WorkCompletion, WorkRequest};
+    use zcmsg::{RecvRequest, SendFlags, Sge, WorkCompletion, WorkRequest};
     const LIST: usize = 16;
-    let cfg = QpConfig {
-        max_send_wr: 128,
-        max_recv_wr: 64,
-        max_send_sge: 1,
-        max_recv_sge: 1,
-        max_inline_data: 64,
-        ..QpConfig::default()
-    };
-    let (mut a, mut b) = dev.pair(&cfg, &cfg).expect("pair");
-    let pd = Pd::new(dev.clone() as std::sync::Arc<dyn Transport>);
-    let arena = pd.arena(ArenaConfig::new(64, 70)).expect("arena");
-    let slots: Vec<_> = (0..64).map(|_| arena.alloc().expect("slot")).collect();
+    let Raw {
+        mut a,
+        mut b,
+        _pd,
+        arena,
+        slots,
+    } = raw_setup(dev, 64, 64);
     // On the stack, as zcperf's repost_all builds its list.
     let repost = |qp: &mut Box<dyn zcmsg::QueuePair>, ids: &[u64]| {
         let mut sges = [[Sge::default(); 1]; 32];
