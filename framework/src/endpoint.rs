@@ -416,6 +416,7 @@ impl Endpoint {
         Ok(id)
     }
 
+    #[inline]
     fn post_now(&mut self, s: SendNow) {
         let sge = [s.sge];
         let wr = s.work_request(&sge);

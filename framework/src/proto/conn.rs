@@ -726,6 +726,7 @@ impl Connection {
     /// [`Connection::fail`]). Otherwise `Ok(None)`: queue it with
     /// [`Connection::send`]. The payload is copied (counted as inline), so
     /// `msg` may be dropped as soon as this returns.
+    #[inline]
     pub fn send_now(
         &mut self,
         msg: &Msg,
@@ -911,6 +912,7 @@ impl Connection {
     /// Next received message, in the order the peer sent them. Zero-copy:
     /// it points into a registered receive slot (or is the sender's own
     /// `Bytes` with the in-process handoff); dropping it returns the slot.
+    #[inline]
     pub fn poll_message(&mut self) -> Option<Bytes> {
         self.messages.pop_front()
     }
@@ -922,6 +924,7 @@ impl Connection {
     }
 
     /// Messages waiting in [`Connection::poll_message`]'s queue.
+    #[inline]
     pub fn messages_ready(&self) -> usize {
         self.messages.len()
     }
@@ -967,6 +970,7 @@ impl Connection {
 
     /// Completion input (it needs no clock: a receive counts for liveness
     /// at the next [`Connection::on_tick`]).
+    #[inline]
     pub fn on_completion(&mut self, wc: &WorkCompletion) {
         if self.is_recv_id(wc.wr_id) {
             self.on_recv(wc);
