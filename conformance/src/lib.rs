@@ -116,6 +116,7 @@
 //! - `atomic_fetch_add_contention`: 4 threads, 4 queue pairs, one counter: exact total, distinct old values.
 //! - `atomic_cmp_swap_contention`: CAS increment loops from 4 threads: exact total.
 //! - `srq_two_qps`: two queue pairs receiving through one shared receive queue; one failing leaves it to the other.
+//! - `srq_recv_too_small`: a shared receive too small fails only the queue pair that took it; the next one serves the other.
 //! - `srq_many_senders`: four sender threads into four queue pairs on one shared receive queue, reposted by four receiver threads.
 //!
 //! Teardown:
@@ -237,6 +238,7 @@ macro_rules! __for_each_case {
             atomic_fetch_add_contention,
             atomic_cmp_swap_contention,
             srq_two_qps,
+            srq_recv_too_small,
             srq_many_senders,
             teardown_drop_peer,
             teardown_disconnect,

@@ -252,3 +252,94 @@ pub fn srq_many_senders(h: &Harness) {
         }
     });
 }
+
+/// A SEND larger than the shared receive queue's first receive: that receive
+/// fails on the queue pair that took it (`LocLenErr` with the sender's
+/// `RemInvReqErr`, or rxe's `LocQpOpErr` with `RemOpErr`, as in
+/// `err_recv_too_small`), that queue pair goes to the error state, and the
+/// shared queue's next receive is neither consumed nor flushed by it: the
+/// next SEND, on the other queue pair, lands there byte for byte.
+pub fn srq_recv_too_small(h: &Harness) {
+    if !h.caps().srq {
+        eprintln!("srq_recv_too_small: the device has no shared receive queues; skipped");
+        return;
+    }
+    let (a, b) = (h.host(), h.host());
+    let srq = b
+        .dev
+        .create_srq(8, 1)
+        .unwrap_or_else(|e| panic!("create_srq(8, 1): {e}"));
+    let mut cfg_b = h.qp_config();
+    cfg_b.srq = Some(srq.clone());
+    let mut eps = h.connect(&a, &b, 2, &h.qp_config(), &cfg_b);
+    let rb = b.arena(4096, 4);
+    let small = slot_filled(&rb, 0xEE);
+    let big = slot_filled(&rb, 0xEE);
+    // In this order: the first SEND takes the small one.
+    srq.post_recv(&[
+        RecvRequest {
+            wr_id: 1,
+            sg_list: &[small.sge_range(0, 64)],
+        },
+        RecvRequest {
+            wr_id: 2,
+            sg_list: &[big.sge()],
+        },
+    ])
+    .unwrap_or_else(|e| panic!("SRQ post_recv: {e}"));
+    let sa = a.arena(4096, 2);
+    let too_big = slot_with(&sa, &message(50, 0, 128));
+    let fits = slot_with(&sa, &message(51, 0, 128));
+
+    let (x, y) = &mut eps[0];
+    x.post_send(&[WorkRequest::send(1, &[too_big.sge_filled()])]);
+    let wc = y.next("the shared receive that is too small");
+    assert!(
+        wc.wr_id == 1 && matches!(wc.status, WcStatus::LocLenErr | WcStatus::LocQpOpErr),
+        "receiver: expected wr_id 1 to complete with LocLenErr (or rxe's LocQpOpErr), got {wc:?}"
+    );
+    assert_eq!(
+        wc.qp_num,
+        y.qp_num(),
+        "the failed receive completes on the queue pair that took it"
+    );
+    let sender_status = if wc.status == WcStatus::LocLenErr {
+        WcStatus::RemInvReqErr
+    } else {
+        WcStatus::RemOpErr
+    };
+    expect_status(
+        &x.next("the sender's error"),
+        1,
+        sender_status,
+        &format!("sender (the receiver said {:?})", wc.status),
+    );
+    expect_qp_error(y.state(), "the queue pair whose receive was too small");
+    for wc in y.drain(QUIET) {
+        assert_ne!(
+            wc.wr_id, 2,
+            "the shared queue's other receive was consumed or flushed by the failed queue pair: {wc:?}"
+        );
+    }
+
+    let (x, y) = &mut eps[1];
+    x.post_send(&[WorkRequest::send(2, &[fits.sge_filled()])]);
+    expect_ok(
+        &x.next("SEND on the other queue pair"),
+        2,
+        WcOpcode::Send,
+        "SEND after the shared queue's first receive failed",
+    );
+    let wc = y.next("the shared queue's second receive");
+    expect_ok(&wc, 2, WcOpcode::Recv, "the shared queue's second receive");
+    assert_eq!(wc.byte_len, 128, "bytes received: {wc:?}");
+    check_message(
+        &big.as_slice()[..128],
+        51,
+        0,
+        128,
+        "the shared queue's second receive",
+    );
+    x.expect_idle(Duration::ZERO, "nothing more");
+    y.expect_idle(QUIET, "nothing more");
+}
