@@ -87,12 +87,12 @@ struct Entry {
     cpu: usize,
 }
 
-/// An immutable snapshot of the registrations, sorted by local key, with
-/// an open-addressed index by key (at most half full, so a lookup of a key
-/// that is not there ends at an empty entry soon).
+/// An immutable snapshot of the registrations, with an open-addressed
+/// index by key (at most half full, so a lookup of a key that is not there
+/// ends at an empty entry soon).
 #[derive(Default)]
 pub(crate) struct MrTable {
-    keys: Vec<u32>,
+    /// Keeps each registration (and its memory) alive; in no order.
     mrs: Vec<Arc<Mr>>,
     index: Box<[Entry]>,
 }
@@ -105,7 +105,7 @@ fn home(lkey: u32, mask: usize) -> usize {
 }
 
 impl MrTable {
-    fn new(keys: Vec<u32>, mrs: Vec<Arc<Mr>>) -> MrTable {
+    fn new(mrs: Vec<Arc<Mr>>) -> MrTable {
         let cap = if mrs.is_empty() {
             0
         } else {
@@ -126,7 +126,7 @@ impl MrTable {
                 cpu: mr.base.wrapping_add(mr.offset),
             };
         }
-        MrTable { keys, mrs, index }
+        MrTable { mrs, index }
     }
 
     #[inline(always)]
@@ -183,26 +183,18 @@ impl MrTable {
 
     /// A table with `mr` added.
     pub(crate) fn with(&self, mr: Mr) -> MrTable {
-        let i = self.keys.partition_point(|k| *k < mr.lkey);
-        let mut keys = Vec::with_capacity(self.keys.len() + 1);
-        keys.extend_from_slice(&self.keys[..i]);
-        keys.push(mr.lkey);
-        keys.extend_from_slice(&self.keys[i..]);
         let mut mrs = Vec::with_capacity(self.mrs.len() + 1);
-        mrs.extend_from_slice(&self.mrs[..i]);
+        mrs.extend_from_slice(&self.mrs);
         mrs.push(Arc::new(mr));
-        mrs.extend_from_slice(&self.mrs[i..]);
-        MrTable::new(keys, mrs)
+        MrTable::new(mrs)
     }
 
     /// A table without the registration of `lkey`, and that registration.
     pub(crate) fn without(&self, lkey: u32) -> Option<(MrTable, Arc<Mr>)> {
-        let i = self.keys.binary_search(&lkey).ok()?;
-        let mut keys = self.keys.clone();
+        let i = self.mrs.iter().position(|m| m.lkey == lkey)?;
         let mut mrs = self.mrs.clone();
-        keys.remove(i);
         let mr = mrs.remove(i);
-        Some((MrTable::new(keys, mrs), mr))
+        Some((MrTable::new(mrs), mr))
     }
 }
 
