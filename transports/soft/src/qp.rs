@@ -166,7 +166,6 @@ impl QpCore {
 
     /// Complete a taken receive; it reaches the owner with the next
     /// [`QpCore::publish_consumed`] (own receive queue) or at once (SRQ).
-    #[inline]
     fn finish_recv(
         &self,
         r: RecvRef,
@@ -458,6 +457,17 @@ impl Exe<'_> {
     }
 }
 
+/// `len` (> 0) bytes at `addr` under the local key `lkey`, translated with
+/// the right `need`, as a segment.
+#[inline(always)]
+fn local_seg(t: &MrTable, lkey: u32, addr: u64, len: u64, need: Access) -> Option<Seg> {
+    t.translate(lkey, KeyKind::Local, need, addr, len)
+        .map(|addr| Seg {
+            addr,
+            len: len as usize,
+        })
+}
+
 /// Translate the source of a SEND or WRITE into `out`. Zero-length SGEs are
 /// skipped (never checked, like rxe). INLINE requests are checked like any
 /// other: the device never reads an address its region table does not cover.
@@ -474,12 +484,8 @@ fn gather_src(t: &MrTable, v: &WrView<'_>, out: &mut Vec<Seg>) -> bool {
         if s.length() == 0 {
             continue;
         }
-        let len = u64::from(s.length());
-        match t.translate(s.lkey(), KeyKind::Local, Access::LOCAL_READ, s.addr(), len) {
-            Some(addr) => out.push(Seg {
-                addr,
-                len: len as usize,
-            }),
+        match local_seg(t, s.lkey(), s.addr(), s.length().into(), Access::LOCAL_READ) {
+            Some(seg) => out.push(seg),
             None => return false,
         }
     }
@@ -509,15 +515,9 @@ fn src_one(t: &MrTable, v: &WrView<'_>) -> Option<Result<Option<Seg>, ()>> {
     let Some(s) = found else {
         return Some(Ok(None));
     };
-    let len = u64::from(s.length());
     Some(
-        t.translate(s.lkey(), KeyKind::Local, Access::LOCAL_READ, s.addr(), len)
-            .map(|addr| {
-                Some(Seg {
-                    addr,
-                    len: len as usize,
-                })
-            })
+        local_seg(t, s.lkey(), s.addr(), s.length().into(), Access::LOCAL_READ)
+            .map(Some)
             .ok_or(()),
     )
 }
@@ -532,20 +532,9 @@ fn scatter_one(t: &MrTable, g: Sge, need: u64) -> Result<Option<Seg>, Scatter> {
     if need == 0 {
         return Ok(None);
     }
-    t.translate(
-        g.lkey(),
-        KeyKind::Local,
-        Access::LOCAL_WRITE,
-        g.addr(),
-        need,
-    )
-    .map(|addr| {
-        Some(Seg {
-            addr,
-            len: need as usize,
-        })
-    })
-    .ok_or(Scatter::Prot)
+    local_seg(t, g.lkey(), g.addr(), need, Access::LOCAL_WRITE)
+        .map(Some)
+        .ok_or(Scatter::Prot)
 }
 
 /// Translate the part of `sges` that `need` bytes land in, for writing.
@@ -570,19 +559,7 @@ fn scatter<I: Iterator<Item = Sge> + Clone>(
             continue;
         }
         let take = left.min(u64::from(s.length()));
-        let addr = t
-            .translate(
-                s.lkey(),
-                KeyKind::Local,
-                Access::LOCAL_WRITE,
-                s.addr(),
-                take,
-            )
-            .ok_or(Scatter::Prot)?;
-        out.push(Seg {
-            addr,
-            len: take as usize,
-        });
+        out.push(local_seg(t, s.lkey(), s.addr(), take, Access::LOCAL_WRITE).ok_or(Scatter::Prot)?);
         left -= take;
     }
     Ok(())
