@@ -108,11 +108,6 @@ impl RttClock {
         }
     }
 
-    /// When the current iteration started.
-    pub fn since(&self) -> std::time::Instant {
-        self.last
-    }
-
     /// The current iteration is over: record it; the next starts now.
     #[inline]
     pub fn lap(&mut self) {

@@ -218,8 +218,8 @@ fn median_range(v: &mut [f64]) -> (f64, f64, f64) {
 /// One reference's line of a paired section: its median, and the median
 /// (and range) of zcmsg's per-round ratios to it; `z[i]` and `r[i]` were
 /// measured in the same round. A reference that did not run (UCX not
-/// installed) says so.
-fn paired_row(name: &str, unit: &str, scale: f64, z: &[f64], r: &[f64], rate: bool) {
+/// installed) says so; `prec` decimals for the reference's figure.
+fn paired_row(name: &str, unit: &str, scale: f64, prec: usize, z: &[f64], r: &[f64]) {
     if r.len() != z.len() || r.is_empty() {
         println!("  {name}   not measured (UCX: apt-get install ucx-utils)");
         return;
@@ -227,7 +227,6 @@ fn paired_row(name: &str, unit: &str, scale: f64, z: &[f64], r: &[f64], rate: bo
     let mut ratios: Vec<f64> = z.iter().zip(r).map(|(a, b)| a / b).collect();
     let (m, lo, hi) = median_range(&mut ratios);
     let v = median_range(&mut r.to_vec()).0 * scale;
-    let prec = if rate { 2 } else { 3 };
     println!("  {name}   {v:8.prec$} {unit:<6}  zcmsg/ref = {m:.2}x ({lo:.2}-{hi:.2})");
 }
 
@@ -263,7 +262,7 @@ fn summary(a: &Args) -> Result<(), String> {
         ("crossbeam-channel bounded ", &refs_l[1]),
         ("UCX sm tag_lat            ", &refs_l[2]),
     ] {
-        paired_row(name, "us", 1.0, &z, r, false);
+        paired_row(name, "us", 1.0, 3, &z, r);
     }
     println!();
 
@@ -290,7 +289,7 @@ fn summary(a: &Args) -> Result<(), String> {
         ("SPSC ring (rtrb)          ", &refs_r[1]),
         ("UCX sm tag_bw             ", &refs_r[2]),
     ] {
-        paired_row(name, "Mmsg/s", 1e-6, &z, r, true);
+        paired_row(name, "Mmsg/s", 1e-6, 2, &z, r);
     }
     println!();
 
