@@ -383,27 +383,31 @@ impl VerbsQp {
         }
     }
 
+    /// The refusal of a receive with more SGEs than the queue pair grants.
+    fn too_many_recv_sges(&self, wr: &RecvRequest<'_>) -> TransportError {
+        TransportError::TooManySges {
+            got: wr.sg_list.len(),
+            max: self.caps.max_recv_sge,
+        }
+    }
+
+    /// The refusal of a receive beyond the receive queue's depth.
+    fn recv_queue_full(&self) -> TransportError {
+        TransportError::QueueFull {
+            depth: self.caps.max_recv_wr,
+        }
+    }
+
     /// [`QueuePair::post_recv`] of one request (not through an SRQ): the
     /// list path's checks and accounting in straight-line code.
     #[inline]
     fn post_recv_one(&mut self, wr: &RecvRequest<'_>) -> Result<(), PostError> {
         self.before_post();
         if wr.sg_list.len() > self.caps.max_recv_sge as usize {
-            return Err(PostError::at(
-                0,
-                TransportError::TooManySges {
-                    got: wr.sg_list.len(),
-                    max: self.caps.max_recv_sge,
-                },
-            ));
+            return Err(PostError::at(0, self.too_many_recv_sges(wr)));
         }
         if self.rq >= self.caps.max_recv_wr {
-            return Err(PostError::at(
-                0,
-                TransportError::QueueFull {
-                    depth: self.caps.max_recv_wr,
-                },
-            ));
+            return Err(PostError::at(0, self.recv_queue_full()));
         }
         match self.id.post_recv_one(wr) {
             Ok(()) => {
@@ -853,23 +857,10 @@ impl QueuePair for VerbsQp {
         let mut stop = wrs
             .iter()
             .position(|w| w.sg_list.len() > self.caps.max_recv_sge as usize)
-            .map(|i| {
-                (
-                    i,
-                    TransportError::TooManySges {
-                        got: wrs[i].sg_list.len(),
-                        max: self.caps.max_recv_sge,
-                    },
-                )
-            });
+            .map(|i| (i, self.too_many_recv_sges(&wrs[i])));
         let free = self.caps.max_recv_wr.saturating_sub(self.rq) as usize;
         if free < stop.as_ref().map_or(wrs.len(), |(i, _)| *i) {
-            stop = Some((
-                free,
-                TransportError::QueueFull {
-                    depth: self.caps.max_recv_wr,
-                },
-            ));
+            stop = Some((free, self.recv_queue_full()));
         }
         let k = stop.as_ref().map_or(wrs.len(), |(i, _)| *i);
         if k > 0 {

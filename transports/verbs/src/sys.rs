@@ -1052,6 +1052,15 @@ fn chain_send(scratch: &mut SendList, wrs: &[WorkRequest<'_>]) -> *mut RawSendWr
 }
 
 /// Build a chained receive list in `scratch` and return its head.
+/// `raw`'s request fields from `wr` (its SGE pointer borrows `wr`); `next`
+/// is left as it is.
+#[inline]
+fn fill_recv_wr(raw: &mut RawRecvWr, wr: &RecvRequest<'_>) {
+    raw.wr_id = wr.wr_id;
+    raw.sg_list = sge_ptr(wr.sg_list);
+    raw.num_sge = wr.sg_list.len() as c_int;
+}
+
 fn chain_recv(scratch: &mut RecvList, wrs: &[RecvRequest<'_>]) -> *mut RawRecvWr {
     let scratch = &mut scratch.0;
     if scratch.len() < wrs.len() {
@@ -1060,9 +1069,7 @@ fn chain_recv(scratch: &mut RecvList, wrs: &[RecvRequest<'_>]) -> *mut RawRecvWr
     let base = scratch.as_mut_ptr();
     for (i, wr) in wrs.iter().enumerate() {
         let r = &mut scratch[i];
-        r.wr_id = wr.wr_id;
-        r.sg_list = sge_ptr(wr.sg_list);
-        r.num_sge = wr.sg_list.len() as c_int;
+        fill_recv_wr(r, wr);
         r.next = if i + 1 < wrs.len() {
             base.wrapping_add(i + 1)
         } else {
@@ -1904,9 +1911,7 @@ impl CmId {
             return Err(libc::EINVAL);
         }
         let mut raw = empty_recv_wr();
-        raw.wr_id = wr.wr_id;
-        raw.sg_list = sge_ptr(wr.sg_list);
-        raw.num_sge = wr.sg_list.len() as c_int;
+        fill_recv_wr(&mut raw, wr);
         let mut bad: *mut RawRecvWr = std::ptr::null_mut();
         // SAFETY: live QP; `raw` is one request (its `next` is null) on our
         // stack for the call, its SGE pointer borrows `wr`; the device
