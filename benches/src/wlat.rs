@@ -177,9 +177,25 @@ fn pong(
             .with_flags(f);
         e.qp.post_send(&[wr]).map_err(|x| x.to_string())
     };
+    // A used receive goes back after our next WRITE, off the critical path
+    // (the others stay posted), as the SEND ping-pong orders it.
+    let mut repost = None;
+    let repost_after_write = |e: &mut End, id: &mut Option<u64>| -> Result<(), String> {
+        match id.take() {
+            Some(id) => {
+                e.qp.post_recv(&[RecvRequest {
+                    wr_id: id,
+                    sg_list: &[recv_slots[id as usize].sge()],
+                }])
+                .map_err(|x| x.to_string())
+            }
+            None => Ok(()),
+        }
+    };
     for it in 0..iters {
         if client {
             write(e, &mut src, it)?;
+            repost_after_write(e, &mut repost)?;
         }
         let mut wait = crate::raw::Patience::new(Duration::from_secs(10));
         if let Some(w) = watch {
@@ -206,12 +222,7 @@ fn pong(
                     if w.imm_data != Some(it as u32) {
                         return Err(format!("iteration {it}: immediate {:?}", w.imm_data));
                     }
-                    let s = &recv_slots[w.wr_id as usize];
-                    e.qp.post_recv(&[RecvRequest {
-                        wr_id: w.wr_id,
-                        sg_list: &[s.sge()],
-                    }])
-                    .map_err(|x| x.to_string())?;
+                    repost = Some(w.wr_id);
                     break 'wait;
                 }
             }
@@ -222,6 +233,9 @@ fn pong(
         match clk.as_mut() {
             Some(c) => c.lap(),
             None => write(e, &mut src, it)?,
+        }
+        if !client {
+            repost_after_write(e, &mut repost)?;
         }
     }
     // Let the last signaled writes complete before teardown.
