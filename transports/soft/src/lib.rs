@@ -70,11 +70,14 @@
 //! executor, which applies the status table below:
 //!
 //! - **Receive queue**: a single-producer (the owner posts) single-consumer
-//!   (whoever executes the peer's requests takes) ring of preallocated slots.
-//!   The consumer writes the receive completion into the same slot (one
-//!   cache line, with the first SGE) and marks it done, so receive
-//!   completions need no second queue and cannot overflow; the owner's
-//!   `poll_cq` reads them in order from the slots' marks, without any lock.
+//!   (whoever executes the peer's requests takes) ring of preallocated
+//!   entries, compact as a NIC's: a receive request (first SGE, SGE count,
+//!   `wr_id`) is 32 bytes and its completion 16, so a line carries two
+//!   requests or four completions across cores. The consumer writes the
+//!   completion of receive `seq` into completion entry `seq` and tags it
+//!   done, so receive completions need no separate queue and cannot
+//!   overflow; the owner's `poll_cq` reads them in order from the tags,
+//!   without any lock.
 //! - **Send queue**: preallocated, behind a mutex of its own queue pair that
 //!   only the owner's thread takes in the common case (uncontended: an atomic
 //!   swap each way, the cache line never leaves the owner's core). Send
