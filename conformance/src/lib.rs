@@ -72,6 +72,7 @@
 //! - `window_flag_byte`: on DMA devices a window's flag byte shows each peer WRITE (no completion on the target); elsewhere `load_byte` refuses.
 //! - `unsignaled_covered_by_signaled`: unsignaled successes give no completion; a signaled one covers them; a READ sees earlier unsignaled WRITEs.
 //! - `post_list`: one post of 32 mixed requests and one of 32 receives; completions in order.
+//! - `post_list_shapes`: SENDs of changing shapes in one list (gather, scatter, empty SGE, immediate, inline, one past the posted receives), and a list failing in its middle: each lands or fails in place.
 //! - `poll_cq_small_batches`: polling one or three at a time (and with an empty buffer) loses nothing.
 //! - `same_device_pair`: both ends on one device: SEND, WRITE, READ, atomic.
 //! - `zero_copy_send`: registered `Bytes` through `SgeBuilder::send` leave the copy counters at zero.
@@ -203,6 +204,7 @@ macro_rules! __for_each_case {
             window_flag_byte,
             unsignaled_covered_by_signaled,
             post_list,
+            post_list_shapes,
             poll_cq_small_batches,
             same_device_pair,
             zero_copy_send,

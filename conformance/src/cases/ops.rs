@@ -770,6 +770,243 @@ pub fn zero_copy_send(h: &Harness) {
     drop(chunks);
 }
 
+/// Post lists whose requests change shape from one to the next, where a
+/// device may run the common shape on a fast path and must hand every other
+/// one to its general path without losing its place:
+/// - one list of ten SENDs in which plain one-SGE SENDs alternate with two
+///   gathered SGEs, a SEND into a receive of two SGEs, SEND_WITH_IMM, an
+///   empty SGE beside a full one and an inline SEND, and whose last one is
+///   one more than the peer has receives posted (it waits, RNR, until the
+///   receive comes). Every message lands byte for byte in its own receive,
+///   in order, with its `byte_len` and immediate.
+/// - one list whose third SEND names an unknown lkey, after two good ones
+///   (the first unsignaled): those two arrive intact, the third completes
+///   `LocProtErr`, the fourth is flushed, and nothing else lands.
+pub fn post_list_shapes(h: &Harness) {
+    let mut cfg_a = h.qp_config();
+    cfg_a.rnr_retry = 7;
+    cfg_a.max_send_sge = cfg_a.max_send_sge.max(2.min(h.caps().max_send_sge));
+    cfg_a.max_inline_data = cfg_a.max_inline_data.max(64.min(h.caps().max_inline_data));
+    let mut cfg_b = h.qp_config();
+    cfg_b.max_recv_sge = cfg_b.max_recv_sge.max(2.min(h.caps().max_recv_sge));
+    let mut p = h.connected_pair(&cfg_a, &cfg_b);
+    let (qa, qb) = (p.qa.caps(), p.qb.caps());
+    assert!(
+        qa.max_send_sge >= 2 && qb.max_recv_sge >= 2 && qa.max_inline_data >= 40,
+        "post_list_shapes needs 2 send and receive SGEs and 40 inline bytes, granted {} / {} / {}",
+        qa.max_send_sge,
+        qb.max_recv_sge,
+        qa.max_inline_data
+    );
+    const N: usize = 10;
+    // Message `i`: its length, immediate, and shape; its bytes are
+    // message(41, i, len).
+    #[derive(Clone, Copy, PartialEq)]
+    enum Shape {
+        Plain,
+        Gather,
+        IntoTwoSges,
+        EmptyBesideFull,
+        Inline,
+    }
+    use Shape::*;
+    let plan: [(usize, Option<u32>, Shape); N] = [
+        (64, None, Plain),
+        (120, None, Gather),
+        (100, None, Plain),
+        (200, None, IntoTwoSges),
+        (64, Some(0xC0FF_EE01), Plain),
+        (80, None, EmptyBesideFull),
+        (90, None, Plain),
+        (40, None, Inline),
+        (70, None, Plain),
+        (64, None, Plain),
+    ];
+    let sa = p.a.arena(256, 16);
+    let rb = p.b.arena(256, 16);
+    // Receives 100..109, one 256-byte slot each but the one for the
+    // IntoTwoSges message (two SGEs of 100 and 156 bytes, the second in
+    // slot N); the last is posted once its SEND waits.
+    let mut rslots: Vec<SlotMut> = (0..=N).map(|_| slot_filled(&rb, 0xEE)).collect();
+    let rsg: Vec<Vec<Sge>> = (0..N)
+        .map(|i| match plan[i].2 {
+            IntoTwoSges => vec![rslots[i].sge_range(0, 100), rslots[N].sge_range(0, 156)],
+            _ => vec![rslots[i].sge()],
+        })
+        .collect();
+    let rwrs: Vec<RecvRequest<'_>> = rsg
+        .iter()
+        .enumerate()
+        .map(|(i, sg)| RecvRequest {
+            wr_id: 100 + i as u64,
+            sg_list: sg,
+        })
+        .collect();
+    p.qb.post_recv(&rwrs[..N - 1]);
+    let srcs: Vec<SlotMut> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, &(len, _, _))| slot_with(&sa, &message(41, i as u64, len)))
+        .collect();
+    let ssg: Vec<Vec<Sge>> = srcs
+        .iter()
+        .zip(&plan)
+        .map(|(s, &(len, _, shape))| match shape {
+            Gather => vec![s.sge_range(0, 50), s.sge_range(50, len - 50)],
+            EmptyBesideFull => vec![s.sge_range(0, 0), s.sge_filled()],
+            _ => vec![s.sge_filled()],
+        })
+        .collect();
+    let wrs: Vec<WorkRequest<'_>> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, imm, shape))| {
+            let mut wr = WorkRequest::send(i as u64, &ssg[i]);
+            if let Some(v) = imm {
+                wr = WorkRequest {
+                    opcode: Opcode::SendWithImm,
+                    ..wr
+                }
+                .with_imm(v);
+            }
+            if shape == Inline {
+                wr = wr.with_flags(SendFlags::SIGNALED | SendFlags::INLINE);
+            }
+            wr
+        })
+        .collect();
+    p.qa.post_send(&wrs);
+    for (i, wc) in
+        p.qa.take(N - 1, "the SENDs that had receives")
+            .iter()
+            .enumerate()
+    {
+        expect_ok(
+            wc,
+            i as u64,
+            WcOpcode::Send,
+            &format!("SEND {i} of the mixed list"),
+        );
+    }
+    assert!(
+        p.qa.try_next(QUIET).is_none(),
+        "the last SEND completed although the peer had no receive for it"
+    );
+    p.qb.post_recv(&rwrs[N - 1..]);
+    expect_ok(
+        &p.qa.next("the SEND that waited for its receive"),
+        N as u64 - 1,
+        WcOpcode::Send,
+        "the last SEND, after its receive was posted",
+    );
+    for (i, &(len, imm, shape)) in plan.iter().enumerate() {
+        let wc = p.qb.next("a receive of the mixed list");
+        expect_ok(&wc, 100 + i as u64, WcOpcode::Recv, &format!("receive {i}"));
+        assert_eq!(wc.byte_len as usize, len, "byte_len of message {i}");
+        assert_eq!(wc.imm_data, imm, "immediate of message {i}");
+        let want = message(41, i as u64, len);
+        let (first, rest) = if shape == IntoTwoSges {
+            (100, len - 100)
+        } else {
+            (len, 0)
+        };
+        rslots[i].set_len(256);
+        check_bytes(
+            &rslots[i].as_slice()[..first],
+            &want[..first],
+            &format!("message {i}"),
+        );
+        let past = if shape == IntoTwoSges { 100 } else { 256 };
+        check_filled(
+            &rslots[i].as_slice()[first..past],
+            0xEE,
+            &format!("message {i}: past its end"),
+        );
+        if shape == IntoTwoSges {
+            rslots[N].set_len(256);
+            check_bytes(
+                &rslots[N].as_slice()[..rest],
+                &want[first..],
+                &format!("message {i}, second receive SGE"),
+            );
+            check_filled(
+                &rslots[N].as_slice()[rest..],
+                0xEE,
+                &format!("message {i}: past its end in the second receive SGE"),
+            );
+        }
+    }
+    p.qb.expect_idle(QUIET, "nothing else arrives from the mixed list");
+
+    // A failure in the middle of a list.
+    let fr: Vec<SlotMut> = (0..4).map(|_| slot_filled(&rb, 0xEE)).collect();
+    let frsg: Vec<[Sge; 1]> = fr.iter().map(|s| [s.sge()]).collect();
+    let frwrs: Vec<RecvRequest<'_>> = frsg
+        .iter()
+        .enumerate()
+        .map(|(i, sg)| RecvRequest {
+            wr_id: 200 + i as u64,
+            sg_list: sg,
+        })
+        .collect();
+    p.qb.post_recv(&frwrs);
+    let good: Vec<SlotMut> = (0..3)
+        .map(|i| slot_with(&sa, &message(42, i, 77)))
+        .collect();
+    let g = good[2].sge_filled();
+    let bad = [Sge::new(g.addr(), g.length(), !g.lkey())];
+    let gsg: Vec<[Sge; 1]> = good.iter().map(|s| [s.sge_filled()]).collect();
+    p.qa.post_send(&[
+        WorkRequest::send(300, &gsg[0]).with_flags(SendFlags::NONE),
+        WorkRequest::send(301, &gsg[1]),
+        WorkRequest::send(302, &bad),
+        WorkRequest::send(303, &gsg[2]),
+    ]);
+    expect_ok(
+        &p.qa.next("the second good SEND"),
+        301,
+        WcOpcode::Send,
+        "the SEND before the failing one",
+    );
+    expect_status(
+        &p.qa.next("the failing SEND"),
+        302,
+        WcStatus::LocProtErr,
+        "SEND with an unknown lkey in the middle of a list",
+    );
+    expect_status(
+        &p.qa.next("the SEND behind the failing one"),
+        303,
+        WcStatus::WrFlushErr,
+        "the SEND behind the failing one",
+    );
+    let mut fr = fr;
+    for (k, slot) in fr.iter_mut().take(2).enumerate() {
+        let wc = p.qb.next("a SEND before the failing one");
+        expect_ok(
+            &wc,
+            200 + k as u64,
+            WcOpcode::Recv,
+            "receive before the failure",
+        );
+        assert_eq!(wc.byte_len, 77, "byte_len before the failure");
+        slot.set_len(77);
+        check_message(
+            slot.as_slice(),
+            42,
+            k as u64,
+            77,
+            "a SEND before the failing one",
+        );
+    }
+    for wc in p.qb.drain(QUIET) {
+        assert!(
+            wc.status != WcStatus::Success,
+            "the peer received something from the failing SEND or behind it: {wc:?}"
+        );
+    }
+}
+
 /// Poll one completion at a time (and with an empty buffer) while send and
 /// receive completions of both directions are waiting: every completion comes
 /// out exactly once, each kind in order, none lost when the buffer is full.
