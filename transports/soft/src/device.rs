@@ -152,6 +152,13 @@ impl Counters {
         }
     }
 
+    /// `ops` SENDs of `bytes` in all (a post list's run).
+    #[inline]
+    pub(crate) fn count_sends(&self, ops: u64, bytes: u64) {
+        bump(&self.send_ops, ops);
+        bump(&self.send_bytes, bytes);
+    }
+
     fn snapshot(&self) -> DeviceStats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         DeviceStats {

@@ -436,6 +436,14 @@ enum Scatter {
     Prot,
 }
 
+/// Run `f` out of line: the error paths of the hot post loop (their
+/// `format!`s) stay out of its code.
+#[cold]
+#[inline(never)]
+fn cold<T>(f: impl FnOnce() -> T) -> T {
+    f()
+}
+
 /// Everything one execution needs, borrowed from the queue pair.
 struct Exe<'a> {
     peer: &'a QpCore,
@@ -492,34 +500,29 @@ fn gather_src(t: &MrTable, v: &WrView<'_>, out: &mut Vec<Seg>) -> bool {
     true
 }
 
-/// The source of a SEND or WRITE when it is at most one segment (the common
-/// shape), translated without the scratch list: `Some(Ok(None))` for no
-/// bytes, `Some(Ok(Some(seg)))`, `Some(Err(()))` when it does not translate
-/// (LocProtErr, as [`gather_src`]); `None` when it has more than one
-/// non-empty SGE (use [`gather_src`]).
-#[inline]
-fn src_one(t: &MrTable, v: &WrView<'_>) -> Option<Result<Option<Seg>, ()>> {
-    if let Some(buf) = v.staged {
-        return Some(Ok((!buf.is_empty()).then(|| Seg::of(buf))));
-    }
+/// The source SGEs of a SEND when they hold at most one non-empty segment
+/// (the common shape), translated without the scratch list: `Ok(None)` for
+/// no bytes, `Ok(Some(seg))`, `Err(())` when they do not translate
+/// (LocProtErr, as [`gather_src`]) or hold more than one non-empty SGE (use
+/// [`gather_src`]).
+#[inline(always)]
+fn src_one(t: &MrTable, sges: &[Sge]) -> Result<Option<Seg>, ()> {
     let mut found = None;
-    for s in v.sges {
+    for s in sges {
         if s.length() == 0 {
             continue;
         }
         if found.is_some() {
-            return None;
+            return Err(());
         }
         found = Some(s);
     }
     let Some(s) = found else {
-        return Some(Ok(None));
+        return Ok(None);
     };
-    Some(
-        local_seg(t, s.lkey(), s.addr(), s.length().into(), Access::LOCAL_READ)
-            .map(Some)
-            .ok_or(()),
-    )
+    local_seg(t, s.lkey(), s.addr(), s.length().into(), Access::LOCAL_READ)
+        .map(Some)
+        .ok_or(())
 }
 
 /// [`scatter`] into a receive of one SGE, without the scratch list:
@@ -563,52 +566,6 @@ fn scatter<I: Iterator<Item = Sge> + Clone>(
         left -= take;
     }
     Ok(())
-}
-
-/// The common SEND, inlined where requests execute: at most one source
-/// segment into a receive of one SGE, all checks passing. `None` when the
-/// request is of any other shape (an SRQ receive included) or a check
-/// fails, having changed nothing (the receive is not consumed): [`execute`]
-/// then runs it from the start and reports what fails.
-#[inline(always)]
-fn send_fast(x: &mut Exe<'_>, v: &WrView<'_>) -> Option<Outcome> {
-    if !matches!(v.opcode, Opcode::Send | Opcode::SendWithImm) {
-        return None;
-    }
-    let Some(Ok(src)) = src_one(x.own_t, v) else {
-        return None;
-    };
-    // Taking from an SRQ consumes the receive: only an own receive queue,
-    // where taking is a look until the completion, can fall back.
-    let RecvSide::Ring(ring) = &x.peer.recv else {
-        return None;
-    };
-    if x.peer.is_error() {
-        return None;
-    }
-    let Some(RecvRef::Ring(c)) = x.peer.take_recv(x.rx) else {
-        return None;
-    };
-    let i = ring.slot(c);
-    let dst = scatter_one(x.peer_t, ring.slots.single_sge(i)?, v.len).ok()?;
-    if let (Some(d), Some(s)) = (dst, src) {
-        // SAFETY: `d` was translated just now through the peer's table
-        // snapshot `peer_t` (a live registration with LOCAL_WRITE, in
-        // bounds), `s` through `own_t` or is the staged payload; both
-        // snapshots are held by the caller for the call and its `Exec` is
-        // busy, so deregistration waits for us.
-        unsafe { dma::copy_segs(&[d], &[s]) };
-    }
-    // Validated at post time against max_msg_sz, a u32.
-    let len32 = v.len as u32;
-    let imm = (v.opcode == Opcode::SendWithImm).then_some(v.imm);
-    // `finish_recv` of a ring receive, written out.
-    ring.slots
-        .complete(i, Some(c), WcStatus::Success, false, len32, imm);
-    x.rx.consume = c + 1;
-    *x.wake_peer = true;
-    x.counters.count(Count::Send(v.len));
-    Some(Outcome::Done(WcStatus::Success, len32))
 }
 
 /// Execute one request; see the status table in the crate docs for the
@@ -1031,7 +988,7 @@ impl SendSide {
                     rx: &mut self.peer_rx,
                     wake_peer: &mut self.wakes.peer,
                 };
-                send_fast(&mut x, &view).unwrap_or_else(|| execute(&mut x, &view))
+                execute(&mut x, &view)
             };
             match out {
                 Outcome::Done(status, n) => {
@@ -1099,6 +1056,7 @@ impl SendSide {
     }
 
     /// Checks hardware makes at post time; returns the message length.
+    #[inline(always)]
     fn validate(&self, wr: &WorkRequest<'_>) -> Result<u64, TransportError> {
         let dev = &self.limits;
         let op = wr.opcode;
@@ -1110,60 +1068,143 @@ impl SendSide {
             Opcode::AtomicCmpAndSwp | Opcode::AtomicFetchAndAdd if dev.atomics => {
                 self.caps.max_send_sge
             }
-            _ => return Err(TransportError::BadOpcode(op)),
+            _ => return Err(cold(|| TransportError::BadOpcode(op))),
         };
         if wr.sg_list.len() > max_sge as usize {
-            return Err(TransportError::TooManySges {
+            return Err(cold(|| TransportError::TooManySges {
                 got: wr.sg_list.len(),
                 max: max_sge,
-            });
+            }));
         }
         let len = wr.byte_len();
         if op.is_atomic() {
             if len < 8 {
-                return Err(TransportError::InvalidArgument(format!(
-                    "an atomic needs 8 local bytes for the original value, got {len}"
-                )));
+                return Err(cold(|| {
+                    TransportError::InvalidArgument(format!(
+                        "an atomic needs 8 local bytes for the original value, got {len}"
+                    ))
+                }));
             }
             if wr.remote_addr % 8 != 0 {
-                return Err(TransportError::InvalidArgument(format!(
-                    "atomic remote address {:#x} is not 8-byte aligned",
-                    wr.remote_addr
-                )));
+                return Err(cold(|| {
+                    TransportError::InvalidArgument(format!(
+                        "atomic remote address {:#x} is not 8-byte aligned",
+                        wr.remote_addr
+                    ))
+                }));
             }
         } else if len > u64::from(dev.max_msg_sz) {
-            return Err(TransportError::MessageTooLarge {
+            return Err(cold(|| TransportError::MessageTooLarge {
                 got: len,
                 max: dev.max_msg_sz,
-            });
+            }));
         }
         if wr.flags.contains(SendFlags::INLINE) {
             if !matches!(
                 op,
                 Opcode::Send | Opcode::SendWithImm | Opcode::RdmaWrite | Opcode::RdmaWriteWithImm
             ) {
-                return Err(TransportError::InvalidArgument(format!(
-                    "INLINE is only for SEND and RDMA WRITE, not {op:?}"
-                )));
+                return Err(cold(|| {
+                    TransportError::InvalidArgument(format!(
+                        "INLINE is only for SEND and RDMA WRITE, not {op:?}"
+                    ))
+                }));
             }
             if len > u64::from(self.caps.max_inline_data) {
-                return Err(TransportError::InlineTooLarge {
+                return Err(cold(|| TransportError::InlineTooLarge {
                     got: len,
                     max: self.caps.max_inline_data,
-                });
+                }));
             }
             for s in wr.sg_list.iter().filter(|s| s.length() > 0) {
                 let end = s.addr().checked_add(u64::from(s.length()));
                 if s.addr() == 0 || end.is_none_or(|e| e > usize::MAX as u64) {
-                    return Err(TransportError::InvalidArgument(format!(
-                        "inline SGE at {:#x} (+{}) is null or wraps",
-                        s.addr(),
-                        s.length()
-                    )));
+                    return Err(cold(|| {
+                        TransportError::InvalidArgument(format!(
+                            "inline SGE at {:#x} (+{}) is null or wraps",
+                            s.addr(),
+                            s.length()
+                        ))
+                    }));
                 }
             }
         }
         Ok(len)
+    }
+
+    /// The common case of a post list, as straight-line code: SENDs of at
+    /// most one non-empty source segment, each into a one-SGE receive of
+    /// the peer's own receive queue, every check passing, with nothing
+    /// waiting in our send queue and no error state. Returns how many
+    /// requests from the start of `wrs` it executed; it stops, having
+    /// changed nothing for it, at the first request of any other shape (an
+    /// SRQ receive included: taking one consumes it) or that fails a check
+    /// or meets an empty receive queue, and the general path then runs
+    /// that one from the start and reports what fails (a refusal at post
+    /// time included).
+    #[inline(always)]
+    fn send_run(
+        &mut self,
+        core: &QpCore,
+        peer: &QpCore,
+        ring: &RecvRing,
+        own_t: &MrTable,
+        peer_t: &MrTable,
+        wrs: &[WorkRequest<'_>],
+    ) -> usize {
+        let mut rx = self.peer_rx;
+        let mut k = 0;
+        let mut bytes = 0u64;
+        while let Some(wr) = wrs.get(k) {
+            if !matches!(wr.opcode, Opcode::Send | Opcode::SendWithImm) {
+                break;
+            }
+            let Ok(len) = self.validate(wr) else {
+                break;
+            };
+            if self.sq.full() || peer.is_error() {
+                break;
+            }
+            let Ok(src) = src_one(own_t, wr.sg_list) else {
+                break;
+            };
+            let Some(RecvRef::Ring(c)) = peer.take_recv(&mut rx) else {
+                break;
+            };
+            let i = ring.slot(c);
+            let Some(g) = ring.slots.single_sge(i) else {
+                break;
+            };
+            let Ok(dst) = scatter_one(peer_t, g, len) else {
+                break;
+            };
+            if let (Some(d), Some(s)) = (dst, src) {
+                // SAFETY: `d` was translated just now through the peer's
+                // table snapshot `peer_t` (a live registration with
+                // LOCAL_WRITE, in bounds), `s` through `own_t`; both
+                // snapshots are held by the caller for the call and its
+                // `Exec` is busy, so deregistration waits for us.
+                unsafe { dma::copy_segs(&[d], &[s]) };
+            }
+            // Validated against max_msg_sz, a u32.
+            let len32 = len as u32;
+            let imm = (wr.opcode == Opcode::SendWithImm).then_some(wr.imm_data);
+            ring.slots
+                .complete(i, Some(c), WcStatus::Success, false, len32, imm);
+            rx.consume = c + 1;
+            bytes += len;
+            if wr.flags.contains(SendFlags::SIGNALED) {
+                self.sq
+                    .push_done(wr.wr_id, wr.opcode, WcStatus::Success, len32);
+            }
+            k += 1;
+        }
+        self.peer_rx = rx;
+        if k > 0 {
+            self.wakes.peer = true;
+            core.exec.counters.count_sends(k as u64, bytes);
+        }
+        k
     }
 
     /// The body of `post_send`, with the execution marked busy.
@@ -1178,56 +1219,85 @@ impl SendSide {
         if self.sq.has_pending() && !self.error {
             self.progress(core, peer, own_t, peer_t);
         }
-        for (i, wr) in wrs.iter().enumerate() {
-            let len = self.validate(wr).map_err(|e| PostError::at(i, e))?;
-            if self.sq.full() {
-                return Err(PostError::at(
-                    i,
-                    TransportError::QueueFull {
-                        depth: self.caps.max_send_wr,
-                    },
-                ));
-            }
-            if self.error {
-                // Verbs: posting to a queue pair in error succeeds and the
-                // request completes flushed.
-                self.sq
-                    .push_done(wr.wr_id, wr.opcode, WcStatus::WrFlushErr, 0);
-                continue;
-            }
-            if self.sq.has_pending() {
-                // RC order: behind a waiting request, wait too.
-                self.stage(core, wr, len, own_t);
-                continue;
-            }
-            let out = {
-                let view = WrView::of(wr, len);
-                let mut x = Exe {
-                    peer,
-                    counters: &core.exec.counters,
-                    own_t,
-                    peer_t,
-                    src: &mut self.src,
-                    dst: &mut self.dst,
-                    rx: &mut self.peer_rx,
-                    wake_peer: &mut self.wakes.peer,
-                };
-                send_fast(&mut x, &view).unwrap_or_else(|| execute(&mut x, &view))
-            };
-            match out {
-                Outcome::Done(WcStatus::Success, n) => {
-                    if wr.flags.contains(SendFlags::SIGNALED) {
-                        self.sq.push_done(wr.wr_id, wr.opcode, WcStatus::Success, n);
+        let mut i = 0;
+        while let Some(wr) = wrs.get(i) {
+            // Runs of the common SEND go straight through; the general
+            // path below takes one request of any other shape, then the
+            // next run starts.
+            if !self.error && !self.sq.has_pending() {
+                if let RecvSide::Ring(ring) = &peer.recv {
+                    let n = self.send_run(core, peer, ring, own_t, peer_t, &wrs[i..]);
+                    if n > 0 {
+                        i += n;
+                        continue;
                     }
                 }
-                Outcome::Done(status, _) => {
-                    self.sq.push_done(wr.wr_id, wr.opcode, status, 0);
-                    self.enter_error(core, false);
+            }
+            self.post_one(core, peer, own_t, peer_t, i, wr)?;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// Post one request through the general path (`i` is its index in the
+    /// caller's list, for a refusal).
+    fn post_one(
+        &mut self,
+        core: &QpCore,
+        peer: &QpCore,
+        own_t: &MrTable,
+        peer_t: &MrTable,
+        i: usize,
+        wr: &WorkRequest<'_>,
+    ) -> Result<(), PostError> {
+        let len = self.validate(wr).map_err(|e| PostError::at(i, e))?;
+        if self.sq.full() {
+            return Err(PostError::at(
+                i,
+                TransportError::QueueFull {
+                    depth: self.caps.max_send_wr,
+                },
+            ));
+        }
+        if self.error {
+            // Verbs: posting to a queue pair in error succeeds and the
+            // request completes flushed.
+            self.sq
+                .push_done(wr.wr_id, wr.opcode, WcStatus::WrFlushErr, 0);
+            return Ok(());
+        }
+        if self.sq.has_pending() {
+            // RC order: behind a waiting request, wait too.
+            self.stage(core, wr, len, own_t);
+            return Ok(());
+        }
+        let out = {
+            let view = WrView::of(wr, len);
+            let mut x = Exe {
+                peer,
+                counters: &core.exec.counters,
+                own_t,
+                peer_t,
+                src: &mut self.src,
+                dst: &mut self.dst,
+                rx: &mut self.peer_rx,
+                wake_peer: &mut self.wakes.peer,
+            };
+            execute(&mut x, &view)
+        };
+        match out {
+            Outcome::Done(WcStatus::Success, n) => {
+                if wr.flags.contains(SendFlags::SIGNALED) {
+                    self.sq.push_done(wr.wr_id, wr.opcode, WcStatus::Success, n);
                 }
-                Outcome::Rnr => {
-                    self.stage(core, wr, len, own_t);
-                    self.on_rnr(core, peer);
-                }
+            }
+            Outcome::Done(status, _) => {
+                self.sq.push_done(wr.wr_id, wr.opcode, status, 0);
+                self.enter_error(core, false);
+            }
+            Outcome::Rnr => {
+                self.stage(core, wr, len, own_t);
+                self.on_rnr(core, peer);
             }
         }
         Ok(())
