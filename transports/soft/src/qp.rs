@@ -1201,6 +1201,9 @@ impl SendSide {
         }
         self.peer_rx = rx;
         if k > 0 {
+            if rx.consume < rx.post_seen {
+                ring.slots.touch(ring.slot(rx.consume));
+            }
             self.wakes.peer = true;
             core.exec.counters.count_sends(k as u64, bytes);
         }

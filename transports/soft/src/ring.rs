@@ -183,6 +183,18 @@ impl SlotArray {
         (s.nsge.load(Ordering::Relaxed) == 1).then(|| s.sge0.get())
     }
 
+    /// Load the request entry `i` (its first SGE) into this core's cache
+    /// ahead of its use: the peer's poster calls it for the next posted
+    /// receive once it has completed one, so the line the owner wrote when
+    /// posting crosses cores while the poster waits, not on the next
+    /// message's critical path. A plain load (its value unused), not a
+    /// prefetch hint: no `unsafe`, and the poster has nothing to do until
+    /// the next message anyway.
+    #[inline]
+    pub(crate) fn touch(&self, i: usize) {
+        std::hint::black_box(self.wqes[i].sge0.addr.load(Ordering::Relaxed));
+    }
+
     pub(crate) fn wr_id(&self, i: usize) -> u64 {
         self.wqes[i].wr_id.load(Ordering::Relaxed)
     }
