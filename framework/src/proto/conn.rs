@@ -1984,15 +1984,18 @@ impl Connection {
             return Some(msg);
         }
         buf.set_len(HDR);
-        // One record: the length, then the bytes (the caller checked the fit).
+        // The bytes go back to back, their lengths into the trailer once
+        // the bundle is complete (see `Kind::Bundle`); `used` counts both,
+        // so every fit check leaves room for the trailer.
+        let mut lens = [0u32; wire::MAX_BUNDLE as usize];
         let put = |buf: &mut SlotMut, msg: &Msg| {
             let (at, len) = (buf.len(), msg.len() as usize);
-            buf.set_len(at + wire::REC + len);
-            let out = &mut buf.as_mut_slice()[at..];
-            out[..wire::REC].copy_from_slice(&(len as u32).to_le_bytes());
-            msg.copy_to(&mut out[wire::REC..]);
+            buf.set_len(at + len);
+            msg.copy_to(&mut buf.as_mut_slice()[at..]);
         };
         put(&mut buf, &msg);
+        lens[0] = msg.len() as u32;
+        let mut used = buf.len() + wire::REC;
         drop(msg);
         self.bundle_ids.push_back((id, track));
         let mut n = 1u32;
@@ -2000,8 +2003,7 @@ impl Connection {
         while u64::from(n) < wire::MAX_BUNDLE {
             let fits = match self.data.front() {
                 Some(Out::Data { msg, .. }) => {
-                    self.bundles_with(msg.len())
-                        && buf.len() + wire::REC + msg.len() as usize <= cap
+                    self.bundles_with(msg.len()) && used + wire::REC + msg.len() as usize <= cap
                 }
                 _ => false,
             };
@@ -2012,9 +2014,19 @@ impl Connection {
                 break;
             };
             put(&mut buf, &msg);
+            lens[n as usize] = msg.len() as u32;
+            used += wire::REC + msg.len() as usize;
             self.bundle_ids.push_back((id, track));
             signal |= track;
             n += 1;
+        }
+        let at = buf.len();
+        buf.set_len(used);
+        for (out, len) in buf.as_mut_slice()[at..]
+            .chunks_exact_mut(wire::REC)
+            .zip(&lens[..n as usize])
+        {
+            out.copy_from_slice(&len.to_le_bytes());
         }
         let h = Header {
             kind: Kind::Bundle,

@@ -24,7 +24,7 @@
 use crate::verbs::RemoteRegion;
 
 /// Protocol version carried by `Hello`.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Header length in bytes.
 pub const HDR: usize = 24;
 /// Magic in `Hello`'s aux field, so a non-zcmsg peer is recognised at once.
@@ -78,20 +78,26 @@ pub enum Kind {
     /// and credits.
     Handoff = 8,
     /// Several small messages in one SEND: `aux` of them, numbered from
-    /// `seq`, each a record of [`REC`] length bytes (u32, little-endian)
-    /// and the payload, back to back, `len` bytes in all.
+    /// `seq`, their bytes back to back, then a trailer of their lengths
+    /// ([`REC`] bytes each, u32 little-endian, in order), `len` bytes in
+    /// all. The lengths sit together so the receiver finds every message
+    /// from one or two cache lines of the trailer, without touching the
+    /// payload: records that led each message (version 2) made it chase
+    /// one cache miss per message, in series.
     Bundle = 9,
 }
 
-/// Bytes before each message of a bundle: its length, u32 little-endian.
+/// Bytes a bundle spends per message: its length in the trailer, u32
+/// little-endian.
 pub const REC: usize = 4;
 
 /// Most messages in one bundle.
 pub const MAX_BUNDLE: u64 = 64;
 
-/// Check a bundle's records (`count` of them must exactly fill `payload`)
-/// and call `each(offset, len)` for every message, offsets relative to
-/// `payload`. Nothing is reported unless the whole bundle is well formed.
+/// Check a bundle's trailer (`count` lengths, which with the messages must
+/// exactly fill `payload`) and call `each(offset, len)` for every message,
+/// offsets relative to `payload`. Nothing is reported unless the whole
+/// bundle is well formed. Reads only the trailer, never the messages.
 pub fn bundle_records(
     payload: &[u8],
     count: u64,
@@ -106,29 +112,30 @@ pub fn bundle_records(
     if count == 0 || count > MAX_BUNDLE {
         return Err(bad("count out of range"));
     }
-    let walk = |mut f: Option<&mut dyn FnMut(usize, usize)>| -> Result<(), WireError> {
-        let mut off = 0usize;
-        for _ in 0..count {
-            let Some(rec) = payload.get(off..off + REC) else {
-                return Err(bad("a record header is cut short"));
-            };
-            let len = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize;
-            let start = off + REC;
-            if payload.len() - start < len {
-                return Err(bad("a message runs past the end"));
-            }
-            if let Some(f) = f.as_mut() {
-                f(start, len);
-            }
-            off = start + len;
-        }
-        if off != payload.len() {
-            return Err(bad("bytes left over"));
-        }
-        Ok(())
+    let Some(body) = payload.len().checked_sub(count as usize * REC) else {
+        return Err(bad("the trailer of lengths is cut short"));
     };
-    walk(None)?;
-    walk(Some(&mut each))
+    let trailer = &payload[body..];
+    let len_at = |i: usize| {
+        let r = &trailer[i * REC..][..REC];
+        u32::from_le_bytes([r[0], r[1], r[2], r[3]]) as usize
+    };
+    // At most 64 lengths of at most 2^32 - 1 each: the sum cannot wrap.
+    let total: usize = (0..count as usize).map(len_at).sum();
+    if total != body {
+        return Err(bad(if total > body {
+            "the messages run past the trailer"
+        } else {
+            "bytes left over"
+        }));
+    }
+    let mut off = 0;
+    for i in 0..count as usize {
+        let len = len_at(i);
+        each(off, len);
+        off += len;
+    }
+    Ok(())
 }
 
 impl Kind {
@@ -308,28 +315,42 @@ mod tests {
 
     #[test]
     fn bundles_must_add_up() {
+        let msgs = [&b"ab"[..], b"", b"xyz"];
         let mut buf = Vec::new();
-        for m in [&b"ab"[..], b"", b"xyz"] {
-            buf.extend_from_slice(&(m.len() as u32).to_le_bytes());
+        for m in msgs {
             buf.extend_from_slice(m);
+        }
+        for m in msgs {
+            buf.extend_from_slice(&(m.len() as u32).to_le_bytes());
         }
         let mut got = Vec::new();
         bundle_records(&buf, 3, |off, len| got.push(buf[off..off + len].to_vec())).unwrap();
         assert_eq!(got, vec![b"ab".to_vec(), vec![], b"xyz".to_vec()]);
         let none = |_: usize, _: usize| panic!("a malformed bundle reported a message");
-        // Wrong counts, cut records, overlong lengths, trailing bytes.
+        // Wrong counts, a cut trailer, overlong lengths, bytes left over.
         assert!(bundle_records(&buf, 2, none).is_err());
         assert!(bundle_records(&buf, 4, none).is_err());
         assert!(bundle_records(&buf, 0, none).is_err());
         assert!(bundle_records(&buf[..buf.len() - 1], 3, none).is_err());
+        assert!(bundle_records(&buf[1..], 3, none).is_err());
         assert!(bundle_records(&buf[..2], 1, none).is_err());
+        let t = buf.len() - 3 * REC;
         let mut long = buf.clone();
-        long[0] = 200;
+        long[t] = 200;
         assert!(bundle_records(&long, 3, none).is_err());
+        let mut short = buf.clone();
+        short[t] = 1;
+        assert!(bundle_records(&short, 3, none).is_err());
         let mut huge = buf.clone();
-        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[t..t + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(bundle_records(&huge, 3, none).is_err());
         assert!(bundle_records(&[], MAX_BUNDLE + 1, none).is_err());
+        assert!(
+            bundle_records(&[0; 4 * MAX_BUNDLE as usize], MAX_BUNDLE, |_, len| {
+                assert_eq!(len, 0)
+            })
+            .is_ok()
+        );
     }
 
     #[test]
