@@ -55,7 +55,7 @@ use bytes::{BufMut, Bytes};
 use super::wire::{self, Header, Kind, WireError, HDR, MAGIC, VERSION};
 use crate::mem::{Arena, ArenaConfig, Exposure, HugePages, Pd, SlotMut, UnregisteredPolicy};
 use crate::sge::{RwPlan, Sge};
-use crate::stats::CopyReason;
+use crate::stats::{CopyReason, CopyShard};
 use crate::verbs::{Opcode, RemoteRegion, SendFlags, WcStatus, WorkCompletion, WorkRequest};
 
 /// Protocol settings of one connection.
@@ -444,6 +444,9 @@ pub struct Connection {
     cfg: ProtoConfig,
     lim: Limits,
     pd: Pd,
+    /// This connection's own copy counters (summed into the protection
+    /// domain's by `CopyStats::snapshot`).
+    copies: CopyShard,
     state: State,
     // Receive side.
     recv_arena: Arena,
@@ -578,6 +581,7 @@ impl Connection {
             free_pos: (0..slots as u32).rev().collect(),
             cfg,
             lim,
+            copies: pd.stats_handle().shard(),
             pd,
             state: State::Handshake,
             recv_arena,
@@ -771,7 +775,7 @@ impl Connection {
             let total = len as usize;
             stage.set_len(total);
             msg.copy_to(stage.as_mut_slice());
-            self.pd.stats().add(CopyReason::Inline, total as u64);
+            self.copies.add(CopyReason::Inline, total as u64);
             let imm = wire::eager_imm(self.next_seq, credits);
             (stage.sge_filled(), Some(imm))
         } else {
@@ -811,7 +815,7 @@ impl Connection {
 
     /// Header and payload into `slot` for an inline SEND (counted as an
     /// inline copy); returns its SGE.
-    fn fill_inline(&self, slot: &mut SlotMut, hdr: &Header, msg: &Msg) -> Sge {
+    fn fill_inline(&mut self, slot: &mut SlotMut, hdr: &Header, msg: &Msg) -> Sge {
         // The caller checked that header and payload fit `inline_copy`,
         // which the header slots are sized to: plain slice copies.
         let total = HDR + msg.len() as usize;
@@ -819,7 +823,7 @@ impl Connection {
         let buf = slot.as_mut_slice();
         hdr.encode(&mut buf[..HDR]);
         msg.copy_to(&mut buf[HDR..]);
-        self.pd.stats().add(CopyReason::Inline, total as u64);
+        self.copies.add(CopyReason::Inline, total as u64);
         slot.sge_filled()
     }
 
@@ -1604,7 +1608,7 @@ impl Connection {
         }
         if s.len() <= self.lim.max_inline_data as usize {
             flags |= SendFlags::INLINE;
-            self.pd.stats().add(CopyReason::Inline, s.len() as u64);
+            self.copies.add(CopyReason::Inline, s.len() as u64);
         }
         self.sges.push(s.sge_filled());
         flags |= self.next_signal(false);
@@ -1911,7 +1915,7 @@ impl Connection {
             );
             return false;
         }
-        self.pd.stats().add_handoff(len);
+        self.copies.add_handoff(len);
         true
     }
 
@@ -2037,8 +2041,7 @@ impl Connection {
             aux: u64::from(n),
         };
         h.encode(&mut buf.as_mut_slice()[..HDR]);
-        self.pd
-            .stats()
+        self.copies
             .add(CopyReason::Coalesce, (buf.len() - HDR) as u64);
         self.signal_batch |= signal;
         let mut flags = self.next_signal(false);
