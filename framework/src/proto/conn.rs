@@ -145,6 +145,7 @@ impl Msg {
         }
     }
     /// Total bytes.
+    #[inline]
     pub fn len(&self) -> u64 {
         match self {
             Msg::One(b) => b.len() as u64,
@@ -156,6 +157,7 @@ impl Msg {
         self.len() == 0
     }
     /// Copy the bytes, in order, into `out` (exactly `len()` bytes long).
+    #[inline]
     fn copy_to(&self, out: &mut [u8]) {
         match self {
             Msg::One(b) => out.copy_from_slice(b),
@@ -1455,6 +1457,7 @@ impl Connection {
                 && (self.posted + REPOST_BATCH <= target || 2 * self.posted <= target))
     }
 
+    #[inline]
     fn sq_room(&self) -> bool {
         self.sq_used < self.lim.max_send_wr
     }
@@ -1503,12 +1506,14 @@ impl Connection {
         }
     }
 
+    #[inline]
     fn take_owed(&mut self) -> u16 {
         let c = self.owed.min(u32::from(u16::MAX));
         self.owed -= c;
         c as u16
     }
 
+    #[inline]
     fn next_signal(&mut self, force: bool) -> SendFlags {
         self.since_signal += 1;
         if force
@@ -1550,6 +1555,7 @@ impl Connection {
     }
 
     /// Count a posted send-queue request until its completion retires it.
+    #[inline]
     fn add_inflight(&mut self, wr_id: u64, f: Inflight) {
         self.inflight.push_back((wr_id, f));
         self.sq_used += 1;
