@@ -939,17 +939,7 @@ pub fn post_list_shapes(h: &Harness) {
     p.qb.expect_idle(QUIET, "nothing else arrives from the mixed list");
 
     // A failure in the middle of a list.
-    let fr: Vec<SlotMut> = (0..4).map(|_| slot_filled(&rb, 0xEE)).collect();
-    let frsg: Vec<[Sge; 1]> = fr.iter().map(|s| [s.sge()]).collect();
-    let frwrs: Vec<RecvRequest<'_>> = frsg
-        .iter()
-        .enumerate()
-        .map(|(i, sg)| RecvRequest {
-            wr_id: 200 + i as u64,
-            sg_list: sg,
-        })
-        .collect();
-    p.qb.post_recv(&frwrs);
+    let mut fr = post_recvs(&mut p.qb, &rb, 200, 4);
     let good: Vec<SlotMut> = (0..3)
         .map(|i| slot_with(&sa, &message(42, i, 77)))
         .collect();
@@ -980,7 +970,6 @@ pub fn post_list_shapes(h: &Harness) {
         WcStatus::WrFlushErr,
         "the SEND behind the failing one",
     );
-    let mut fr = fr;
     for (k, slot) in fr.iter_mut().take(2).enumerate() {
         let wc = p.qb.next("a SEND before the failing one");
         expect_ok(
