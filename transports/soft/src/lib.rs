@@ -64,10 +64,13 @@
 //! runs requests in the sender's context. That thread translates both sides'
 //! SGEs (one lock-free load of each device's region table snapshot, then
 //! usually one probe of its key index, which holds each translation inline),
-//! copies with `memmove`, and completes. The common SEND (one source
-//! segment into a one-SGE receive) runs as straight-line code in the post
-//! loop; every other shape, and every failure, goes through the general
-//! executor, which applies the status table below:
+//! copies with `memmove`, and completes. Runs of the common SEND (one source
+//! segment into a one-SGE receive of the peer's own receive queue) go
+//! through the post loop as straight-line code, counted once per run, and
+//! the poster then loads the peer's next receive entry so that it crosses
+//! cores before the next message needs it; every other shape, and every
+//! failure, goes through the general executor one request at a time (the
+//! next run starts after it), which applies the status table below:
 //!
 //! - **Receive queue**: a single-producer (the owner posts) single-consumer
 //!   (whoever executes the peer's requests takes) ring of preallocated
