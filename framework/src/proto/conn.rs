@@ -1932,7 +1932,7 @@ impl Connection {
     }
 
     /// A message of `len` bytes and the next queued one may go in a bundle
-    /// together (a bundle of one is not worth its record): the next one's
+    /// together (a bundle of one is not worth its length entry): the next one's
     /// length.
     fn next_bundle_len(&self, len: u64) -> Option<u64> {
         match self.data.front() {
@@ -1989,7 +1989,7 @@ impl Connection {
         let cap = buf.capacity();
         if HDR + 2 * wire::REC + (msg.len() + next) as usize > cap {
             // Not even two fit (a bundle buffer configured small): a bundle
-            // of one only adds a record, so this one goes alone.
+            // of one only adds a length entry, so this one goes alone.
             self.bundle_free.push(buf);
             return Some(msg);
         }
