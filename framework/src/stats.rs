@@ -53,7 +53,7 @@ impl Counts {
 /// Live counters, shared by a protection domain and its endpoints.
 ///
 /// Whoever copies counts: the builders and the RPC layer with an atomic
-/// add here; each connection into a [`CopyShard`] of its own that only it
+/// add here; each connection into a shard of its own that only it
 /// writes (a load and a store, no read-modify-write, and no cache line
 /// shared with other connections' threads: a message's count costs what a
 /// plain counter does). [`CopyStats::snapshot`] adds them all up; a shard
