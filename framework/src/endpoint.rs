@@ -87,6 +87,15 @@ pub enum EndpointError {
     /// A wait ran out.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// The next message does not fit the buffer given; it stays first in
+    /// line (take it with a larger buffer or as `Bytes`).
+    #[error("the next message is {need} bytes, the buffer holds {have}")]
+    BufferTooSmall {
+        /// The message's length.
+        need: usize,
+        /// The buffer's length.
+        have: usize,
+    },
 }
 
 /// What a receive found.
@@ -94,6 +103,15 @@ pub enum EndpointError {
 pub enum Recv {
     /// A message.
     Message(Bytes),
+    /// The peer closed: nothing more will come.
+    Eos,
+}
+
+/// What [`Endpoint::try_recv_into`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RecvInto {
+    /// A message of this many bytes, now at the start of the buffer.
+    Message(usize),
     /// The peer closed: nothing more will come.
     Eos,
 }
@@ -242,6 +260,13 @@ impl Endpoint {
     /// Largest message sent eagerly; larger ones go by rendezvous.
     pub fn eager_limit(&self) -> usize {
         self.conn.eager_limit()
+    }
+
+    /// Largest message that goes at once as one inline request, copied at
+    /// post time: the most [`Endpoint::try_send_slice`] takes, and what
+    /// `try_send` sends without holding the caller's `Bytes`.
+    pub fn inline_limit(&self) -> usize {
+        self.conn.inline_limit()
     }
 
     /// Receive slots for data messages: at most this many received messages
@@ -416,6 +441,27 @@ impl Endpoint {
         Ok(id)
     }
 
+    /// Send `data` at once as one inline request, copied at post time,
+    /// without a `Bytes`: `Ok(Some(id))` once posted, `Ok(None)` if it
+    /// cannot go at once (longer than the inline limit allows, no credit
+    /// or send-queue room, or messages queued before it), and then nothing
+    /// is queued: send it with [`Endpoint::try_send`], or again after
+    /// progress. The copy is counted as `inline`, as `try_send`'s is. The
+    /// sending half of [`Endpoint::try_recv_into`]'s small-message path.
+    pub fn try_send_slice(&mut self, data: &[u8]) -> Result<Option<u64>, SendError> {
+        if let Some(e) = &self.failed {
+            return Err(SendError::Failed(e.clone()));
+        }
+        let now = self.now;
+        Ok(match self.conn.send_now(data, false, now)? {
+            Some(fast) => {
+                self.post_now(fast);
+                Some(fast.id)
+            }
+            None => None,
+        })
+    }
+
     #[inline]
     fn post_now(&mut self, s: SendNow) {
         let sge = [s.sge];
@@ -470,6 +516,52 @@ impl Endpoint {
         }
         if self.eos {
             return Ok(Some(Recv::Eos));
+        }
+        if let Some(e) = &self.failed {
+            return Err(EndpointError::Conn(e.clone()));
+        }
+        Ok(None)
+    }
+
+    /// Receive the next message by copying it into `buf`, without making
+    /// it `Bytes`: a small message that filled a receive slot of its own
+    /// (one sent at once, see [`Endpoint::try_send`]) costs no allocation,
+    /// and its slot goes straight back to the receive queue. For small,
+    /// latency-bound messages read once, the way a tagged receive into the
+    /// caller's buffer works in UCX; [`Endpoint::try_recv`] hands every
+    /// message over without a copy. Counted as `copy_out`. A message longer
+    /// than `buf` is refused with [`EndpointError::BufferTooSmall`] and
+    /// stays first in line. Busy-polls once, as `try_recv` does.
+    ///
+    /// ```
+    /// use zcmsg::{Endpoint, RecvInto};
+    ///
+    /// /// Echo one small message through a stack buffer: no allocation.
+    /// fn echo_one(ep: &mut Endpoint) -> Result<bool, Box<dyn std::error::Error>> {
+    ///     let mut buf = [0u8; 128];
+    ///     match ep.try_recv_into(&mut buf)? {
+    ///         // Goes at once if it fits the inline limit and credits allow.
+    ///         Some(RecvInto::Message(n)) => Ok(ep.try_send_slice(&buf[..n])?.is_some()),
+    ///         Some(RecvInto::Eos) | None => Ok(false),
+    ///     }
+    /// }
+    /// ```
+    pub fn try_recv_into(&mut self, buf: &mut [u8]) -> Result<Option<RecvInto>, EndpointError> {
+        if self.conn.messages_ready() == 0 {
+            self.progress_inner(true);
+        }
+        match self.conn.poll_message_into(buf) {
+            Ok(Some(n)) => return Ok(Some(RecvInto::Message(n))),
+            Ok(None) => {}
+            Err(need) => {
+                return Err(EndpointError::BufferTooSmall {
+                    need,
+                    have: buf.len(),
+                })
+            }
+        }
+        if self.eos {
+            return Ok(Some(RecvInto::Eos));
         }
         if let Some(e) = &self.failed {
             return Err(EndpointError::Conn(e.clone()));

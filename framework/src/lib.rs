@@ -41,7 +41,7 @@ pub mod transport;
 pub mod util;
 pub mod verbs;
 
-pub use endpoint::{Endpoint, EndpointConfig, EndpointError, Recv};
+pub use endpoint::{Endpoint, EndpointConfig, EndpointError, Recv, RecvInto};
 pub use error::{MemError, PostError, SgeError, TransportError};
 pub use mem::{
     Arena, ArenaConfig, CacheConfig, HugePages, Pd, Revoked, SlotMut, UnregisteredPolicy, Window,

@@ -21,6 +21,9 @@ pub enum CopyReason {
     /// application held more of them than the connection has slots (e.g. RPC
     /// replies nobody has collected yet), so the peer can keep sending.
     Spill,
+    /// Received messages copied into the caller's buffer
+    /// (`Endpoint::try_recv_into`), their receive slot reposted at once.
+    CopyOut,
 }
 
 impl CopyReason {
@@ -31,6 +34,7 @@ impl CopyReason {
             CopyReason::Inline => 2,
             CopyReason::Coalesce => 4,
             CopyReason::Spill => 6,
+            CopyReason::CopyOut => 10,
         }
     }
 }
@@ -38,12 +42,17 @@ impl CopyReason {
 /// Index of the handoff byte counter in [`Counts`].
 const HANDOFF: usize = 8;
 
-/// One set of counters: bytes and operations per reason, then handoffs.
+/// Counters in one set: bytes and operations for each reason and for
+/// handoffs.
+const N: usize = 12;
+
+/// One set of counters: bytes and operations per reason (the handoffs' at
+/// [`HANDOFF`]).
 #[derive(Debug, Default)]
-struct Counts([AtomicU64; 10]);
+struct Counts([AtomicU64; N]);
 
 impl Counts {
-    fn read(&self, into: &mut [u64; 10]) {
+    fn read(&self, into: &mut [u64; N]) {
         for (t, c) in into.iter_mut().zip(&self.0) {
             *t += c.load(Ordering::Relaxed);
         }
@@ -81,7 +90,7 @@ impl CopyStats {
 
     /// Read all counters (every live shard's included).
     pub fn snapshot(&self) -> CopySnapshot {
-        let mut t = [0u64; 10];
+        let mut t = [0u64; N];
         let shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         self.direct.read(&mut t);
         for s in shards.iter() {
@@ -98,6 +107,8 @@ impl CopyStats {
             spill_ops: t[7],
             handoff_bytes: t[8],
             handoff_ops: t[9],
+            copy_out_bytes: t[10],
+            copy_out_ops: t[11],
         }
     }
 
@@ -182,12 +193,20 @@ pub struct CopySnapshot {
     pub handoff_bytes: u64,
     /// Messages handed over in process.
     pub handoff_ops: u64,
+    /// Bytes of received messages copied into the caller's buffer.
+    pub copy_out_bytes: u64,
+    /// Messages received by copy.
+    pub copy_out_ops: u64,
 }
 
 impl CopySnapshot {
     /// Every byte the framework copied, whatever the reason.
     pub fn total_bytes(&self) -> u64 {
-        self.bounce_bytes + self.inline_bytes + self.coalesce_bytes + self.spill_bytes
+        self.bounce_bytes
+            + self.inline_bytes
+            + self.coalesce_bytes
+            + self.spill_bytes
+            + self.copy_out_bytes
     }
 
     /// The difference `self - earlier`, counter by counter.
@@ -203,6 +222,8 @@ impl CopySnapshot {
             spill_ops: self.spill_ops - earlier.spill_ops,
             handoff_bytes: self.handoff_bytes - earlier.handoff_bytes,
             handoff_ops: self.handoff_ops - earlier.handoff_ops,
+            copy_out_bytes: self.copy_out_bytes - earlier.copy_out_bytes,
+            copy_out_ops: self.copy_out_ops - earlier.copy_out_ops,
         }
     }
 }

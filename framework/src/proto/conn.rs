@@ -172,6 +172,57 @@ impl Msg {
     }
 }
 
+/// What [`Connection::send_now`] copies into the request: a message's
+/// chunks, or a caller's slice (`Endpoint::try_send_slice`).
+pub trait Payload {
+    /// Total bytes.
+    fn payload_len(&self) -> u64;
+    /// Copy the bytes, in order, into `out` (exactly `payload_len()` long).
+    fn copy_payload(&self, out: &mut [u8]);
+}
+
+impl Payload for Msg {
+    #[inline]
+    fn payload_len(&self) -> u64 {
+        self.len()
+    }
+    #[inline]
+    fn copy_payload(&self, out: &mut [u8]) {
+        self.copy_to(out)
+    }
+}
+
+impl Payload for [u8] {
+    #[inline]
+    fn payload_len(&self) -> u64 {
+        self.len() as u64
+    }
+    #[inline]
+    fn copy_payload(&self, out: &mut [u8]) {
+        out.copy_from_slice(self)
+    }
+}
+
+/// A message delivered to the application, in order.
+enum Delivered {
+    /// A whole receive slot holding one message (a compact eager one), not
+    /// frozen yet: it becomes `Bytes` when taken as such, or is copied out
+    /// and goes straight back to the receive queue
+    /// ([`Connection::poll_message_into`]).
+    Slot(SlotMut),
+    Bytes(Bytes),
+}
+
+impl Delivered {
+    #[inline]
+    fn len(&self) -> usize {
+        match self {
+            Delivered::Slot(s) => s.len(),
+            Delivered::Bytes(b) => b.len(),
+        }
+    }
+}
+
 impl From<Bytes> for Msg {
     fn from(b: Bytes) -> Msg {
         Msg::One(b)
@@ -511,7 +562,10 @@ pub struct Connection {
     sges: Vec<Sge>,
     events: VecDeque<Event>,
     /// Messages delivered in order, zero-copy, for the application.
-    messages: VecDeque<Bytes>,
+    messages: VecDeque<Delivered>,
+    /// Receive slots whose message was copied out: reposted before any
+    /// slot from the arena (no trip through its free list).
+    recv_spare: Vec<SlotMut>,
     delivered: u64,
     last_sent: Instant,
     last_recv: Instant,
@@ -625,6 +679,7 @@ impl Connection {
             sges: Vec::with_capacity(hdr_slots * 4),
             events: VecDeque::with_capacity(64),
             messages: VecDeque::with_capacity(slots * 4),
+            recv_spare: Vec::with_capacity(slots),
             delivered: 0,
             last_sent: now,
             last_recv: now,
@@ -647,6 +702,14 @@ impl Connection {
     /// Largest eager payload.
     pub fn eager_limit(&self) -> usize {
         self.recv_arena.slot_size() - HDR
+    }
+
+    /// Largest message [`Connection::send_now`] sends as one inline
+    /// request, its header in the immediate data (while the credits owed
+    /// fit the immediate, which they do unless tens of thousands of
+    /// receives went unreported).
+    pub fn inline_limit(&self) -> usize {
+        self.inline_copy.min(self.eager_limit())
     }
 
     /// True once the peer's handshake arrived.
@@ -733,13 +796,13 @@ impl Connection {
     /// [`Connection::send`]. The payload is copied (counted as inline), so
     /// `msg` may be dropped as soon as this returns.
     #[inline]
-    pub fn send_now(
+    pub fn send_now<P: Payload + ?Sized>(
         &mut self,
-        msg: &Msg,
+        msg: &P,
         track: bool,
         now: Instant,
     ) -> Result<Option<SendNow>, SendError> {
-        let len = msg.len();
+        let len = msg.payload_len();
         if self.local_closed {
             return Err(SendError::Closed);
         }
@@ -776,7 +839,7 @@ impl Connection {
             let credits = self.take_owed();
             let total = len as usize;
             stage.set_len(total);
-            msg.copy_to(stage.as_mut_slice());
+            msg.copy_payload(stage.as_mut_slice());
             self.copies.add(CopyReason::Inline, total as u64);
             let imm = wire::eager_imm(self.next_seq, credits);
             (stage.sge_filled(), Some(imm))
@@ -817,14 +880,19 @@ impl Connection {
 
     /// Header and payload into `slot` for an inline SEND (counted as an
     /// inline copy); returns its SGE.
-    fn fill_inline(&mut self, slot: &mut SlotMut, hdr: &Header, msg: &Msg) -> Sge {
+    fn fill_inline<P: Payload + ?Sized>(
+        &mut self,
+        slot: &mut SlotMut,
+        hdr: &Header,
+        msg: &P,
+    ) -> Sge {
         // The caller checked that header and payload fit `inline_copy`,
         // which the header slots are sized to: plain slice copies.
-        let total = HDR + msg.len() as usize;
+        let total = HDR + msg.payload_len() as usize;
         slot.set_len(total);
         let buf = slot.as_mut_slice();
         hdr.encode(&mut buf[..HDR]);
-        msg.copy_to(&mut buf[HDR..]);
+        msg.copy_payload(&mut buf[HDR..]);
         self.copies.add(CopyReason::Inline, total as u64);
         slot.sge_filled()
     }
@@ -920,7 +988,35 @@ impl Connection {
     /// `Bytes` with the in-process handoff); dropping it returns the slot.
     #[inline]
     pub fn poll_message(&mut self) -> Option<Bytes> {
-        self.messages.pop_front()
+        self.messages.pop_front().map(|d| match d {
+            Delivered::Slot(s) => s.freeze(),
+            Delivered::Bytes(b) => b,
+        })
+    }
+
+    /// The next delivered message copied into `buf`: `Ok(Some(len))`,
+    /// `Ok(None)` if none is waiting, or `Err(len)` if it does not fit
+    /// (it stays first in line). A message that filled a receive slot of
+    /// its own goes back to the receive queue at once, without becoming
+    /// `Bytes` (no allocation); counted as `copy_out`.
+    pub fn poll_message_into(&mut self, buf: &mut [u8]) -> Result<Option<usize>, usize> {
+        let Some(len) = self.messages.front().map(Delivered::len) else {
+            return Ok(None);
+        };
+        let Some(out) = buf.get_mut(..len) else {
+            return Err(len);
+        };
+        match self.messages.pop_front() {
+            Some(Delivered::Slot(mut s)) => {
+                out.copy_from_slice(s.as_slice());
+                s.set_len(0);
+                self.recv_spare.push(s);
+            }
+            Some(Delivered::Bytes(b)) => out.copy_from_slice(&b),
+            None => {}
+        }
+        self.copies.add(CopyReason::CopyOut, len as u64);
+        Ok(Some(len))
     }
 
     /// Messages this side sent packed in bundles so far (see
@@ -1129,7 +1225,7 @@ impl Connection {
 
     fn push_message(&mut self, b: Bytes) {
         self.delivered += 1;
-        self.messages.push_back(b);
+        self.messages.push_back(Delivered::Bytes(b));
     }
 
     /// A message that is complete on arrival: straight to the application
@@ -1317,7 +1413,13 @@ impl Connection {
         self.peer_credits += i64::from(credits);
         // The low 16 bits travel; the rest is the expected number's.
         if self.check_seq((self.expected_seq & !0xffff) | u32::from(seq)) {
-            self.arrived(slot.freeze());
+            if self.incoming.is_empty() {
+                // Frozen only if taken as `Bytes` (see `Delivered`).
+                self.delivered += 1;
+                self.messages.push_back(Delivered::Slot(slot));
+            } else {
+                self.arrived(slot.freeze());
+            }
         }
     }
 
@@ -1471,7 +1573,7 @@ impl Connection {
             let Some(pos) = self.free_pos.last().copied() else {
                 break;
             };
-            let Some(slot) = self.recv_arena.alloc() else {
+            let Some(slot) = self.recv_spare.pop().or_else(|| self.recv_arena.alloc()) else {
                 break;
             };
             self.free_pos.pop();
