@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
 use zcmsg::{
-    Access, ArenaConfig, ConnError, Endpoint, EndpointConfig, Outcome, Pd, Recv, RemoteRegion, Rpc,
-    RpcError, SendError, Transport,
+    Access, ArenaConfig, ConnError, Endpoint, EndpointConfig, EndpointError, Outcome, Pd, Recv,
+    RecvInto, RemoteRegion, Rpc, RpcError, SendError, Transport,
 };
 
 use crate::Harness;
@@ -647,6 +647,138 @@ fn small_messages_inline_with(d: Devices, c: &EndpointConfig) {
 /// messages are handed over instead.
 pub fn ep_small_messages_inline(h: &Harness) {
     small_messages_inline_with(devices(h), &cfg());
+}
+
+/// Through the device only: with the in-process handoff on, messages
+/// travel as the sender's `Bytes` and `try_send_slice` sends nothing.
+pub fn ep_copy_path(h: &Harness) {
+    copy_path_with(devices(h), &cfg());
+}
+
+/// Busy-poll `b` (and `a`) until `b.try_recv_into(buf)` has an answer.
+fn recv_into_within(
+    b: &mut Endpoint,
+    a: &mut Endpoint,
+    buf: &mut [u8],
+) -> Result<RecvInto, EndpointError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(r) = b.try_recv_into(buf)? {
+            return Ok(r);
+        }
+        a.progress();
+        assert!(Instant::now() < deadline, "no message within 30 s");
+    }
+}
+
+/// `a.try_send_slice(data)`, progressing both ends until it goes at once.
+fn send_slice_within(a: &mut Endpoint, b: &mut Endpoint, data: &[u8]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(id) = a.try_send_slice(data).expect("try_send_slice") {
+            return id;
+        }
+        a.progress();
+        b.progress();
+        assert!(
+            Instant::now() < deadline,
+            "a {}-byte slice could not go at once within 30 s",
+            data.len()
+        );
+    }
+}
+
+/// The small-message copy path, `try_send_slice` from a buffer and
+/// `try_recv_into` a buffer: every size up to the inline limit arrives
+/// byte for byte; a longer slice is not sent and nothing is queued; a
+/// buffer too small is refused and the message stays first in line; copy
+/// and zero-copy receives take turns in order; three times the receive
+/// slots go through one after the other (copied-out slots go straight back
+/// to the receive queue and credits keep flowing); the copies are counted
+/// as `copy_out` and `inline`; end of stream arrives.
+fn copy_path_with(d: Devices, c: &EndpointConfig) {
+    let (mut a, mut b) = endpoint_pair(d, c);
+    let lim = a.inline_limit();
+    assert!(lim >= 64, "inline limit {lim}: too small to test");
+    let mut buf = vec![0u8; lim];
+    let before_a = a.copies();
+    let before_b = b.copies();
+    let mut copied = 0u64;
+    let mut sent = 0u64;
+    for (i, len) in [1usize, 7, 63, 64, lim - 1, lim, 0].into_iter().enumerate() {
+        let data: Vec<u8> = pattern(len, i as u64).collect();
+        send_slice_within(&mut a, &mut b, &data);
+        sent += len as u64;
+        match recv_into_within(&mut b, &mut a, &mut buf).expect("try_recv_into") {
+            RecvInto::Message(n) => {
+                assert_eq!(n, len, "length of message {i}");
+                assert_eq!(&buf[..n], &data[..], "bytes of message {i}");
+            }
+            RecvInto::Eos => panic!("end of stream instead of message {i}"),
+        }
+        copied += len as u64;
+    }
+    // Longer than the inline limit: not sent, nothing queued.
+    assert_eq!(
+        a.try_send_slice(&vec![7u8; lim + 1])
+            .expect("try_send_slice"),
+        None,
+        "a slice over the inline limit went at once"
+    );
+    // Too small a buffer: refused, and the message stays first in line.
+    let data: Vec<u8> = pattern(64, 99).collect();
+    send_slice_within(&mut a, &mut b, &data);
+    let mut small = [0u8; 10];
+    match recv_into_within(&mut b, &mut a, &mut small) {
+        Err(EndpointError::BufferTooSmall { need: 64, have: 10 }) => {}
+        other => panic!("a 64-byte message into a 10-byte buffer: {other:?}"),
+    }
+    let m = b
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the refused message");
+    assert_eq!(
+        m,
+        Recv::Message(Bytes::from(data)),
+        "the refused message, as Bytes"
+    );
+    // Copy and zero-copy receives in turn, then three times the receive
+    // slots one after the other.
+    let n = 3 * b.recv_slots();
+    for k in 0..n {
+        let data: Vec<u8> = pattern(64, 1000 + k as u64).collect();
+        send_slice_within(&mut a, &mut b, &data);
+        sent += 64;
+        if k % 2 == 0 || k >= 20 {
+            match recv_into_within(&mut b, &mut a, &mut buf).expect("try_recv_into") {
+                RecvInto::Message(64) => assert_eq!(&buf[..64], &data[..], "message {k}"),
+                other => panic!("message {k}: {other:?}"),
+            }
+            copied += 64;
+        } else {
+            let got = b.recv_timeout(Duration::from_secs(30)).expect("recv");
+            assert_eq!(
+                got,
+                Recv::Message(Bytes::from(data)),
+                "message {k} as Bytes"
+            );
+        }
+    }
+    let ca = a.copies().since(&before_a);
+    let cb = b.copies().since(&before_b);
+    assert_eq!(
+        (cb.copy_out_bytes, cb.copy_out_ops),
+        (copied, 7 + (n as u64 - 10)),
+        "receive copies counted as copy_out ({cb:?})"
+    );
+    assert!(
+        ca.inline_bytes >= sent + 64,
+        "slices sent at once are counted as inline copies ({ca:?})"
+    );
+    a.try_close().expect("close");
+    match recv_into_within(&mut b, &mut a, &mut buf).expect("end of stream") {
+        RecvInto::Eos => {}
+        other => panic!("after close: {other:?}"),
+    }
 }
 
 /// `small_messages_bundled_with` through the device.
