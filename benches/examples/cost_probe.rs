@@ -4,6 +4,7 @@
 //! ```text
 //! cost_probe N          # N messages streamed in post lists of 16 (queue + flush_sends)
 //! cost_probe N pp       # N ping-pong round trips (try_send / try_recv)
+//! cost_probe N pp-copy  # N ping-pong round trips (try_send_slice / try_recv_into)
 //! cost_probe N empty    # N calls of progress() with nothing to do (the spin granularity)
 //! cost_probe N raw-pp   # N ping-pong round trips on the raw device (inline 64 B SENDs)
 //! cost_probe N raw-stream # N inline 64 B SENDs on the raw device, in post lists of 16
@@ -32,6 +33,20 @@ fn recv_one(ep: &mut Endpoint, peer: &mut Endpoint) -> bytes::Bytes {
         match ep.try_recv().expect("receive") {
             Some(Recv::Message(m)) => return m,
             Some(Recv::Eos) => panic!("end of stream"),
+            None => {
+                peer.progress();
+                assert!(Instant::now() < deadline, "no message within 10 s");
+            }
+        }
+    }
+}
+
+fn recv_into(ep: &mut Endpoint, peer: &mut Endpoint, buf: &mut [u8]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ep.try_recv_into(buf).expect("receive") {
+            Some(zcmsg::RecvInto::Message(n)) => return n,
+            Some(zcmsg::RecvInto::Eos) => panic!("end of stream"),
             None => {
                 peer.progress();
                 assert!(Instant::now() < deadline, "no message within 10 s");
@@ -75,6 +90,23 @@ fn main() {
             }
             println!(
                 "{:.1} ns per empty progress",
+                t.elapsed().as_nanos() as f64 / n as f64
+            );
+        }
+        "pp-copy" => {
+            let mut buf = [0u8; 256];
+            let m = msg.to_vec();
+            for _ in 0..n {
+                assert!(
+                    a.try_send_slice(&m).expect("send").is_some(),
+                    "sent at once"
+                );
+                let k = recv_into(&mut b, &mut a, &mut buf);
+                assert!(b.try_send_slice(&buf[..k]).expect("echo").is_some());
+                std::hint::black_box(recv_into(&mut a, &mut b, &mut buf));
+            }
+            println!(
+                "{:.1} ns per round trip",
                 t.elapsed().as_nanos() as f64 / n as f64
             );
         }

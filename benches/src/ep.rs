@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
-use zcmsg::{ArenaConfig, Endpoint, EndpointConfig, Pd, Recv, Transport};
+use zcmsg::{ArenaConfig, Endpoint, EndpointConfig, Pd, Recv, RecvInto, Transport};
 
 fn pair(
     a: Arc<dyn Transport>,
@@ -45,21 +45,84 @@ fn spin_recv(ep: &mut Endpoint, limit: Duration) -> Result<Bytes, String> {
     }
 }
 
+/// How the endpoint ping-pong moves its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PingPongPath {
+    /// `try_send` of `Bytes`, `try_recv` of zero-copy `Bytes` (the echo
+    /// sends back the very `Bytes` it received).
+    Bytes,
+    /// `try_send_slice` from a buffer, `try_recv_into` a buffer: the copy
+    /// path for small messages (no allocation, the receive slot reposted
+    /// at once), as UCX's tagged send and receive of a user buffer work.
+    Copy,
+}
+
+/// Busy-polling receive into `buf` ([`Endpoint::try_recv_into`]).
+fn spin_recv_into(ep: &mut Endpoint, buf: &mut [u8], limit: Duration) -> Result<usize, String> {
+    let mut wait = crate::raw::Patience::new(limit);
+    loop {
+        match ep.try_recv_into(buf).map_err(|e| e.to_string())? {
+            Some(RecvInto::Message(n)) => return Ok(n),
+            Some(RecvInto::Eos) => return Err("end of stream".into()),
+            None => {
+                if wait.spun_out() {
+                    return Err("no message within the limit".into());
+                }
+            }
+        }
+    }
+}
+
+/// [`Endpoint::try_send_slice`], progressing until it can go at once.
+fn send_slice(ep: &mut Endpoint, data: &[u8], limit: Duration) -> Result<(), String> {
+    let mut wait = crate::raw::Patience::new(limit);
+    while ep
+        .try_send_slice(data)
+        .map_err(|e| e.to_string())?
+        .is_none()
+    {
+        if data.len() > ep.inline_limit() {
+            return Err(format!(
+                "the copy path sends messages of at most {} bytes at once, not {}",
+                ep.inline_limit(),
+                data.len()
+            ));
+        }
+        ep.progress();
+        if wait.spun_out() {
+            return Err("no credit to send within the limit".into());
+        }
+    }
+    Ok(())
+}
+
 /// One-way latency samples (ns) of `size`-byte endpoint ping-pong, taken
-/// as in `raw` ([`crate::report::RttClock`]).
+/// as in `raw` ([`crate::report::RttClock`]), each echo checked byte for
+/// byte.
 pub fn ping_pong(
     a: Arc<dyn Transport>,
     b: Arc<dyn Transport>,
     addr: &str,
     size: usize,
     iters: u64,
+    path: PingPongPath,
 ) -> Result<Vec<u64>, String> {
     let cfg = EndpointConfig::default();
     let (mut cli, mut srv) = pair(a, b, addr, &cfg)?;
+    let limit = Duration::from_secs(10);
     let server = std::thread::spawn(move || -> Result<(), String> {
+        let mut buf = vec![0u8; size];
         for _ in 0..iters {
-            let m = spin_recv(&mut srv, Duration::from_secs(10))?;
-            srv.try_send(m).map_err(|e| e.to_string())?;
+            match path {
+                PingPongPath::Bytes => {
+                    let m = spin_recv(&mut srv, limit)?;
+                    srv.try_send(m).map_err(|e| e.to_string())?;
+                }
+                PingPongPath::Copy => {
+                    let n = spin_recv_into(&mut srv, &mut buf, limit)?;
+                    send_slice(&mut srv, &buf[..n], limit)?;
+                }
+            }
         }
         // Let the last echo's completion arrive before teardown.
         srv.wait(Duration::from_millis(200), |_| false).ok();
@@ -72,13 +135,25 @@ pub fn ping_pong(
     let mut s = arena.alloc().ok_or("slot")?;
     s.put_bytes(0x61, size);
     let msg = s.freeze();
+    let mut buf = vec![0u8; size];
     let mut clk = crate::report::RttClock::start(iters);
     for _ in 0..iters {
-        cli.try_send(msg.clone()).map_err(|e| e.to_string())?;
-        let m = spin_recv(&mut cli, Duration::from_secs(10))?;
-        clk.lap();
-        if m.len() != size {
-            return Err("echo length".into());
+        let ok = match path {
+            PingPongPath::Bytes => {
+                cli.try_send(msg.clone()).map_err(|e| e.to_string())?;
+                let m = spin_recv(&mut cli, limit)?;
+                clk.lap();
+                m == msg
+            }
+            PingPongPath::Copy => {
+                send_slice(&mut cli, &msg, limit)?;
+                let n = spin_recv_into(&mut cli, &mut buf, limit)?;
+                clk.lap();
+                buf[..n] == msg[..]
+            }
+        };
+        if !ok {
+            return Err("echo corrupted".into());
         }
     }
     server.join().map_err(|_| "server panicked")??;

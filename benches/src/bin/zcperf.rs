@@ -91,6 +91,11 @@ struct Args {
     /// Do not send inline (perftest -I 0).
     #[arg(long)]
     no_inline: bool,
+    /// ep-lat: send from and receive into the caller's buffer
+    /// (`try_send_slice`, `try_recv_into`: the copy path for small
+    /// messages, no allocation) instead of zero-copy `Bytes`.
+    #[arg(long)]
+    copy: bool,
     /// RDMA device (perftest -d), for `--transport verbs`.
     #[arg(short = 'd', long = "ib-dev", default_value = "rxe0")]
     ib_dev: String,
@@ -306,7 +311,14 @@ fn summary(a: &Args) -> Result<(), String> {
         let raw_lat = raw::send_lat(x, y, &addr, &params(a, 64, 30_000))?;
         let raw_lat = report::summarize(&raw_lat.samples).typical;
         let (x, y, addr) = devices(a, &format!("el{i}"))?;
-        let ep_lat = zcmsg_bench::ep::ping_pong(x, y, &addr, 64, 30_000)?;
+        let ep_lat = zcmsg_bench::ep::ping_pong(
+            x,
+            y,
+            &addr,
+            64,
+            30_000,
+            zcmsg_bench::ep::PingPongPath::Bytes,
+        )?;
         let ep_lat = report::summarize(&ep_lat).typical;
         let (x, y, addr) = devices(a, &format!("pr{i}"))?;
         let bw = raw::stream_bw(x, y, &addr, &params(a, 64, 500_000), Opcode::Send)?;
@@ -386,7 +398,12 @@ fn run_write_lat(a: &Args, p: &Params) -> Result<f64, String> {
 
 fn run_ep_lat(a: &Args, p: &Params) -> Result<f64, String> {
     let (x, y, addr) = devices(a, "eplat")?;
-    let samples = zcmsg_bench::ep::ping_pong(x, y, &addr, p.size, p.iters)?;
+    let path = if a.copy {
+        zcmsg_bench::ep::PingPongPath::Copy
+    } else {
+        zcmsg_bench::ep::PingPongPath::Bytes
+    };
+    let samples = zcmsg_bench::ep::ping_pong(x, y, &addr, p.size, p.iters, path)?;
     let s = report::summarize(&samples);
     report::lat_header();
     report::lat_row(p.size, p.iters, &s);
