@@ -18,6 +18,9 @@
 //! Receive is zero-copy: [`Endpoint::try_recv`] returns `Bytes` pointing into
 //! the registered receive slot; dropping it (on any thread) returns the slot,
 //! which the progress loop reposts and turns into a credit for the peer.
+//! Small messages read once can take the copy path instead:
+//! [`Endpoint::try_send_slice`] and [`Endpoint::try_recv_into`] work on the
+//! caller's buffers, with no `Bytes` and so no allocation per message.
 
 use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
