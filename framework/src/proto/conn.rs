@@ -1213,7 +1213,7 @@ impl Connection {
                 Incoming::Ready(_) | Incoming::Eos => {}
             }
             match self.incoming.pop_front() {
-                Some(Incoming::Ready(b)) => self.push_message(b),
+                Some(Incoming::Ready(b)) => self.push_message(Delivered::Bytes(b)),
                 Some(Incoming::Eos) => {
                     self.peer_closed = true;
                     self.events.push_back(Event::PeerClosed);
@@ -1223,16 +1223,16 @@ impl Connection {
         }
     }
 
-    fn push_message(&mut self, b: Bytes) {
+    fn push_message(&mut self, d: Delivered) {
         self.delivered += 1;
-        self.messages.push_back(Delivered::Bytes(b));
+        self.messages.push_back(d);
     }
 
     /// A message that is complete on arrival: straight to the application
     /// unless a rendezvous before it is still being read.
     fn arrived(&mut self, b: Bytes) {
         if self.incoming.is_empty() {
-            self.push_message(b);
+            self.push_message(Delivered::Bytes(b));
         } else {
             self.incoming.push_back(Incoming::Ready(b));
             self.deliver();
@@ -1415,8 +1415,7 @@ impl Connection {
         if self.check_seq((self.expected_seq & !0xffff) | u32::from(seq)) {
             if self.incoming.is_empty() {
                 // Frozen only if taken as `Bytes` (see `Delivered`).
-                self.delivered += 1;
-                self.messages.push_back(Delivered::Slot(slot));
+                self.push_message(Delivered::Slot(slot));
             } else {
                 self.arrived(slot.freeze());
             }
