@@ -27,32 +27,38 @@ use bytes::BufMut;
 use zcmsg::{ArenaConfig, Endpoint, EndpointConfig, Pd, Recv, Transport};
 use zcmsg_soft::SoftDevice;
 
-fn recv_one(ep: &mut Endpoint, peer: &mut Endpoint) -> bytes::Bytes {
+/// Poll `ep` with `take` (driving `peer` in between) until it yields.
+fn wait_for<T>(
+    ep: &mut Endpoint,
+    peer: &mut Endpoint,
+    mut take: impl FnMut(&mut Endpoint) -> Option<T>,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match ep.try_recv().expect("receive") {
-            Some(Recv::Message(m)) => return m,
-            Some(Recv::Eos) => panic!("end of stream"),
-            None => {
-                peer.progress();
-                assert!(Instant::now() < deadline, "no message within 10 s");
-            }
+        if let Some(x) = take(ep) {
+            return x;
         }
+        peer.progress();
+        assert!(Instant::now() < deadline, "no message within 10 s");
     }
 }
 
+fn recv_one(ep: &mut Endpoint, peer: &mut Endpoint) -> bytes::Bytes {
+    wait_for(ep, peer, |ep| match ep.try_recv().expect("receive") {
+        Some(Recv::Message(m)) => Some(m),
+        Some(Recv::Eos) => panic!("end of stream"),
+        None => None,
+    })
+}
+
 fn recv_into(ep: &mut Endpoint, peer: &mut Endpoint, buf: &mut [u8]) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_for(ep, peer, |ep| {
         match ep.try_recv_into(buf).expect("receive") {
-            Some(zcmsg::RecvInto::Message(n)) => return n,
+            Some(zcmsg::RecvInto::Message(n)) => Some(n),
             Some(zcmsg::RecvInto::Eos) => panic!("end of stream"),
-            None => {
-                peer.progress();
-                assert!(Instant::now() < deadline, "no message within 10 s");
-            }
+            None => None,
         }
-    }
+    })
 }
 
 fn main() {

@@ -28,21 +28,32 @@ fn pair(
 /// Messages per post list in the streams (the raw device's default, `-l 16`).
 pub const POST_LIST: u64 = 16;
 
-/// Busy-polling receive (the lowest-latency mode).
-fn spin_recv(ep: &mut Endpoint, limit: Duration) -> Result<Bytes, String> {
+/// Busy-poll `poll` until it yields (no PAUSE between polls, as in the
+/// raw device's loop), for at most `limit`.
+fn spin<T>(
+    limit: Duration,
+    mut poll: impl FnMut() -> Result<Option<T>, String>,
+) -> Result<T, String> {
     let mut wait = crate::raw::Patience::new(limit);
     loop {
-        match ep.try_recv().map_err(|e| e.to_string())? {
-            Some(Recv::Message(m)) => return Ok(m),
-            Some(Recv::Eos) => return Err("end of stream".into()),
-            None => {
-                // No PAUSE between polls, as in the raw device's loop.
-                if wait.spun_out() {
-                    return Err("no message within the limit".into());
-                }
-            }
+        if let Some(x) = poll()? {
+            return Ok(x);
+        }
+        if wait.spun_out() {
+            return Err("no message within the limit".into());
         }
     }
+}
+
+/// Busy-polling receive (the lowest-latency mode).
+fn spin_recv(ep: &mut Endpoint, limit: Duration) -> Result<Bytes, String> {
+    spin(limit, || {
+        match ep.try_recv().map_err(|e| e.to_string())? {
+            Some(Recv::Message(m)) => Ok(Some(m)),
+            Some(Recv::Eos) => Err("end of stream".into()),
+            None => Ok(None),
+        }
+    })
 }
 
 /// How the endpoint ping-pong moves its messages.
@@ -59,18 +70,13 @@ pub enum PingPongPath {
 
 /// Busy-polling receive into `buf` ([`Endpoint::try_recv_into`]).
 fn spin_recv_into(ep: &mut Endpoint, buf: &mut [u8], limit: Duration) -> Result<usize, String> {
-    let mut wait = crate::raw::Patience::new(limit);
-    loop {
+    spin(limit, || {
         match ep.try_recv_into(buf).map_err(|e| e.to_string())? {
-            Some(RecvInto::Message(n)) => return Ok(n),
-            Some(RecvInto::Eos) => return Err("end of stream".into()),
-            None => {
-                if wait.spun_out() {
-                    return Err("no message within the limit".into());
-                }
-            }
+            Some(RecvInto::Message(n)) => Ok(Some(n)),
+            Some(RecvInto::Eos) => Err("end of stream".into()),
+            None => Ok(None),
         }
-    }
+    })
 }
 
 /// [`Endpoint::try_send_slice`], progressing until it can go at once.
