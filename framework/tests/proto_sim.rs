@@ -980,3 +980,113 @@ fn untracked_deliveries_go_unreported_when_asked_and_tracked_ones_still_report()
         "bundles were covered too"
     );
 }
+
+/// Post what `send_now` returned for side `a` against `b`, as the endpoint
+/// does; returns its request id.
+fn post_now_of(sides: &mut [Side; 2], f: &zcmsg::proto::SendNow) -> u64 {
+    let sge = [f.sge];
+    let wr = f.work_request(&sge);
+    let op = SendOp {
+        wr_id: f.wr_id,
+        opcode: wr.opcode,
+        flags: f.flags,
+        sge_start: 0,
+        sge_count: 1,
+        remote_addr: 0,
+        rkey: 0,
+    };
+    let (a, b) = sides.split_at_mut(1);
+    execute(
+        &a[0].dev.clone(),
+        &mut a[0].send_cq,
+        &mut b[0],
+        &op,
+        &sge,
+        f.imm,
+    );
+    f.wr_id
+}
+
+#[test]
+fn runs_of_sends_at_once_report_each_outcome_once_through_partial_retirement_and_failure() {
+    let (mut sides, _, now) = open_pair(33);
+    // Every message's outcome is reported (the default), so each id of a
+    // run of untracked inline requests must come back, once, in order.
+    let mut ids = Vec::new();
+    let mut wr_ids = Vec::new();
+    for i in 0..9u8 {
+        let msg = Msg::from(Bytes::from(vec![i; 32]));
+        let f = sides[0]
+            .conn
+            .send_now(&msg, i == 5, now)
+            .unwrap()
+            .expect("credits and send-queue room for nine");
+        ids.push(f.id);
+        wr_ids.push(post_now_of(&mut sides, &f));
+    }
+    // The peer takes them (and its receive completions carry nothing back).
+    while let Some(wc) = sides[1].recv_cq.pop_front() {
+        sides[1].conn.on_completion(&wc);
+    }
+    drain(&mut sides[1]);
+    assert_eq!(sides[1].got.len(), 9);
+    for (i, m) in sides[1].got.iter().enumerate() {
+        assert_eq!(m, &vec![i as u8; 32], "message {i} byte for byte");
+    }
+    // Signaled: every 4th (cfg's signal_every) and the tracked one. Each
+    // completion retires exactly the requests up to it, also when it falls
+    // inside a run of untracked ones.
+    let signaled: Vec<WorkCompletion> = sides[0].send_cq.drain(..).collect();
+    assert!(signaled.len() >= 2, "{signaled:?}");
+    for wc in &signaled {
+        sides[0].conn.on_completion(wc);
+        drain(&mut sides[0]);
+        let upto = wr_ids.iter().position(|&w| w == wc.wr_id).unwrap();
+        let want: Vec<(u64, Outcome)> = ids[..=upto]
+            .iter()
+            .map(|&id| (id, Outcome::Delivered))
+            .collect();
+        assert_eq!(
+            sides[0].outcomes, want,
+            "after the completion of {}",
+            wc.wr_id
+        );
+    }
+    let done = sides[0].outcomes.len();
+    assert!(done < 9, "the last requests wait for the next signaled one");
+    // A failure retires what completed before the failed request and
+    // resolves the rest, each once.
+    let mut more = Vec::new();
+    for i in 0..3u8 {
+        let msg = Msg::from(Bytes::from(vec![i; 8]));
+        let f = sides[0].conn.send_now(&msg, false, now).unwrap().unwrap();
+        more.push(f.id);
+        wr_ids.push(post_now_of(&mut sides, &f));
+    }
+    let failed_wr = wr_ids[wr_ids.len() - 2];
+    sides[0].conn.on_completion(&WorkCompletion {
+        wr_id: failed_wr,
+        status: WcStatus::RetryExcErr,
+        opcode: WcOpcode::Send,
+        byte_len: 0,
+        imm_data: None,
+        qp_num: 1,
+    });
+    drain(&mut sides[0]);
+    let all: Vec<u64> = ids.iter().chain(&more).copied().collect();
+    let got: Vec<u64> = sides[0].outcomes.iter().map(|&(id, _)| id).collect();
+    assert_eq!(got, all, "every message reported once, in order");
+    let n = all.len();
+    for (k, &(id, outcome)) in sides[0].outcomes.iter().enumerate() {
+        let want = if k < n - 2 {
+            Outcome::Delivered
+        } else {
+            Outcome::Unknown
+        };
+        assert_eq!(outcome, want, "message {id}");
+    }
+    assert_eq!(
+        sides[0].failed,
+        Some(ConnError::Completion(WcStatus::RetryExcErr))
+    );
+}
