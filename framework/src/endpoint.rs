@@ -553,14 +553,18 @@ impl Endpoint {
         if self.conn.messages_ready() == 0 {
             self.progress_inner(true);
         }
-        match self.conn.poll_message_into(buf) {
-            Ok(Some(n)) => return Ok(Some(RecvInto::Message(n))),
-            Ok(None) => {}
-            Err(need) => {
-                return Err(EndpointError::BufferTooSmall {
-                    need,
-                    have: buf.len(),
-                })
+        // (An empty poll, the busy-poll loop's usual case, does not call
+        // into the copy.)
+        if self.conn.messages_ready() > 0 {
+            match self.conn.poll_message_into(buf) {
+                Ok(Some(n)) => return Ok(Some(RecvInto::Message(n))),
+                Ok(None) => {}
+                Err(need) => {
+                    return Err(EndpointError::BufferTooSmall {
+                        need,
+                        have: buf.len(),
+                    })
+                }
             }
         }
         if self.eos {
