@@ -776,26 +776,7 @@ fn a_small_message_sent_at_once_carries_its_header_in_the_immediate() {
     let wr = f.work_request(&sge);
     assert_eq!(wr.opcode, Opcode::SendWithImm);
     assert_eq!(wr.imm_data, imm);
-    let op = SendOp {
-        wr_id: f.wr_id,
-        opcode: wr.opcode,
-        flags: f.flags,
-        sge_start: 0,
-        sge_count: 1,
-        remote_addr: 0,
-        rkey: 0,
-    };
-    {
-        let (a, b) = sides.split_at_mut(1);
-        execute(
-            &a[0].dev.clone(),
-            &mut a[0].send_cq,
-            &mut b[0],
-            &op,
-            &[f.sge],
-            f.imm,
-        );
-    }
+    post_now_of(&mut sides, &f);
     for _ in 0..1000 {
         now += Duration::from_micros(10);
         step(&mut sides, &mut rng, now);
