@@ -68,6 +68,7 @@
 //! - `atomic_cmp_and_swp`: old value returned to the local SGE, swap only on a match.
 //! - `atomic_fetch_and_add`: old values returned, sums wrap.
 //! - `inline_send`: inline SENDs up to the queue pair's `max_inline_data`, source overwritten right after the post.
+//! - `post_inline_from_slice`: `post_inline` SENDs (with and without immediate) from an unregistered buffer, 0 bytes to the inline limit, in order with usual SENDs; over the limit refused at post time.
 //! - `inline_write`: the same for an inline RDMA WRITE.
 //! - `window_flag_byte`: on DMA devices a window's flag byte shows each peer WRITE (no completion on the target); elsewhere `load_byte` refuses.
 //! - `unsignaled_covered_by_signaled`: unsignaled successes give no completion; a signaled one covers them; a READ sees earlier unsignaled WRITEs.
@@ -201,6 +202,7 @@ macro_rules! __for_each_case {
             atomic_cmp_and_swp,
             atomic_fetch_and_add,
             inline_send,
+            post_inline_from_slice,
             inline_write,
             window_flag_byte,
             unsignaled_covered_by_signaled,

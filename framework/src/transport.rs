@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use crate::error::TransportError;
 use crate::sge::AddressSpace;
-use crate::verbs::{Access, RecvRequest, WorkCompletion, WorkRequest};
+use crate::verbs::{Access, RecvRequest, SendFlags, WorkCompletion, WorkRequest};
 
 /// Memory a device may read and write through raw addresses.
 ///
@@ -265,6 +265,28 @@ pub trait QueuePair: Send {
     /// Post a list of send-queue requests with one doorbell. On error, the
     /// requests before `PostError::index` were posted and the rest were not.
     fn post_send(&mut self, wrs: &[WorkRequest<'_>]) -> Result<(), crate::error::PostError>;
+    /// Post one SEND whose payload is `data`, copied into the request at
+    /// post time (an INLINE request, `IBV_SEND_INLINE`): `data` may be any
+    /// memory, registered or not, and may be reused as soon as this
+    /// returns, since the device never reads it afterwards. With `imm`, a
+    /// SEND_WITH_IMM. INLINE is implied; `flags` adds SIGNALED (or
+    /// SOLICITED, FENCE). Checked and completed like the same request
+    /// through [`QueuePair::post_send`]: longer than
+    /// [`QpCaps::max_inline_data`] or with the send queue full, it is
+    /// refused at post time and nothing is posted.
+    ///
+    /// This is how a small message goes out from a caller's buffer with
+    /// one copy (the device's) instead of a copy into registered memory
+    /// first: UCX's short active messages work the same way. (An INLINE
+    /// request built with [`QueuePair::post_send`] names registered memory
+    /// in its SGEs, which are checked against their keys like any other.)
+    fn post_inline(
+        &mut self,
+        wr_id: u64,
+        flags: SendFlags,
+        imm: Option<u32>,
+        data: &[u8],
+    ) -> Result<(), crate::error::PostError>;
     /// Post a list of receives with one doorbell (an error if the queue pair uses
     /// a shared receive queue).
     fn post_recv(&mut self, wrs: &[RecvRequest<'_>]) -> Result<(), crate::error::PostError>;

@@ -122,6 +122,93 @@ pub fn send_with_imm(h: &Harness) {
     }
 }
 
+/// `post_inline`: SENDs and SEND_WITH_IMMs from a plain buffer, not
+/// registered, overwritten as soon as each post returns: every size from 0
+/// to the queue pair's inline limit arrives byte for byte with its
+/// immediate, in order with SENDs posted the usual way between them;
+/// unsignaled, they are covered by the last request's completion; one
+/// byte over the limit is refused at post time and nothing of it arrives.
+pub fn post_inline_from_slice(h: &Harness) {
+    let mut cfg = h.qp_config();
+    cfg.max_inline_data = h.caps().max_inline_data;
+    let mut p = h.connected_pair(&cfg, &h.qp_config());
+    let m = p.qa.caps().max_inline_data as usize;
+    assert!(m >= 16, "inline limit {m}: too small to test post_inline");
+    let sizes = [0usize, 1, 7, m / 2, m - 1, m];
+    let n = sizes.len();
+    let rb = p.b.arena(m.max(64), 2 * n + 1);
+    let mut recvs = post_recvs(&mut p.qb, &rb, 0, 2 * n + 1).into_iter();
+    let sa = p.a.arena(64, n + 1);
+    let mut keep = Vec::new();
+    let mut buf = vec![0u8; m + 1];
+    let imm_of = |i: usize| (i % 2 == 1).then_some(0x5100_0000 | i as u32);
+    for (i, &len) in sizes.iter().enumerate() {
+        buf[..len].copy_from_slice(&message(11, i as u64, len));
+        p.qa.qp()
+            .post_inline(2 * i as u64, SendFlags::NONE, imm_of(i), &buf[..len])
+            .unwrap_or_else(|e| panic!("post_inline of {len} bytes: {e}"));
+        buf.fill(0xEE); // the device copied it at post time
+        let s = slot_with(&sa, &message(12, i as u64, 16));
+        let flags = if i + 1 == n {
+            SendFlags::SIGNALED
+        } else {
+            SendFlags::NONE
+        };
+        p.qa.post_send(&[WorkRequest::send(2 * i as u64 + 1, &[s.sge_filled()]).with_flags(flags)]);
+        keep.push(s);
+    }
+    let over =
+        p.qa.qp()
+            .post_inline(99, SendFlags::SIGNALED, None, &buf[..m + 1]);
+    match over {
+        Err(e) => {
+            assert_eq!(e.index, 0, "{e}");
+            assert!(
+                matches!(e.error, TransportError::InlineTooLarge { .. }),
+                "one byte over the inline limit: {e}"
+            );
+        }
+        Ok(()) => panic!("post_inline of {} bytes (limit {m}) was accepted", m + 1),
+    }
+    let wc = p.qa.next("the last request's completion");
+    expect_ok(&wc, 2 * n as u64 - 1, WcOpcode::Send, "sender");
+    for (i, &len) in sizes.iter().enumerate() {
+        let wc = p.qb.next("a SEND from post_inline");
+        expect_ok(&wc, 2 * i as u64, WcOpcode::Recv, "receiver");
+        assert_eq!(wc.byte_len as usize, len, "length of inline message {i}");
+        assert_eq!(wc.imm_data, imm_of(i), "immediate of inline message {i}");
+        let mut slot = recvs.next().expect("a receive per message");
+        slot.set_len(len);
+        check_message(slot.as_slice(), 11, i as u64, len, "post_inline payload");
+        let wc = p.qb.next("the usual SEND after it");
+        expect_ok(&wc, 2 * i as u64 + 1, WcOpcode::Recv, "receiver");
+        assert_eq!(wc.imm_data, None);
+        let mut slot = recvs.next().expect("a receive per message");
+        slot.set_len(wc.byte_len as usize);
+        check_message(
+            slot.as_slice(),
+            12,
+            i as u64,
+            16,
+            "SEND between inline ones",
+        );
+    }
+    // The refused one sent nothing: the last receive is still posted.
+    let s = slot_with(&sa, &message(13, 0, 16));
+    p.qa.post_send(&[WorkRequest::send(100, &[s.sge_filled()]).with_flags(SendFlags::SIGNALED)]);
+    expect_ok(
+        &p.qa.next("a SEND after the refusal"),
+        100,
+        WcOpcode::Send,
+        "sender",
+    );
+    let wc = p.qb.next("the SEND after the refusal");
+    expect_ok(&wc, 2 * n as u64, WcOpcode::Recv, "receiver");
+    let mut slot = recvs.next().expect("the last receive");
+    slot.set_len(wc.byte_len as usize);
+    check_message(slot.as_slice(), 13, 0, 16, "SEND after the refusal");
+}
+
 /// RDMA_WRITE at several offsets and lengths: the bytes land exactly there,
 /// nothing else in the window changes, and no receive is consumed.
 pub fn rdma_write(h: &Harness) {

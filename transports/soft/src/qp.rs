@@ -263,12 +263,13 @@ struct WrView<'a> {
     swap: u64,
     len: u64,
     sges: &'a [Sge],
-    /// The inline payload copied at post time (queued requests only).
+    /// The inline payload: the copy made at post time (a queued request),
+    /// or the caller's slice ([`QueuePair::post_inline`], during the post).
     staged: Option<&'a [u8]>,
 }
 
 impl<'a> WrView<'a> {
-    fn of(wr: &'a WorkRequest<'a>, len: u64) -> WrView<'a> {
+    fn of(wr: &'a WorkRequest<'a>, len: u64, staged: Option<&'a [u8]>) -> WrView<'a> {
         WrView {
             opcode: wr.opcode,
             imm: wr.imm_data,
@@ -278,7 +279,7 @@ impl<'a> WrView<'a> {
             swap: wr.swap,
             len,
             sges: wr.sg_list,
-            staged: None,
+            staged,
         }
     }
 }
@@ -1019,13 +1020,20 @@ impl SendSide {
     }
 
     /// Queue `wr` to execute later, copying what the caller may reuse.
-    fn stage(&mut self, core: &QpCore, wr: &WorkRequest<'_>, len: u64, own_t: &MrTable) {
+    fn stage(
+        &mut self,
+        core: &QpCore,
+        wr: &WorkRequest<'_>,
+        len: u64,
+        own_t: &MrTable,
+        staged: Option<&[u8]>,
+    ) {
         let i = self.sq.idx(self.sq.head);
         // The caller may reuse an INLINE request's buffers once post_send
         // returns: copy now. SGEs that do not translate are kept as SGEs
         // instead, and fail with LocProtErr when the request executes.
         let inline = wr.flags.contains(SendFlags::INLINE)
-            && gather_src(own_t, &WrView::of(wr, len), &mut self.src);
+            && gather_src(own_t, &WrView::of(wr, len, staged), &mut self.src);
         if inline {
             let mi = self.sq.max_inline;
             let dst = Seg::of_mut(&mut self.sq.inline[i * mi..][..len as usize]);
@@ -1143,6 +1151,7 @@ impl SendSide {
     /// that one from the start and reports what fails (a refusal at post
     /// time included).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn send_run(
         &mut self,
         core: &QpCore,
@@ -1151,6 +1160,7 @@ impl SendSide {
         own_t: &MrTable,
         peer_t: &MrTable,
         wrs: &[WorkRequest<'_>],
+        staged: Option<&[u8]>,
     ) -> usize {
         let mut rx = self.peer_rx;
         let mut k = 0;
@@ -1165,8 +1175,14 @@ impl SendSide {
             if self.sq.full() || peer.is_error() {
                 break;
             }
-            let Ok(src) = src_one(own_t, wr.sg_list) else {
-                break;
+            // A slice (`post_slice`, one request without SGEs) is its own
+            // source; SGEs translate through our table.
+            let (len, src) = match staged {
+                Some(d) => (d.len() as u64, (!d.is_empty()).then(|| Seg::of(d))),
+                None => match src_one(own_t, wr.sg_list) {
+                    Ok(src) => (len, src),
+                    Err(()) => break,
+                },
             };
             let Some(RecvRef::Ring(c)) = peer.take_recv(&mut rx) else {
                 break;
@@ -1181,9 +1197,10 @@ impl SendSide {
             if let (Some(d), Some(s)) = (dst, src) {
                 // SAFETY: `d` was translated just now through the peer's
                 // table snapshot `peer_t` (a live registration with
-                // LOCAL_WRITE, in bounds), `s` through `own_t`; both
-                // snapshots are held by the caller for the call and its
-                // `Exec` is busy, so deregistration waits for us.
+                // LOCAL_WRITE, in bounds), `s` through `own_t` or is the
+                // caller's slice, borrowed for the call; both snapshots
+                // are held by the caller for the call and its `Exec` is
+                // busy, so deregistration waits for us.
                 unsafe { dma::copy_segs(&[d], &[s]) };
             }
             // Validated against max_msg_sz, a u32.
@@ -1229,21 +1246,56 @@ impl SendSide {
             // next run starts.
             if !self.error && !self.sq.has_pending() {
                 if let RecvSide::Ring(ring) = &peer.recv {
-                    let n = self.send_run(core, peer, ring, own_t, peer_t, &wrs[i..]);
+                    let n = self.send_run(core, peer, ring, own_t, peer_t, &wrs[i..], None);
                     if n > 0 {
                         i += n;
                         continue;
                     }
                 }
             }
-            self.post_one(core, peer, own_t, peer_t, i, wr)?;
+            self.post_one(core, peer, own_t, peer_t, i, wr, None)?;
             i += 1;
         }
         Ok(())
     }
 
+    /// [`QueuePair::post_inline`]'s body: `wr` is the request without
+    /// SGEs, `data` its payload, copied now like an INLINE request's.
+    fn post_slice(
+        &mut self,
+        core: &QpCore,
+        peer: &QpCore,
+        own_t: &MrTable,
+        peer_t: &MrTable,
+        wr: &WorkRequest<'_>,
+        data: &[u8],
+    ) -> Result<(), PostError> {
+        if data.len() > self.caps.max_inline_data as usize {
+            return Err(PostError::at(
+                0,
+                cold(|| TransportError::InlineTooLarge {
+                    got: data.len() as u64,
+                    max: self.caps.max_inline_data,
+                }),
+            ));
+        }
+        if self.sq.has_pending() && !self.error {
+            self.progress(core, peer, own_t, peer_t);
+        }
+        if !self.error && !self.sq.has_pending() {
+            if let RecvSide::Ring(ring) = &peer.recv {
+                let wrs = std::slice::from_ref(wr);
+                if self.send_run(core, peer, ring, own_t, peer_t, wrs, Some(data)) == 1 {
+                    return Ok(());
+                }
+            }
+        }
+        self.post_one(core, peer, own_t, peer_t, 0, wr, Some(data))
+    }
+
     /// Post one request through the general path (`i` is its index in the
     /// caller's list, for a refusal).
+    #[allow(clippy::too_many_arguments)]
     fn post_one(
         &mut self,
         core: &QpCore,
@@ -1252,8 +1304,12 @@ impl SendSide {
         peer_t: &MrTable,
         i: usize,
         wr: &WorkRequest<'_>,
+        staged: Option<&[u8]>,
     ) -> Result<(), PostError> {
         let len = self.validate(wr).map_err(|e| PostError::at(i, e))?;
+        // (A slice's request has no SGEs: its length is the slice's,
+        // checked by `post_slice`.)
+        let len = staged.map_or(len, |d| d.len() as u64);
         if self.sq.full() {
             return Err(PostError::at(
                 i,
@@ -1271,11 +1327,11 @@ impl SendSide {
         }
         if self.sq.has_pending() {
             // RC order: behind a waiting request, wait too.
-            self.stage(core, wr, len, own_t);
+            self.stage(core, wr, len, own_t, staged);
             return Ok(());
         }
         let out = {
-            let view = WrView::of(wr, len);
+            let view = WrView::of(wr, len, staged);
             let mut x = Exe {
                 peer,
                 counters: &core.exec.counters,
@@ -1299,7 +1355,7 @@ impl SendSide {
                 self.enter_error(core, false);
             }
             Outcome::Rnr => {
-                self.stage(core, wr, len, own_t);
+                self.stage(core, wr, len, own_t, staged);
                 self.on_rnr(core, peer);
             }
         }
@@ -1455,6 +1511,31 @@ impl std::fmt::Debug for SoftQp {
 }
 
 impl SoftQp {
+    /// A post to the send queue: `f` runs under the send side's lock with
+    /// the execution marked busy and both region tables at hand; the peer
+    /// is woken afterwards if it needs to be.
+    #[inline]
+    fn posting(
+        &mut self,
+        f: impl FnOnce(&mut SendSide, &QpCore, &QpCore, &MrTable, &MrTable) -> Result<(), PostError>,
+    ) -> Result<(), PostError> {
+        let SoftQp { core, peer, l } = self;
+        let (res, wakes) = {
+            let mut s = lock(&core.send);
+            s.check_state(core);
+            let res = s.with_exec(core, peer, |s, own_t, peer_t| {
+                f(s, core, peer, own_t, peer_t)
+            });
+            l.sq_idle = s.sq.is_idle();
+            // Our own completions need no wake-up: we are the one polling.
+            let mut w = s.take_wakes();
+            w.me = false;
+            (res, w)
+        };
+        wakes.fire(core, peer);
+        res
+    }
+
     pub(crate) fn create_pair(
         a_dev: &Arc<SoftDevice>,
         config_a: &QpConfig,
@@ -1580,21 +1661,28 @@ impl QueuePair for SoftQp {
     }
 
     fn post_send(&mut self, wrs: &[WorkRequest<'_>]) -> Result<(), PostError> {
-        let SoftQp { core, peer, l } = self;
-        let (res, wakes) = {
-            let mut s = lock(&core.send);
-            s.check_state(core);
-            let res = s.with_exec(core, peer, |s, own_t, peer_t| {
-                s.post(core, peer, own_t, peer_t, wrs)
-            });
-            l.sq_idle = s.sq.is_idle();
-            // Our own completions need no wake-up: we are the one polling.
-            let mut w = s.take_wakes();
-            w.me = false;
-            (res, w)
+        self.posting(|s, core, peer, own_t, peer_t| s.post(core, peer, own_t, peer_t, wrs))
+    }
+
+    fn post_inline(
+        &mut self,
+        wr_id: u64,
+        flags: SendFlags,
+        imm: Option<u32>,
+        data: &[u8],
+    ) -> Result<(), PostError> {
+        let wr = WorkRequest {
+            opcode: if imm.is_some() {
+                Opcode::SendWithImm
+            } else {
+                Opcode::Send
+            },
+            imm_data: imm.unwrap_or(0),
+            ..WorkRequest::send(wr_id, &[]).with_flags(flags | SendFlags::INLINE)
         };
-        wakes.fire(core, peer);
-        res
+        self.posting(|s, core, peer, own_t, peer_t| {
+            s.post_slice(core, peer, own_t, peer_t, &wr, data)
+        })
     }
 
     fn post_recv(&mut self, wrs: &[RecvRequest<'_>]) -> Result<(), PostError> {

@@ -868,6 +868,47 @@ impl QueuePair for VerbsQp {
         }
     }
 
+    fn post_inline(
+        &mut self,
+        wr_id: u64,
+        flags: SendFlags,
+        imm: Option<u32>,
+        data: &[u8],
+    ) -> Result<(), PostError> {
+        self.before_post();
+        if data.len() > self.caps.max_inline_data as usize {
+            return Err(PostError::at(
+                0,
+                TransportError::InlineTooLarge {
+                    got: data.len() as u64,
+                    max: self.caps.max_inline_data,
+                },
+            ));
+        }
+        if self.sq.len() >= self.caps.max_send_wr as usize {
+            return Err(PostError::at(
+                0,
+                TransportError::QueueFull {
+                    depth: self.caps.max_send_wr,
+                },
+            ));
+        }
+        match self
+            .id
+            .post_inline(&mut self.send_scratch, wr_id, flags, imm, data)
+        {
+            Ok(()) => {
+                self.sq.push_back(wr_id);
+                if flags.contains(SendFlags::SIGNALED) {
+                    self.signaled_out += 1;
+                }
+                self.after_post();
+                Ok(())
+            }
+            Err(f) => Err(self.send_failure(f)),
+        }
+    }
+
     fn post_recv(&mut self, wrs: &[RecvRequest<'_>]) -> Result<(), PostError> {
         if self.srq {
             return Err(PostError::at(

@@ -1902,6 +1902,53 @@ impl CmId {
         Ok(())
     }
 
+    /// `ibv_post_send` of one INLINE SEND (SEND_WITH_IMM with `imm`) whose
+    /// payload is `data`: the provider copies it into the request before
+    /// returning, so it needs no registration (no key is read for inline
+    /// data). `flags` are the request's flags besides INLINE.
+    #[inline]
+    pub fn post_inline(
+        &self,
+        scratch: &mut SendList,
+        wr_id: u64,
+        flags: SendFlags,
+        imm: Option<u32>,
+        data: &[u8],
+    ) -> Result<(), PostFail> {
+        let qp = self.send_qp()?;
+        if scratch.wrs.is_empty() {
+            scratch.wrs.push(empty_send_wr());
+        }
+        let raw = &mut scratch.wrs[0];
+        let sge = [Sge::new(data.as_ptr() as u64, data.len() as u32, 0)];
+        raw.wr_id = wr_id;
+        raw.next = std::ptr::null_mut();
+        raw.sg_list = sge_ptr(&sge);
+        raw.num_sge = c_int::from(!data.is_empty());
+        raw.send_flags = send_flags(flags | SendFlags::INLINE);
+        raw.opcode = match imm {
+            Some(_) => ffi::ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+            None => ffi::ibv_wr_opcode::IBV_WR_SEND,
+        };
+        raw.imm_data_invalidated_rkey_union = ffi::imm_data_invalidated_rkey_union_t {
+            imm_data: imm.unwrap_or(0).to_be(),
+        };
+        let mut bad: *mut RawSendWr = std::ptr::null_mut();
+        // SAFETY: live QP; `raw` is one request (its `next` is null) that
+        // lives in `scratch` for the call; its one SGE (none when `data` is
+        // empty) is on our stack and names `data`, borrowed for the call:
+        // the request is INLINE, so the provider copies those bytes before
+        // it returns and reads no key for them.
+        let rc = unsafe { ffi::ibv_post_send(qp, raw, &mut bad) };
+        if rc != 0 {
+            return Err(PostFail::Provider {
+                index: 0,
+                code: rc.abs(),
+            });
+        }
+        Ok(())
+    }
+
     /// `ibv_post_recv` of one request, built on the stack (the latency
     /// loops repost one receive per message). On failure: the error code.
     #[inline]
