@@ -32,7 +32,7 @@ use bytes::Bytes;
 use crate::error::TransportError;
 use crate::mem::{Pd, SlotMut};
 use crate::proto::{
-    ConnError, Connection, Event, Limits, Msg, Outcome, ProtoConfig, SendError, SendNow,
+    ConnError, Connection, Event, InlineNow, Limits, Msg, Outcome, ProtoConfig, SendError, SendNow,
 };
 use crate::stats::CopySnapshot;
 use crate::transport::{Armed, Listener, QpConfig, QueuePair};
@@ -434,7 +434,13 @@ impl Endpoint {
         // idle bookkeeping (heartbeats are due after hundreds of ms).
         let now = self.now;
         // A small message with nothing queued before it goes at once as one
-        // inline request, without the general transmit path.
+        // inline request, without the general transmit path: from its own
+        // bytes when they are one slice and its header fits the immediate,
+        // else through the staging slot.
+        if let Some((fast, bytes)) = self.conn.send_now_inline(&msg, false, now)? {
+            self.post_inline(fast, bytes);
+            return Ok(fast.id);
+        }
         if let Some(fast) = self.conn.send_now(&msg, false, now)? {
             self.post_now(fast);
             return Ok(fast.id);
@@ -456,6 +462,10 @@ impl Endpoint {
             return Err(SendError::Failed(e.clone()));
         }
         let now = self.now;
+        if let Some((fast, bytes)) = self.conn.send_now_inline(data, false, now)? {
+            self.post_inline(fast, bytes);
+            return Ok(Some(fast.id));
+        }
         Ok(match self.conn.send_now(data, false, now)? {
             Some(fast) => {
                 self.post_now(fast);
@@ -463,6 +473,16 @@ impl Endpoint {
             }
             None => None,
         })
+    }
+
+    /// Post a message [`Connection::send_now_inline`] accounted for, from
+    /// its own bytes.
+    #[inline]
+    fn post_inline(&mut self, s: InlineNow, data: &[u8]) {
+        if let Err(e) = self.qp.post_inline(s.wr_id, s.flags, Some(s.imm), data) {
+            self.conn
+                .fail(ConnError::Post(e.to_string()), Outcome::Unknown);
+        }
     }
 
     #[inline]

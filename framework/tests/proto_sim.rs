@@ -1071,3 +1071,44 @@ fn runs_of_sends_at_once_report_each_outcome_once_through_partial_retirement_and
         Some(ConnError::Completion(WcStatus::RetryExcErr))
     );
 }
+
+#[test]
+fn a_small_contiguous_message_goes_from_its_own_bytes_and_others_fall_back() {
+    let (mut sides, _, now) = open_pair(41);
+    let one = Msg::from(Bytes::from(vec![7u8; 48]));
+    let before = sides[0].pd.stats().snapshot();
+    let (f, bytes) = sides[0]
+        .conn
+        .send_now_inline(&one, false, now)
+        .unwrap()
+        .expect("one slice with a compact header goes from its own bytes");
+    assert_eq!(bytes, &[7u8; 48][..], "the message's own bytes, not a copy");
+    assert_eq!(zcmsg::proto::wire::decode_eager_imm(f.imm).unwrap().0, 0);
+    assert!(f.flags.contains(SendFlags::INLINE));
+    let after = sides[0].pd.stats().snapshot();
+    assert_eq!(
+        after.inline_bytes - before.inline_bytes,
+        48,
+        "the device's copy is counted as inline"
+    );
+    // Two chunks would need gathering, and an empty message carries its
+    // header in the payload: neither goes this way, and nothing is taken.
+    let two = Msg::from(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]);
+    assert!(sides[0]
+        .conn
+        .send_now_inline(&two, false, now)
+        .unwrap()
+        .is_none());
+    let empty = Msg::from(Bytes::new());
+    assert!(sides[0]
+        .conn
+        .send_now_inline(&empty, false, now)
+        .unwrap()
+        .is_none());
+    let next = sides[0]
+        .conn
+        .send_now(&two, false, now)
+        .unwrap()
+        .expect("the staging path takes the gathered one");
+    assert_eq!(next.id, f.id + 1, "the refusals took no id");
+}

@@ -179,6 +179,9 @@ pub trait Payload {
     fn payload_len(&self) -> u64;
     /// Copy the bytes, in order, into `out` (exactly `payload_len()` long).
     fn copy_payload(&self, out: &mut [u8]);
+    /// The bytes as one slice, if they are one
+    /// ([`Connection::send_now_inline`] posts them from there).
+    fn contiguous(&self) -> Option<&[u8]>;
 }
 
 impl Payload for Msg {
@@ -190,6 +193,14 @@ impl Payload for Msg {
     fn copy_payload(&self, out: &mut [u8]) {
         self.copy_to(out)
     }
+    #[inline]
+    fn contiguous(&self) -> Option<&[u8]> {
+        match self {
+            Msg::One(b) => Some(b),
+            Msg::Many(v) if v.len() == 1 => Some(&v[0]),
+            Msg::Many(_) => None,
+        }
+    }
 }
 
 impl Payload for [u8] {
@@ -200,6 +211,10 @@ impl Payload for [u8] {
     #[inline]
     fn copy_payload(&self, out: &mut [u8]) {
         out.copy_from_slice(self)
+    }
+    #[inline]
+    fn contiguous(&self) -> Option<&[u8]> {
+        Some(self)
     }
 }
 
@@ -393,6 +408,21 @@ pub struct SendNow {
     /// A compact header (see [`wire`]): post a SEND_WITH_IMM
     /// carrying it. `None`: a plain SEND whose payload starts with the header.
     pub imm: Option<u32>,
+}
+
+/// One small message [`Connection::send_now_inline`] accounted for: post
+/// its bytes at once with `QueuePair::post_inline` (a SEND_WITH_IMM
+/// carrying the compact header `imm`), no copy before the device's.
+#[derive(Clone, Copy, Debug)]
+pub struct InlineNow {
+    /// The message's id (as [`Connection::send`] returns).
+    pub id: u64,
+    /// Work request id.
+    pub wr_id: u64,
+    /// Flags (inline; signaled as the signaling policy says).
+    pub flags: SendFlags,
+    /// The compact header (see [`wire`]).
+    pub imm: u32,
 }
 
 impl SendNow {
@@ -807,28 +837,9 @@ impl Connection {
         now: Instant,
     ) -> Result<Option<SendNow>, SendError> {
         let len = msg.payload_len();
-        if self.local_closed {
-            return Err(SendError::Closed);
-        }
-        // A non-empty message goes with its header in the immediate (a
-        // zero-length SGE means 2 GiB to some devices), when the credits
-        // owed fit it; then the payload alone must fit inline.
-        let compact = len > 0 && self.owed <= u32::from(wire::IMM_MAX_CREDITS);
-        let fits = if compact {
-            len as usize <= self.inline_copy.min(self.eager_limit())
-        } else {
-            len as usize + HDR <= self.inline_copy
-        };
-        if self.state != State::Open
-            || !fits
-            || !self.data.is_empty()
-            || !self.ctrl.is_empty()
-            || self.handoff_out.is_some()
-            || !self.sq_room()
-            || self.peer_credits <= i64::from(self.cfg.reserve)
-        {
+        let Some(compact) = self.goes_now(len)? else {
             return Ok(None);
-        }
+        };
         if self.stage.is_none() {
             match self.alloc_hdr() {
                 Some(s) => self.stage = Some(s),
@@ -859,6 +870,85 @@ impl Connection {
             self.stage = Some(stage);
             (sge, None)
         };
+        let (id, wr_id, flags) = self.sent_now(track, now);
+        Ok(Some(SendNow {
+            id,
+            wr_id,
+            flags,
+            sge,
+            imm,
+        }))
+    }
+
+    /// [`Connection::send_now`] of a message that is one slice and goes
+    /// with its header in the immediate: nothing is copied here; the
+    /// caller posts the returned bytes with `QueuePair::post_inline`, whose
+    /// copy into the request is counted as `inline` (as `send_now`'s into
+    /// the staging slot is). `Ok(None)`, nothing done, when it cannot:
+    /// then try [`Connection::send_now`] (a header in the payload, or
+    /// chunks to gather) or [`Connection::send`].
+    #[inline]
+    pub fn send_now_inline<'m, P: Payload + ?Sized>(
+        &mut self,
+        msg: &'m P,
+        track: bool,
+        now: Instant,
+    ) -> Result<Option<(InlineNow, &'m [u8])>, SendError> {
+        let Some(data) = msg.contiguous() else {
+            return Ok(None);
+        };
+        if self.goes_now(data.len() as u64)? != Some(true) {
+            return Ok(None);
+        }
+        let credits = self.take_owed();
+        let imm = wire::eager_imm(self.next_seq, credits);
+        self.copies.add(CopyReason::Inline, data.len() as u64);
+        let (id, wr_id, flags) = self.sent_now(track, now);
+        Ok(Some((
+            InlineNow {
+                id,
+                wr_id,
+                flags,
+                imm,
+            },
+            data,
+        )))
+    }
+
+    /// Whether a message of `len` bytes can go at once as one inline
+    /// request: `Some(true)` with its header in the immediate (compact),
+    /// `Some(false)` with the header before its payload, `None` not now.
+    #[inline]
+    fn goes_now(&self, len: u64) -> Result<Option<bool>, SendError> {
+        if self.local_closed {
+            return Err(SendError::Closed);
+        }
+        // A non-empty message goes with its header in the immediate (a
+        // zero-length SGE means 2 GiB to some devices), when the credits
+        // owed fit it; then the payload alone must fit inline.
+        let compact = len > 0 && self.owed <= u32::from(wire::IMM_MAX_CREDITS);
+        let fits = if compact {
+            len as usize <= self.inline_copy.min(self.eager_limit())
+        } else {
+            len as usize + HDR <= self.inline_copy
+        };
+        if self.state != State::Open
+            || !fits
+            || !self.data.is_empty()
+            || !self.ctrl.is_empty()
+            || self.handoff_out.is_some()
+            || !self.sq_room()
+            || self.peer_credits <= i64::from(self.cfg.reserve)
+        {
+            return Ok(None);
+        }
+        Ok(Some(compact))
+    }
+
+    /// The bookkeeping of a message sent at once (`track`: its outcome is
+    /// reported): its id, its request's id and flags.
+    #[inline]
+    fn sent_now(&mut self, track: bool, now: Instant) -> (u64, u64, SendFlags) {
         let id = self.next_id;
         self.next_id += 1;
         let wr_id = self.next_wr;
@@ -868,13 +958,7 @@ impl Connection {
         self.last_sent = now;
         let flags = self.next_signal(track) | SendFlags::INLINE;
         self.add_inline(wr_id, id, track);
-        Ok(Some(SendNow {
-            id,
-            wr_id,
-            flags,
-            sge,
-            imm,
-        }))
+        (id, wr_id, flags)
     }
 
     /// The header of the next eager message, `len` bytes, with the credits owed.
