@@ -827,8 +827,11 @@ impl Connection {
     /// an empty message a SEND with the full header. The driver
     /// must post it before anything else (if the post fails, call
     /// [`Connection::fail`]). Otherwise `Ok(None)`: queue it with
-    /// [`Connection::send`]. The payload is copied (counted as inline), so
-    /// `msg` may be dropped as soon as this returns.
+    /// [`Connection::send`]. The payload is copied into the connection's
+    /// staging slot (counted as inline), so `msg` may be dropped as soon as
+    /// this returns. A message that is one slice and whose header fits the
+    /// immediate goes cheaper through [`Connection::send_now_inline`],
+    /// which copies nothing itself.
     #[inline]
     pub fn send_now<P: Payload + ?Sized>(
         &mut self,
