@@ -950,6 +950,25 @@ fn send_flags(f: SendFlags) -> c_uint {
     out
 }
 
+/// `ibv_post_send` of the one request `raw` (its `next` is null).
+///
+/// # Safety
+/// `qp` is a live queue pair, and every SGE `raw` points at, with the
+/// memory it names, stays valid for the call (what each caller shows).
+#[inline]
+unsafe fn post_one_raw(qp: *mut ffi::ibv_qp, raw: &mut RawSendWr) -> Result<(), PostFail> {
+    let mut bad: *mut RawSendWr = std::ptr::null_mut();
+    // SAFETY: the caller's contract above.
+    let rc = unsafe { ffi::ibv_post_send(qp, raw, &mut bad) };
+    if rc != 0 {
+        return Err(PostFail::Provider {
+            index: 0,
+            code: rc.abs(),
+        });
+    }
+    Ok(())
+}
+
 /// Fill `raw` from `wr`: the SGE list is referenced, not copied.
 #[inline]
 fn fill_send_wr(raw: &mut RawSendWr, wr: &WorkRequest<'_>) {
@@ -1885,21 +1904,13 @@ impl CmId {
             cpu = [t];
             raw.sg_list = sge_ptr(&cpu);
         }
-        let mut bad: *mut RawSendWr = std::ptr::null_mut();
         // SAFETY: live QP; `raw` is one request (its `next` is null) that
         // lives in `scratch` for the call; a non-inline SGE pointer borrows
         // `wr` (layout-identical to ibv_sge) and is checked by the device
         // against its key; an inline SGE points at `cpu`, a CPU range
         // checked to lie inside `inline_region`, whose memory the caller's
         // borrow keeps alive for the call.
-        let rc = unsafe { ffi::ibv_post_send(qp, raw, &mut bad) };
-        if rc != 0 {
-            return Err(PostFail::Provider {
-                index: 0,
-                code: rc.abs(),
-            });
-        }
-        Ok(())
+        unsafe { post_one_raw(qp, raw) }
     }
 
     /// `ibv_post_send` of one INLINE SEND (SEND_WITH_IMM with `imm`) whose
@@ -1933,20 +1944,12 @@ impl CmId {
         raw.imm_data_invalidated_rkey_union = ffi::imm_data_invalidated_rkey_union_t {
             imm_data: imm.unwrap_or(0).to_be(),
         };
-        let mut bad: *mut RawSendWr = std::ptr::null_mut();
         // SAFETY: live QP; `raw` is one request (its `next` is null) that
         // lives in `scratch` for the call; its one SGE (none when `data` is
         // empty) is on our stack and names `data`, borrowed for the call:
         // the request is INLINE, so the provider copies those bytes before
         // it returns and reads no key for them.
-        let rc = unsafe { ffi::ibv_post_send(qp, raw, &mut bad) };
-        if rc != 0 {
-            return Err(PostFail::Provider {
-                index: 0,
-                code: rc.abs(),
-            });
-        }
-        Ok(())
+        unsafe { post_one_raw(qp, raw) }
     }
 
     /// `ibv_post_recv` of one request, built on the stack (the latency
