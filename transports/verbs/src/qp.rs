@@ -432,13 +432,8 @@ impl VerbsQp {
                 return Err(PostError::at(0, e));
             }
         }
-        if self.sq.len() >= self.caps.max_send_wr as usize {
-            return Err(PostError::at(
-                0,
-                TransportError::QueueFull {
-                    depth: self.caps.max_send_wr,
-                },
-            ));
+        if let Some(e) = self.send_queue_full() {
+            return Err(e);
         }
         let r = match wr.sg_list {
             [sge] if wr.flags.contains(SendFlags::INLINE) => {
@@ -461,10 +456,35 @@ impl VerbsQp {
             }
             _ => self.id.post_send_one(&mut self.send_scratch, wr, None),
         };
+        self.posted_one(wr.wr_id, wr.flags, r)
+    }
+
+    /// The refusal of one more send request when the send queue is full.
+    #[inline]
+    fn send_queue_full(&self) -> Option<PostError> {
+        (self.sq.len() >= self.caps.max_send_wr as usize).then(|| {
+            PostError::at(
+                0,
+                TransportError::QueueFull {
+                    depth: self.caps.max_send_wr,
+                },
+            )
+        })
+    }
+
+    /// Account for one send request the provider took (`r`), which holds
+    /// its slot until its completion is polled; or say why it did not.
+    #[inline]
+    fn posted_one(
+        &mut self,
+        wr_id: u64,
+        flags: SendFlags,
+        r: Result<(), PostFail>,
+    ) -> Result<(), PostError> {
         match r {
             Ok(()) => {
-                self.sq.push_back(wr.wr_id);
-                if wr.flags.contains(SendFlags::SIGNALED) {
+                self.sq.push_back(wr_id);
+                if flags.contains(SendFlags::SIGNALED) {
                     self.signaled_out += 1;
                 }
                 self.after_post();
@@ -885,28 +905,13 @@ impl QueuePair for VerbsQp {
                 },
             ));
         }
-        if self.sq.len() >= self.caps.max_send_wr as usize {
-            return Err(PostError::at(
-                0,
-                TransportError::QueueFull {
-                    depth: self.caps.max_send_wr,
-                },
-            ));
+        if let Some(e) = self.send_queue_full() {
+            return Err(e);
         }
-        match self
+        let r = self
             .id
-            .post_inline(&mut self.send_scratch, wr_id, flags, imm, data)
-        {
-            Ok(()) => {
-                self.sq.push_back(wr_id);
-                if flags.contains(SendFlags::SIGNALED) {
-                    self.signaled_out += 1;
-                }
-                self.after_post();
-                Ok(())
-            }
-            Err(f) => Err(self.send_failure(f)),
-        }
+            .post_inline(&mut self.send_scratch, wr_id, flags, imm, data);
+        self.posted_one(wr_id, flags, r)
     }
 
     fn post_recv(&mut self, wrs: &[RecvRequest<'_>]) -> Result<(), PostError> {

@@ -837,6 +837,15 @@ impl SendList {
             inline: Vec::with_capacity(n),
         }
     }
+
+    /// The first request, for a post of one (made on first use).
+    #[inline]
+    fn first(&mut self) -> &mut RawSendWr {
+        if self.wrs.is_empty() {
+            self.wrs.push(empty_send_wr());
+        }
+        &mut self.wrs[0]
+    }
 }
 
 /// A registration as the send path sees it: where its bytes are for the
@@ -1885,10 +1894,7 @@ impl CmId {
         inline_region: Option<&Region>,
     ) -> Result<(), PostFail> {
         let qp = self.send_qp()?;
-        if scratch.wrs.is_empty() {
-            scratch.wrs.push(empty_send_wr());
-        }
-        let raw = &mut scratch.wrs[0];
+        let raw = scratch.first();
         fill_send_wr(raw, wr);
         let cpu: [Sge; 1];
         if wr.flags.contains(SendFlags::INLINE) {
@@ -1927,10 +1933,7 @@ impl CmId {
         data: &[u8],
     ) -> Result<(), PostFail> {
         let qp = self.send_qp()?;
-        if scratch.wrs.is_empty() {
-            scratch.wrs.push(empty_send_wr());
-        }
-        let raw = &mut scratch.wrs[0];
+        let raw = scratch.first();
         let sge = [Sge::new(data.as_ptr() as u64, data.len() as u32, 0)];
         raw.wr_id = wr_id;
         raw.next = std::ptr::null_mut();
