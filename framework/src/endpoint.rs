@@ -32,7 +32,8 @@ use bytes::Bytes;
 use crate::error::TransportError;
 use crate::mem::{Pd, SlotMut};
 use crate::proto::{
-    ConnError, Connection, Event, InlineNow, Limits, Msg, Outcome, ProtoConfig, SendError, SendNow,
+    ConnError, Connection, Event, InlineNow, Limits, Msg, Outcome, Payload, ProtoConfig, SendError,
+    SendNow,
 };
 use crate::stats::CopySnapshot;
 use crate::transport::{Armed, Listener, QpConfig, QueuePair};
@@ -434,16 +435,9 @@ impl Endpoint {
         // idle bookkeeping (heartbeats are due after hundreds of ms).
         let now = self.now;
         // A small message with nothing queued before it goes at once as one
-        // inline request, without the general transmit path: from its own
-        // bytes when they are one slice and its header fits the immediate,
-        // else through the staging slot.
-        if let Some((fast, bytes)) = self.conn.send_now_inline(&msg, false, now)? {
-            self.post_inline(fast, bytes);
-            return Ok(fast.id);
-        }
-        if let Some(fast) = self.conn.send_now(&msg, false, now)? {
-            self.post_now(fast);
-            return Ok(fast.id);
+        // inline request, without the general transmit path.
+        if let Some(id) = self.send_at_once(&msg, now)? {
+            return Ok(id);
         }
         let id = self.conn.send(msg)?;
         self.flush(now);
@@ -461,12 +455,24 @@ impl Endpoint {
         if let Some(e) = &self.failed {
             return Err(SendError::Failed(e.clone()));
         }
-        let now = self.now;
-        if let Some((fast, bytes)) = self.conn.send_now_inline(data, false, now)? {
+        self.send_at_once(data, self.now)
+    }
+
+    /// Post `msg` at once as one inline request if it can go now (see
+    /// [`Connection::send_now`]): from its own bytes when they are one
+    /// slice and its header fits the immediate, else through the staging
+    /// slot. Returns its id, or `None` if it cannot go now.
+    #[inline]
+    fn send_at_once<P: Payload + ?Sized>(
+        &mut self,
+        msg: &P,
+        now: Instant,
+    ) -> Result<Option<u64>, SendError> {
+        if let Some((fast, bytes)) = self.conn.send_now_inline(msg, false, now)? {
             self.post_inline(fast, bytes);
             return Ok(Some(fast.id));
         }
-        Ok(match self.conn.send_now(data, false, now)? {
+        Ok(match self.conn.send_now(msg, false, now)? {
             Some(fast) => {
                 self.post_now(fast);
                 Some(fast.id)

@@ -843,36 +843,29 @@ impl Connection {
         let Some(compact) = self.goes_now(len)? else {
             return Ok(None);
         };
-        if self.stage.is_none() {
-            match self.alloc_hdr() {
-                Some(s) => self.stage = Some(s),
+        let mut stage = match self.stage.take() {
+            Some(s) => s,
+            None => match self.alloc_hdr() {
+                Some(s) => s,
                 None => return Ok(None),
-            }
-        }
+            },
+        };
         let (sge, imm) = if compact {
             // `fill_inline` without the header, written out: folding the
             // two into one function with an optional header cost ~37
-            // instructions per send (callgrind `cost_probe N pp`). The
-            // staging slot is filled where it lies.
+            // instructions per send (callgrind `cost_probe N pp`).
             let credits = self.take_owed();
-            let imm = wire::eager_imm(self.next_seq, credits);
             let total = len as usize;
-            let Some(stage) = self.stage.as_mut() else {
-                return Ok(None);
-            };
             stage.set_len(total);
             msg.copy_payload(stage.as_mut_slice());
             self.copies.add(CopyReason::Inline, total as u64);
+            let imm = wire::eager_imm(self.next_seq, credits);
             (stage.sge_filled(), Some(imm))
         } else {
             let hdr = self.eager_header(len);
-            let Some(mut stage) = self.stage.take() else {
-                return Ok(None);
-            };
-            let sge = self.fill_inline(&mut stage, &hdr, msg);
-            self.stage = Some(stage);
-            (sge, None)
+            (self.fill_inline(&mut stage, &hdr, msg), None)
         };
+        self.stage = Some(stage);
         let (id, wr_id, flags) = self.sent_now(track, now);
         Ok(Some(SendNow {
             id,
