@@ -6,6 +6,7 @@
 //! cost_probe N pp       # N ping-pong round trips (try_send / try_recv)
 //! cost_probe N pp-copy  # N ping-pong round trips (try_send_slice / try_recv_into)
 //! cost_probe N empty    # N calls of progress() with nothing to do (the spin granularity)
+//! cost_probe N empty-into  # N calls of try_recv_into with nothing there (a busy-poll turn)
 //! cost_probe N raw-pp   # N ping-pong round trips on the raw device (inline 64 B SENDs)
 //! cost_probe N raw-stream # N inline 64 B SENDs on the raw device, in post lists of 16
 //!                         # (zcperf send-bw's shape: one signaled, one repost list)
@@ -96,6 +97,16 @@ fn main() {
             }
             println!(
                 "{:.1} ns per empty progress",
+                t.elapsed().as_nanos() as f64 / n as f64
+            );
+        }
+        "empty-into" => {
+            let mut buf = [0u8; 256];
+            for _ in 0..n {
+                std::hint::black_box(a.try_recv_into(&mut buf).expect("recv"));
+            }
+            println!(
+                "{:.1} ns per empty try_recv_into",
                 t.elapsed().as_nanos() as f64 / n as f64
             );
         }

@@ -303,14 +303,26 @@ impl Endpoint {
     /// that work is not on the message's latency path: it runs in the next
     /// call, which never defers again (so a receiver that always finds a
     /// message still reposts at least every other call).
+    #[inline(always)]
     fn progress_inner(&mut self, for_message: bool) -> bool {
-        let mut did = false;
-        loop {
-            let n = self.qp.poll_cq(&mut self.wc);
-            if n == 0 {
-                break;
+        let mut n = self.qp.poll_cq(&mut self.wc);
+        if n == 0 {
+            // A busy-poll loop's empty turn, kept short (its length is how
+            // late a message is seen on average): no deferred work, the
+            // cached clock still in use and short of the next tick, nothing
+            // to post and no event, so the rest would do nothing.
+            if !self.deferred
+                && self.idle_polls < IDLE_CLOCK_EVERY
+                && self.now < self.next_tick
+                && !self.conn.has_work()
+                && !self.conn.has_events()
+            {
+                self.idle_polls += 1;
+                return false;
             }
-            did = true;
+            return self.progress_rest(false);
+        }
+        loop {
             for i in 0..n {
                 let wc = self.wc[i];
                 self.conn.on_completion(&wc);
@@ -318,11 +330,22 @@ impl Endpoint {
             if n < self.wc.len() {
                 break;
             }
+            n = self.qp.poll_cq(&mut self.wc);
+            if n == 0 {
+                break;
+            }
         }
         if for_message && !self.deferred && self.conn.messages_ready() > 0 {
             self.deferred = true;
             return true;
         }
+        self.progress_rest(true)
+    }
+
+    /// The rest of [`Endpoint::progress_inner`] after its polls (`did`:
+    /// they found completions): timers, posts, events.
+    #[inline(never)]
+    fn progress_rest(&mut self, mut did: bool) -> bool {
         self.deferred = false;
         // The coarse clock (a vDSO call, not the clock hardware) is read by
         // a call that polled something, by every IDLE_CLOCK_EVERY-th idle
@@ -547,7 +570,7 @@ impl Endpoint {
             return Ok(Some(Recv::Eos));
         }
         if let Some(e) = &self.failed {
-            return Err(EndpointError::Conn(e.clone()));
+            return Err(failed_error(e));
         }
         Ok(None)
     }
@@ -597,7 +620,7 @@ impl Endpoint {
             return Ok(Some(RecvInto::Eos));
         }
         if let Some(e) = &self.failed {
-            return Err(EndpointError::Conn(e.clone()));
+            return Err(failed_error(e));
         }
         Ok(None)
     }
@@ -827,4 +850,12 @@ impl Endpoint {
     pub fn bundled_count(&self) -> u64 {
         self.conn.bundled_count()
     }
+}
+
+/// A failed endpoint's error, out of line: a busy-poll loop's empty turn
+/// only tests that there is none (the clone is a match over every variant).
+#[cold]
+#[inline(never)]
+fn failed_error(e: &ConnError) -> EndpointError {
+    EndpointError::Conn(e.clone())
 }

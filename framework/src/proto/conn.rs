@@ -1074,6 +1074,12 @@ impl Connection {
         self.events.pop_front()
     }
 
+    /// True if [`Connection::poll_event`] has an event to return.
+    #[inline]
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// Next received message, in the order the peer sent them. Zero-copy:
     /// it points into a registered receive slot (or is the sender's own
     /// `Bytes` with the in-process handoff); dropping it returns the slot.

@@ -648,20 +648,7 @@ impl VerbsQp {
         while n < out.len() {
             let want = (out.len() - n).min(buf.len());
             let got = cq.poll(&mut buf[..want]);
-            for (o, raw) in out[n..n + got].iter_mut().zip(&buf[..got]) {
-                *o = sys::completion(raw, recv);
-                if o.status != WcStatus::Success {
-                    errored.set(true);
-                    if o.status != WcStatus::WrFlushErr {
-                        tracing::debug!(
-                            wr_id = o.wr_id,
-                            status = %sys::wc_status_str(raw.status),
-                            vendor_err = raw.vendor_err,
-                            "error completion"
-                        );
-                    }
-                }
-            }
+            convert(&buf[..got], &mut out[n..n + got], recv, errored);
             n += got;
             if got < want {
                 break;
@@ -734,6 +721,54 @@ impl VerbsQp {
         a + b
     }
 
+    /// True if this poll may leave the send CQ alone, as [`Self::poll_both`]
+    /// would (the skip counted); false if it must look, which
+    /// `poll_both` then does.
+    #[inline(always)]
+    fn skip_send_cq(&mut self) -> bool {
+        if self.sq.is_empty() {
+            return true;
+        }
+        if self.signaled_out > 0 || self.errored.get() || self.send_cq_skipped + 1 >= SEND_CQ_EVERY
+        {
+            return false;
+        }
+        self.send_cq_skipped += 1;
+        true
+    }
+
+    /// The short turn of `poll_cq` found `got` receive completions in
+    /// `wc_buf` (it asked for `want`): convert them, poll on if the CQ may
+    /// hold more than the buffer took, and account for them.
+    #[inline(never)]
+    fn took_recvs(&mut self, wc: &mut [WorkCompletion], got: usize, want: usize) -> usize {
+        convert(&self.wc_buf[..got], &mut wc[..got], true, &self.errored);
+        let mut n = got;
+        if got == want && n < wc.len() {
+            n += Self::poll_one(
+                &self.recv_cq,
+                &mut self.wc_buf,
+                &mut wc[n..],
+                true,
+                &self.errored,
+            );
+        }
+        self.retire_recvs(n);
+        n
+    }
+
+    /// `poll_cq` in full: completions `arm` held back, the peer's
+    /// disconnect, both CQs.
+    #[inline(never)]
+    fn poll_cq_full(&mut self, wc: &mut [WorkCompletion]) -> usize {
+        let mut n = 0;
+        if !self.pending.is_empty() {
+            n = self.take_pending(wc);
+        }
+        self.check_peer();
+        n + self.poll_both(&mut wc[n..], false)
+    }
+
     /// Move completions `arm` polled early into `wc`; returns how many.
     #[inline(never)]
     fn take_pending(&mut self, wc: &mut [WorkCompletion]) -> usize {
@@ -770,6 +805,26 @@ fn current_hint(
     hint.as_ref()
         .filter(|h| h.0 == gen && h.1 == key)
         .map(|h| &h.2)
+}
+
+/// Convert polled completions into `out` (as long as `raw`); an error
+/// marks the queue pair `errored` and is logged (a flush quietly).
+#[inline(always)]
+fn convert(raw: &[RawWc], out: &mut [WorkCompletion], recv: bool, errored: &Cell<bool>) {
+    for (o, raw) in out.iter_mut().zip(raw) {
+        *o = sys::completion(raw, recv);
+        if o.status != WcStatus::Success {
+            errored.set(true);
+            if o.status != WcStatus::WrFlushErr {
+                tracing::debug!(
+                    wr_id = o.wr_id,
+                    status = %sys::wc_status_str(raw.status),
+                    vendor_err = raw.vendor_err,
+                    "error completion"
+                );
+            }
+        }
+    }
 }
 
 /// While no signaled send is outstanding, `poll_cq` looks at the send CQ
@@ -959,12 +1014,22 @@ impl QueuePair for VerbsQp {
 
     #[inline]
     fn poll_cq(&mut self, wc: &mut [WorkCompletion]) -> usize {
-        let mut n = 0;
-        if !self.pending.is_empty() {
-            n = self.take_pending(wc);
+        // A busy-poll loop's turn, kept short (its length is how late a
+        // completion is seen on average): with nothing held back by `arm`,
+        // the peer not gone and the send CQ not due, one provider poll of
+        // the receive CQ, and the conversion only when it found something.
+        if self.pending.is_empty()
+            && !self.shared.peer_gone.load(Ordering::Acquire)
+            && self.skip_send_cq()
+        {
+            let want = wc.len().min(self.wc_buf.len());
+            let got = self.recv_cq.poll(&mut self.wc_buf[..want]);
+            if got == 0 {
+                return 0;
+            }
+            return self.took_recvs(wc, got, want);
         }
-        self.check_peer();
-        n + self.poll_both(&mut wc[n..], false)
+        self.poll_cq_full(wc)
     }
 
     fn arm(&mut self, waker: &Waker) -> Armed {

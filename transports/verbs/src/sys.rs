@@ -694,7 +694,7 @@ impl Cq {
         // SAFETY: live CQ; `out` has room for `n` entries.
         let rc = unsafe { ffi::ibv_poll_cq(self.raw, n, out.as_mut_ptr()) };
         if rc < 0 {
-            tracing::error!("ibv_poll_cq failed: {rc}");
+            poll_failed(rc);
             return 0;
         }
         rc as usize
@@ -711,6 +711,14 @@ impl Cq {
             Err(rc.abs())
         }
     }
+}
+
+/// A provider's poll error, reported out of line (the busy-poll path
+/// stays free of the logging's frame).
+#[cold]
+#[inline(never)]
+fn poll_failed(rc: i32) {
+    tracing::error!("ibv_poll_cq failed: {rc}");
 }
 
 impl Drop for Cq {
