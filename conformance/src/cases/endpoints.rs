@@ -520,7 +520,8 @@ pub fn ep_async_under_tokio_and_cancellation(h: &Harness) {
 }
 
 /// A burst queued with `Endpoint::queue` goes out only when flushed, as one
-/// post list, and arrives complete and in order (eager and rendezvous mixed).
+/// post list, and arrives complete and in order (eager and rendezvous mixed);
+/// a message queued on an idle endpoint goes out with its next `progress`.
 fn queued_burst_with(d: Devices, c: &EndpointConfig) {
     let (mut a, mut b) = endpoint_pair(d, c);
     let eager = a.eager_limit();
@@ -533,7 +534,7 @@ fn queued_burst_with(d: Devices, c: &EndpointConfig) {
         .collect();
     let arena = a
         .pd()
-        .arena(ArenaConfig::new((eager + 64).max(4096), sizes.len()))
+        .arena(ArenaConfig::new((eager + 64).max(4096), sizes.len() + 1))
         .expect("arena");
     let mut want = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
@@ -566,6 +567,25 @@ fn queued_burst_with(d: Devices, c: &EndpointConfig) {
         }
     }
     assert_eq!(a.copies().bounce_bytes, 0, "registered memory was bounced");
+    // One more, queued while idle: the very next progress call posts it
+    // (an idle poll that finds no completion still looks for queued work),
+    // and it arrives with no further call on the sending side.
+    let mut s = arena.alloc().expect("slot");
+    s.put_slice(&pattern(100, 7).collect::<Vec<u8>>());
+    let last = s.freeze();
+    a.queue(last.clone()).expect("queue");
+    assert!(a.progress(), "the first progress after queue posted nothing");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match b.try_recv().expect("receive") {
+            Some(Recv::Message(m)) => {
+                assert_eq!(checksum(&m), checksum(&last), "the last message");
+                break;
+            }
+            Some(Recv::Eos) => panic!("early end of stream"),
+            None => assert!(Instant::now() < deadline, "the last message never arrived"),
+        }
+    }
 }
 
 /// Small messages go inline: header and payload are copied at post time
