@@ -451,7 +451,7 @@ impl Endpoint {
     /// tracked (use [`Endpoint::send`] to learn it).
     pub fn try_send(&mut self, msg: impl Into<Msg>) -> Result<u64, SendError> {
         if let Some(e) = &self.failed {
-            return Err(SendError::Failed(e.clone()));
+            return Err(send_failed(e));
         }
         let msg = msg.into();
         // The time of the last progress is close enough for the protocol's
@@ -476,7 +476,7 @@ impl Endpoint {
     /// sending half of [`Endpoint::try_recv_into`]'s small-message path.
     pub fn try_send_slice(&mut self, data: &[u8]) -> Result<Option<u64>, SendError> {
         if let Some(e) = &self.failed {
-            return Err(SendError::Failed(e.clone()));
+            return Err(send_failed(e));
         }
         self.send_at_once(data, self.now)
     }
@@ -545,7 +545,7 @@ impl Endpoint {
     /// ```
     pub fn queue(&mut self, msg: impl Into<Msg>) -> Result<u64, SendError> {
         if let Some(e) = &self.failed {
-            return Err(SendError::Failed(e.clone()));
+            return Err(send_failed(e));
         }
         self.conn.send(msg)
     }
@@ -697,7 +697,7 @@ impl Endpoint {
     /// Send a message and wait (asynchronously) for its outcome.
     pub async fn send(&mut self, msg: impl Into<Msg>) -> Result<Outcome, SendError> {
         if let Some(e) = &self.failed {
-            return Err(SendError::Failed(e.clone()));
+            return Err(send_failed(e));
         }
         let id = self.conn.send_tracked(msg)?;
         self.awaited.insert(id);
@@ -740,7 +740,7 @@ impl Endpoint {
                 return Poll::Ready(Ok(()));
             }
             if let Some(e) = &self.failed {
-                return Poll::Ready(Err(SendError::Failed(e.clone())));
+                return Poll::Ready(Err(send_failed(e)));
             }
             self.park_task(cx);
             Poll::Pending
@@ -852,10 +852,19 @@ impl Endpoint {
     }
 }
 
-/// A failed endpoint's error, out of line: a busy-poll loop's empty turn
-/// only tests that there is none (the clone is a match over every variant).
+/// A failed endpoint's error, out of line: the receive and send paths only
+/// test that there is none (the clone, a match over every variant, was a
+/// jump table at the top of each, an indirect jump that full emulation
+/// pays for on every call).
 #[cold]
 #[inline(never)]
 fn failed_error(e: &ConnError) -> EndpointError {
     EndpointError::Conn(e.clone())
+}
+
+/// [`failed_error`] for the send calls.
+#[cold]
+#[inline(never)]
+fn send_failed(e: &ConnError) -> SendError {
+    SendError::Failed(e.clone())
 }

@@ -574,7 +574,10 @@ fn queued_burst_with(d: Devices, c: &EndpointConfig) {
     s.put_slice(&pattern(100, 7).collect::<Vec<u8>>());
     let last = s.freeze();
     a.queue(last.clone()).expect("queue");
-    assert!(a.progress(), "the first progress after queue posted nothing");
+    assert!(
+        a.progress(),
+        "the first progress after queue posted nothing"
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match b.try_recv().expect("receive") {
