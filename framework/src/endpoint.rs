@@ -506,7 +506,7 @@ impl Endpoint {
 
     /// Post a message [`Connection::send_now_inline`] accounted for, from
     /// its own bytes.
-    #[inline]
+    #[inline(always)]
     fn post_inline(&mut self, s: InlineNow, data: &[u8]) {
         if let Err(e) = self.qp.post_inline(s.wr_id, s.flags, Some(s.imm), data) {
             self.conn

@@ -46,24 +46,25 @@ impl Opcode {
     }
 }
 
-/// Send flags (`ibv_send_flags`), a small bit set.
+/// Send flags (`ibv_send_flags`), a small bit set. The bits are
+/// `ibv_send_flags`' own, so a verbs transport hands them over as they are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SendFlags(u8);
 
 impl SendFlags {
     /// No flags: an unsignaled, non-inline request.
     pub const NONE: SendFlags = SendFlags(0);
+    /// Wait for prior RDMA READ and atomic requests before this one (`IBV_SEND_FENCE`).
+    pub const FENCE: SendFlags = SendFlags(1);
     /// Generate a completion for this request (`IBV_SEND_SIGNALED`).
-    pub const SIGNALED: SendFlags = SendFlags(1);
+    pub const SIGNALED: SendFlags = SendFlags(2);
+    /// Ask the receiver to raise a solicited event (`IBV_SEND_SOLICITED`).
+    pub const SOLICITED: SendFlags = SendFlags(4);
     /// Copy the payload into the work request at post time (`IBV_SEND_INLINE`),
     /// so the buffers may be reused as soon as `post_send` returns. Unlike
     /// libibverbs, zcmsg checks inline SGEs like any other (registered memory,
     /// `lkey` and bounds): a device never reads an unchecked address.
-    pub const INLINE: SendFlags = SendFlags(2);
-    /// Wait for prior RDMA READ and atomic requests before this one (`IBV_SEND_FENCE`).
-    pub const FENCE: SendFlags = SendFlags(4);
-    /// Ask the receiver to raise a solicited event (`IBV_SEND_SOLICITED`).
-    pub const SOLICITED: SendFlags = SendFlags(8);
+    pub const INLINE: SendFlags = SendFlags(8);
 
     /// True if every flag in `other` is set.
     pub const fn contains(self, other: SendFlags) -> bool {

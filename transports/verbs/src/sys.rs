@@ -961,24 +961,19 @@ fn opcode(op: Opcode) -> ffi::ibv_wr_opcode::Type {
     }
 }
 
-#[inline]
+/// `ibv_send_flags` of `f`: the same bits (checked at compile time).
+#[inline(always)]
 fn send_flags(f: SendFlags) -> c_uint {
-    use ffi::ibv_send_flags as s;
-    let mut out = 0;
-    if f.contains(SendFlags::SIGNALED) {
-        out |= s::IBV_SEND_SIGNALED.0;
-    }
-    if f.contains(SendFlags::INLINE) {
-        out |= s::IBV_SEND_INLINE.0;
-    }
-    if f.contains(SendFlags::FENCE) {
-        out |= s::IBV_SEND_FENCE.0;
-    }
-    if f.contains(SendFlags::SOLICITED) {
-        out |= s::IBV_SEND_SOLICITED.0;
-    }
-    out
+    c_uint::from(f.bits())
 }
+
+const _: () = {
+    use ffi::ibv_send_flags as s;
+    assert!(SendFlags::FENCE.bits() as u32 == s::IBV_SEND_FENCE.0);
+    assert!(SendFlags::SIGNALED.bits() as u32 == s::IBV_SEND_SIGNALED.0);
+    assert!(SendFlags::SOLICITED.bits() as u32 == s::IBV_SEND_SOLICITED.0);
+    assert!(SendFlags::INLINE.bits() as u32 == s::IBV_SEND_INLINE.0);
+};
 
 /// `ibv_post_send` of the one request `raw` (its `next` is null).
 ///
