@@ -491,8 +491,7 @@ pub fn inline_send(h: &Harness) {
     let mut p = h.connected_pair(&cfg, &h.qp_config());
     let m = p.qa.caps().max_inline_data as usize;
     if m == 0 {
-        eprintln!("inline_send: the queue pair grants no inline data; nothing to check");
-        return;
+        return assert_no_inline(&mut p);
     }
     let mut sizes = vec![1usize, 2, m / 2, m.saturating_sub(1), m];
     sizes.retain(|&s| s > 0);
@@ -549,6 +548,22 @@ pub fn inline_send(h: &Harness) {
     }
 }
 
+/// A queue pair granted no inline data refuses an INLINE request of even
+/// one byte, at post time, as too large (what the inline cases check
+/// instead of sizes up to a limit of zero).
+fn assert_no_inline(p: &mut Pair) {
+    let sa = p.a.arena(64, 1);
+    let s = slot_with(&sa, &[1]);
+    let e =
+        p.qa.try_post_send(&[WorkRequest::send(1, &[s.sge_filled()])
+            .with_flags(SendFlags::SIGNALED | SendFlags::INLINE)])
+            .expect_err("an INLINE SEND with no inline data granted");
+    assert!(
+        matches!(e.error, TransportError::InlineTooLarge { .. }),
+        "refused as too large for inline: {e}"
+    );
+}
+
 /// An inline RDMA_WRITE from a registered slot overwritten right after the
 /// post: the window holds the original bytes.
 pub fn inline_write(h: &Harness) {
@@ -557,8 +572,7 @@ pub fn inline_write(h: &Harness) {
     let mut p = h.connected_pair(&cfg, &h.qp_config());
     let m = p.qa.caps().max_inline_data as usize;
     if m == 0 {
-        eprintln!("inline_write: the queue pair grants no inline data; nothing to check");
-        return;
+        return assert_no_inline(&mut p);
     }
     let win = p.b.window(m + 64, Access::REMOTE_WRITE);
     let r = win.remote();
@@ -1242,14 +1256,13 @@ pub fn err_inline_unregistered(h: &Harness) {
     let mut cfg = h.qp_config();
     cfg.max_inline_data = h.caps().max_inline_data;
     let mut p = h.connected_pair(&cfg, &h.qp_config());
-    if p.qa.caps().max_inline_data < 8 {
-        eprintln!("err_inline_unregistered: no inline data granted; nothing to check");
-        return;
-    }
+    // Within the inline limit, so that only the memory can be the reason
+    // (with no inline data granted, one byte is refused as too large).
+    let len = (p.qa.caps().max_inline_data as usize).clamp(1, 8);
     let rb = p.b.arena(64, 1);
     let _recvs = post_recvs(&mut p.qb, &rb, 0, 1);
     let stack = [7u8; 8];
-    let sge = Sge::new(stack.as_ptr() as u64, 8, 0);
+    let sge = Sge::new(stack.as_ptr() as u64, len as u32, 0);
     match p.qa.try_post_send(&[
         WorkRequest::send(5, &[sge]).with_flags(SendFlags::SIGNALED | SendFlags::INLINE)
     ]) {
