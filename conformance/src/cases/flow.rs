@@ -492,6 +492,10 @@ pub fn backpressure_small_queue(h: &Harness) {
             }
             full
         });
+        // The consumer hands its queue pair back instead of dropping it:
+        // a queue pair dropped disconnects, and the producer, still
+        // reaping its last completions, would see them flushed (the last
+        // message can be received before the sender has its ACK).
         let consumer = s.spawn(|| {
             let _g = AbortOnPanic(&abort);
             let mut qb = qb;
@@ -501,7 +505,7 @@ pub fn backpressure_small_queue(h: &Harness) {
                 .collect();
             for seq in 0..n {
                 let Some(wc) = next_or_abort(&mut qb, &abort, &format!("message {seq}")) else {
-                    return;
+                    return qb;
                 };
                 expect_ok(&wc, wc.wr_id, WcOpcode::Recv, "receive");
                 let k = wc.wr_id as usize;
@@ -523,12 +527,14 @@ pub fn backpressure_small_queue(h: &Harness) {
                 }]);
                 slots[k] = Some(slot);
             }
+            qb
         });
         let full = producer.join();
         let c = consumer.join();
-        if let Err(e) = c {
-            std::panic::resume_unwind(e);
-        }
+        let _qb = match c {
+            Ok(qb) => qb,
+            Err(e) => std::panic::resume_unwind(e),
+        };
         match full {
             Ok(f) => f,
             Err(e) => std::panic::resume_unwind(e),
