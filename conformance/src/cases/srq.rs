@@ -9,8 +9,7 @@ use super::prelude::*;
 /// order, in a buffer of the shared queue named by the completion's `wr_id`,
 /// each receive consumed once; posting a receive to such a queue pair is refused.
 pub fn srq_two_qps(h: &Harness) {
-    if !h.caps().srq {
-        eprintln!("srq_two_qps: the device has no shared receive queues; skipped");
+    if !srq_supported(h) {
         return;
     }
     let (a, b) = (h.host(), h.host());
@@ -156,8 +155,7 @@ pub fn srq_two_qps(h: &Harness) {
 /// once, in order per queue pair, intact.
 pub fn srq_many_senders(h: &Harness) {
     use std::sync::Mutex;
-    if !h.caps().srq {
-        eprintln!("srq_many_senders: the device has no shared receive queues; skipped");
+    if !srq_supported(h) {
         return;
     }
     const Q: usize = 4;
@@ -260,8 +258,7 @@ pub fn srq_many_senders(h: &Harness) {
 /// shared queue's next receive is neither consumed nor flushed by it: the
 /// next SEND, on the other queue pair, lands there byte for byte.
 pub fn srq_recv_too_small(h: &Harness) {
-    if !h.caps().srq {
-        eprintln!("srq_recv_too_small: the device has no shared receive queues; skipped");
+    if !srq_supported(h) {
         return;
     }
     let (a, b) = (h.host(), h.host());
