@@ -58,6 +58,16 @@
 //!
 //! ## The cases
 //!
+//! On a device without a feature a case needs (atomics, shared receive
+//! queues, inline data: see `DeviceCaps`), the case checks that the
+//! feature is refused instead of returning early; the soft device runs the
+//! suite twice, the second time without atomics and shared receive queues
+//! (`soft_lean`), so those checks run too. Two cases still step aside on
+//! device limits, saying so on stderr: `post_message_too_large` when
+//! `max_msg_sz + 1` bytes need more SGEs of at most 64 MiB than the queue
+//! pair grants, and `recv_scatter` with fewer than two receive SGEs. Both
+//! run in full on the soft device and on rxe.
+//!
 //! Operations and their data:
 //! - `send_recv_small`: SENDs of 1..4096 bytes; payload, `byte_len`, opcodes, `qp_num`, no immediate.
 //! - `send_zero_length`: empty SEND, SEND_WITH_IMM and WRITE_WITH_IMM consume receives with `byte_len` 0.
