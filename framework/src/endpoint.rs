@@ -194,7 +194,7 @@ impl Endpoint {
         while !ep.conn.is_open() {
             ep.progress();
             if let Some(e) = &ep.failed {
-                return Err(EndpointError::Conn(e.clone()));
+                return Err(failed_error(e));
             }
             if Instant::now() > deadline {
                 return Err(EndpointError::HandshakeTimeout(cfg.handshake_timeout));
@@ -656,7 +656,7 @@ impl Endpoint {
                 return Ok(());
             }
             if let Some(e) = &self.failed {
-                return Err(EndpointError::Conn(e.clone()));
+                return Err(failed_error(e));
             }
             if Instant::now() >= deadline {
                 return Err(EndpointError::Timeout(timeout));
@@ -852,10 +852,10 @@ impl Endpoint {
     }
 }
 
-/// A failed endpoint's error, out of line: the receive and send paths only
-/// test that there is none (the clone, a match over every variant, was a
-/// jump table at the top of each, an indirect jump that full emulation
-/// pays for on every call).
+/// A failed endpoint's error, built in one place and out of line: the
+/// receive and send paths only test that there is none (the clone, a match
+/// over every variant, was a jump table at the top of each, an indirect
+/// jump that full emulation pays for on every call).
 #[cold]
 #[inline(never)]
 fn failed_error(e: &ConnError) -> EndpointError {
