@@ -698,17 +698,10 @@ impl VerbsQp {
     #[inline(always)]
     fn poll_both(&mut self, out: &mut [WorkCompletion], all: bool) -> usize {
         let mut a = 0;
-        if !self.sq.is_empty() {
-            self.send_cq_skipped += 1;
-            if all
-                || self.signaled_out > 0
-                || self.errored.get()
-                || self.send_cq_skipped >= SEND_CQ_EVERY
-            {
-                self.send_cq_skipped = 0;
-                a = Self::poll_one(&self.send_cq, &mut self.wc_buf, out, false, &self.errored);
-                self.retire_sends(&out[..a]);
-            }
+        if !self.sq.is_empty() && (all || !self.skip_send_cq()) {
+            self.send_cq_skipped = 0;
+            a = Self::poll_one(&self.send_cq, &mut self.wc_buf, out, false, &self.errored);
+            self.retire_sends(&out[..a]);
         }
         let b = Self::poll_one(
             &self.recv_cq,
@@ -721,9 +714,9 @@ impl VerbsQp {
         a + b
     }
 
-    /// True if this poll may leave the send CQ alone, as [`Self::poll_both`]
-    /// would (the skip counted); false if it must look, which
-    /// `poll_both` then does.
+    /// True if this poll may leave the send CQ alone (the skip counted);
+    /// false if it must look (nothing counted). The one rule for both
+    /// `poll_cq`'s short turn and [`Self::poll_both`].
     #[inline(always)]
     fn skip_send_cq(&mut self) -> bool {
         if self.sq.is_empty() {
