@@ -1,10 +1,9 @@
 //! The device: protection domain, region table, queue pair factory, counters.
 
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use arc_swap::ArcSwap;
-use crossbeam_utils::CachePadded;
 use zcmsg::{
     Access, AddressSpace, DeviceCaps, Listener, QpCaps, QpConfig, QueuePair, RegionMemory,
     Registration, SharedRecvQueue, Transport, TransportError,
@@ -178,68 +177,28 @@ impl Counters {
     }
 }
 
-/// The execution state of one queue pair: `seq` is odd while its work
-/// requests execute (touching registered memory or the peer's receive
-/// side); it is written only under the queue pair's send-queue mutex. Deregistration and a queue pair entering the error
-/// state wait for every relevant `seq` to leave its odd value (quiescence),
-/// which is how "after `deregister` returns, no memory of the region is
-/// touched" holds without any lock on the data path.
+/// A queue pair's execution counters, kept where its device (and its
+/// peer's) can sum them, also after the queue pair is gone.
+///
+/// There is no execution state here: every execution of a queue pair's
+/// requests (touching registered memory or the peer's receive side) runs
+/// under that queue pair's send-queue mutex, so waiting for an execution
+/// in progress to end is taking that mutex once (`QpCore::quiesce`). That
+/// is how "after `deregister` returns, no memory of the region is touched"
+/// holds with no fence on the data path: the poster already takes the
+/// mutex for its send queue.
 #[derive(Default)]
 pub(crate) struct Exec {
-    seq: CachePadded<AtomicU64>,
     pub(crate) counters: Counters,
-}
-
-/// Marks the owner's `Exec` busy until dropped.
-pub(crate) struct Busy<'a>(&'a Exec);
-
-impl Exec {
-    /// Begin executing. The `SeqCst` fence orders the odd `seq` before every
-    /// later load of a region table or a peer's state (pairs with the fence
-    /// in [`quiesce`]'s callers).
-    #[inline]
-    pub(crate) fn enter(&self) -> Busy<'_> {
-        let s = self.seq.load(Ordering::Relaxed);
-        debug_assert_eq!(s & 1, 0, "queue pair entered twice");
-        self.seq.store(s | 1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        Busy(self)
-    }
-
-    /// Wait until this queue pair is not in the middle of an execution that
-    /// began before the caller's preceding `SeqCst` write and fence.
-    pub(crate) fn quiesce(&self) {
-        let s = self.seq.load(Ordering::SeqCst);
-        if s & 1 == 0 {
-            return;
-        }
-        let mut spins = 0u32;
-        while self.seq.load(Ordering::Acquire) == s {
-            if spins < 1000 {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
-    }
-}
-
-impl Drop for Busy<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        let s = self.0.seq.load(Ordering::Relaxed);
-        self.0.seq.store(s.wrapping_add(1), Ordering::Release);
-    }
 }
 
 /// A queue pair's copy of a device's region table, reloaded only when the
 /// device's generation moved: one load per execution instead of an
 /// `ArcSwap` load (which takes two atomic read-modify-writes). Kept under
 /// the queue pair's send-queue mutex. Safe against deregistration like any
-/// snapshot: the generation is read after `Exec::enter`'s fence, so an
-/// execution that still uses a table naming a removed region is one the
-/// deregistration waits for.
+/// snapshot: the generation is read under that mutex, which `deregister`
+/// takes after bumping the generation, so an execution that still uses a
+/// table naming a removed region is one the deregistration waits for.
 #[derive(Default)]
 pub(crate) struct TableCache {
     gen: u64,
@@ -541,21 +500,17 @@ impl Transport for SoftDevice {
             self.table_gen.fetch_add(1, Ordering::SeqCst);
             mr
         };
-        // Pairs with the fence in `Exec::enter`: an execution either sees
-        // the new generation (and loads a table that cannot name the region)
-        // or is waited for here.
-        fence(Ordering::SeqCst);
-        let execs: Vec<(Arc<Exec>, Weak<QpCore>)> = lock(&self.execs)
-            .iter()
-            .map(|e| (e.exec.clone(), e.qp.clone()))
-            .collect();
-        for (e, _) in &execs {
-            e.quiesce();
-        }
-        // Queue pairs keep the table they last executed with; the stale ones
-        // go now, so that the region's memory is released here (when the
-        // last snapshot naming it goes), not at a queue pair's next post.
-        for (_, qp) in &execs {
+        // Every execution runs under its queue pair's send mutex and reads
+        // the generation there: taking each mutex once waits for an
+        // execution that may still use the old table, and any later one
+        // sees the new generation. Queue pairs keep the table they last
+        // executed with; the stale ones go at the same time, so that the
+        // region's memory is released here (when the last snapshot naming
+        // it goes), not at a queue pair's next post.
+        let qps: Vec<Weak<QpCore>> = lock(&self.execs).iter().map(|e| e.qp.clone()).collect();
+        for qp in &qps {
+            // A queue pair that is gone has no execution in progress: one
+            // running holds a strong reference.
             if let Some(qp) = qp.upgrade() {
                 qp.drop_stale_tables();
             }

@@ -90,18 +90,23 @@
 //! - **Shared receive queue**: a bounded lock-free MPMC queue of slot indices
 //!   (`crossbeam` `ArrayQueue`); completed indices go to the receiving queue
 //!   pair through its own single-producer ring.
-//! - **Notification**: after publishing completions for the peer, the poster
-//!   issues one fence and loads the peer's `armed` flag; only an armed peer is
-//!   woken (`arm` stores the waker, then re-checks). No background thread
-//!   carries completions.
+//! - **Notification**: after publishing completions for the peer and
+//!   releasing its send mutex, the poster loads the peer's `armed` flag;
+//!   only an armed peer is woken. `arm` stores the waker and the flag, takes
+//!   the peer's send mutex once, then re-checks: the poster either finished
+//!   before (the re-check sees its completions) or starts after (it sees the
+//!   flag), so the data path needs no fence. No background thread carries
+//!   completions.
 //! - **Deregistration and error transitions** need to know that no thread is
-//!   still inside a copy. Each queue pair has an execution counter, odd while
-//!   its requests execute (written under its send-queue mutex only). A
-//!   `deregister` swaps the table, fences and waits for each counter that was
-//!   odd to move on; a queue pair entering the error state waits the same way
-//!   for its peer before flushing its own receives. Region memory itself is
-//!   kept alive by the table snapshot the executing thread holds, so even a
-//!   racing deregistration can never cause a use after free.
+//!   still inside a copy. Every execution of a queue pair's requests runs
+//!   under its send-queue mutex, which the poster takes anyway, so waiting
+//!   for one in progress is taking that mutex once: `deregister` swaps the
+//!   table, then takes the mutex of every queue pair that may execute with
+//!   the region (dropping the stale table it kept); a queue pair entering
+//!   the error state takes its peer's before flushing its own receives.
+//!   Region memory itself is kept alive by the table snapshot the executing
+//!   thread holds, so even a racing deregistration can never cause a use
+//!   after free.
 //! - **Receiver not ready**: a SEND (or WRITE_WITH_IMM) meeting an empty
 //!   receive queue stays at the head of its send queue, with everything posted
 //!   after it (RC order). It is retried by its owner's next `post_send` or

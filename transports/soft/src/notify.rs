@@ -1,8 +1,9 @@
 //! Completion notification (`ibv_req_notify_cq`) and the RNR timer.
 //!
 //! A queue pair's [`Notify`] holds the waker of whoever armed it. Producers
-//! of completions check one flag (`armed`) after publishing; only when it is
-//! set do they take the (otherwise unused) mutex and wake.
+//! of completions check one flag (`armed`) after publishing (and releasing
+//! the send mutex they published under); only when it is set do they take
+//! the (otherwise unused) mutex and wake.
 //!
 //! The RNR timer is the one background thread of the crate, and only for the
 //! slow path, like rxe's `rnr_nak_timer`: when a SEND has waited for a
@@ -32,8 +33,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Notify {
-    /// Store `waker` and set the flag. The caller re-checks for completions
-    /// afterwards; the `SeqCst` store pairs with the producers' fence.
+    /// Store `waker` and set the flag. The caller then takes the send mutex
+    /// its completions are produced under once, and re-checks for them.
     pub(crate) fn arm(&self, waker: &Waker) {
         {
             let mut slot = lock(&self.waker);
@@ -46,10 +47,19 @@ impl Notify {
     }
 
     /// Wake the armed waker, once. Producers call this after publishing
-    /// completions and a `SeqCst` fence; when nobody armed it costs one load.
+    /// completions and releasing the send mutex they did it under; when
+    /// nobody armed it costs one load.
     #[inline]
     pub(crate) fn wake_if_armed(&self) {
-        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::AcqRel) {
+        if self.armed.load(Ordering::Relaxed) {
+            self.wake();
+        }
+    }
+
+    /// Wake the armed waker, if any, once: a read-modify-write of the flag
+    /// whatever its value (for a producer that holds no send mutex).
+    pub(crate) fn wake(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
             let w = lock(&self.waker).take();
             if let Some(w) = w {
                 w.wake();

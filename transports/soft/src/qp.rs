@@ -9,7 +9,7 @@
 //! its owner takes, except while a request waits for a receive (RNR).
 
 use std::any::Any;
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::Waker;
 use std::time::Instant;
@@ -114,6 +114,14 @@ impl QpCore {
         if let Some(d) = peer_dev {
             s.peer_table.forget_if_stale(&d);
         }
+    }
+
+    /// Wait for an execution of this queue pair's requests in progress to
+    /// end. Every execution runs under the send mutex, so taking it once is
+    /// enough; whatever the caller wrote before (an error flag, a new region
+    /// table) is visible to every execution that starts later.
+    pub(crate) fn quiesce(&self) {
+        drop(lock(&self.send));
     }
 
     #[inline]
@@ -596,7 +604,7 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
             // the peer's table, in memory registered since: a registration is
             // complete when `register` returns, so look at the table again.
             // (Loading a newer snapshot mid-execution is fine: the execution
-            // is marked busy, and deregistration waits for it.)
+            // holds its send mutex, and deregistration waits for it.)
             let _fresh;
             if let Err(Scatter::Prot) = scattered {
                 let t = x.peer.dev.table.load();
@@ -622,8 +630,8 @@ fn execute(x: &mut Exe<'_>, v: &WrView<'_>) -> Outcome {
             // snapshot `peer_t`, or `_fresh`, still held (live registrations
             // with LOCAL_WRITE, in bounds), `src` through `own_t` or is the
             // staged payload; `own_t` and `peer_t` are held by the caller for
-            // the whole call and the caller's `Exec` is busy, so
-            // deregistration waits for us.
+            // the whole call, under the send mutex deregistration takes
+            // before it returns, so it waits for us.
             unsafe { dma::copy_segs(x.dst, x.src) };
             let imm = (v.opcode == Opcode::SendWithImm).then_some(v.imm);
             x.peer
@@ -791,18 +799,18 @@ struct Wakes {
 }
 
 impl Wakes {
-    /// Wake whoever is armed. Call without holding any send-side lock: a
-    /// waker may run arbitrary code.
+    /// Wake whoever is armed. Call after releasing the send-side lock the
+    /// completions were produced under (a waker may run arbitrary code).
+    /// No fence: an armer takes that lock between setting its flag and
+    /// re-checking (see `SoftQp::arm`), so either this load sees the flag
+    /// or the re-check sees the completions.
+    #[inline]
     fn fire(self, core: &QpCore, peer: &QpCore) {
-        if self.peer || self.me {
-            // Pairs with the `SeqCst` store in `Notify::arm` and the re-check after it.
-            fence(Ordering::SeqCst);
-            if self.peer {
-                peer.notify.wake_if_armed();
-            }
-            if self.me {
-                core.notify.wake_if_armed();
-            }
+        if self.peer {
+            peer.notify.wake_if_armed();
+        }
+        if self.me {
+            core.notify.wake_if_armed();
         }
     }
 }
@@ -948,15 +956,14 @@ impl SendSide {
         self.sync_rnr_flag(core);
     }
 
-    /// Run `f` with the queue pair's execution marked busy and both region
-    /// tables loaded.
-    fn with_exec<R>(
+    /// Run `f` with both region tables loaded (under the send mutex, which
+    /// is what makes it an execution deregistration waits for).
+    fn with_tables<R>(
         &mut self,
         core: &QpCore,
         peer: &QpCore,
         f: impl FnOnce(&mut SendSide, &MrTable, &MrTable) -> R,
     ) -> R {
-        let _busy = core.exec.enter();
         // Taken out for the call (moves, no reference counting) so that `f`
         // can have the rest of `self`.
         let mut own_c = std::mem::take(&mut self.own_table);
@@ -1013,7 +1020,7 @@ impl SendSide {
     fn retry_pending(&mut self, core: &QpCore, peer: &QpCore) {
         self.check_state(core);
         if self.sq.has_pending() && !self.error {
-            self.with_exec(core, peer, |s, own_t, peer_t| {
+            self.with_tables(core, peer, |s, own_t, peer_t| {
                 s.progress(core, peer, own_t, peer_t)
             });
         }
@@ -1199,8 +1206,8 @@ impl SendSide {
                 // table snapshot `peer_t` (a live registration with
                 // LOCAL_WRITE, in bounds), `s` through `own_t` or is the
                 // caller's slice, borrowed for the call; both snapshots
-                // are held by the caller for the call and its `Exec` is
-                // busy, so deregistration waits for us.
+                // are held by the caller for the call, under the send
+                // mutex deregistration takes, so it waits for us.
                 unsafe { dma::copy_segs(&[d], &[s]) };
             }
             // Validated against max_msg_sz, a u32.
@@ -1227,7 +1234,7 @@ impl SendSide {
         k
     }
 
-    /// The body of `post_send`, with the execution marked busy.
+    /// The body of `post_send`, under the send mutex.
     fn post(
         &mut self,
         core: &QpCore,
@@ -1426,7 +1433,7 @@ impl Local {
             // Our ERROR flag is set (SeqCst): once the execution of the
             // peer's requests in progress ends, nobody consumes our
             // receives again.
-            peer.exec.quiesce();
+            peer.quiesce();
             self.peer_quiesced = true;
         }
         let consume = r.consume.load(Ordering::Acquire);
@@ -1512,8 +1519,8 @@ impl std::fmt::Debug for SoftQp {
 
 impl SoftQp {
     /// A post to the send queue: `f` runs under the send side's lock with
-    /// the execution marked busy and both region tables at hand; the peer
-    /// is woken afterwards if it needs to be.
+    /// both region tables at hand; the peer is woken afterwards if it
+    /// needs to be.
     #[inline]
     fn posting(
         &mut self,
@@ -1523,7 +1530,7 @@ impl SoftQp {
         let (res, wakes) = {
             let mut s = lock(&core.send);
             s.check_state(core);
-            let res = s.with_exec(core, peer, |s, own_t, peer_t| {
+            let res = s.with_tables(core, peer, |s, own_t, peer_t| {
                 f(s, core, peer, own_t, peer_t)
             });
             l.sq_idle = s.sq.is_idle();
@@ -1749,13 +1756,20 @@ impl QueuePair for SoftQp {
     }
 
     fn arm(&mut self, waker: &Waker) -> Armed {
-        let SoftQp { core, l, .. } = self;
+        let SoftQp { core, peer, l } = self;
         let ready =
             |l: &Local| l.recv_ready(core) || (!l.sq_idle && lock(&core.send).sq.has_completions());
         if ready(l) {
             return Armed::Ready;
         }
         core.notify.arm(waker);
+        // Completions for us are produced under a send mutex: the peer's
+        // for receives, ours for a helper's send completions (`ready` takes
+        // that one). A producer reads our flag after releasing the mutex,
+        // with no fence; taking it once here means the producer either
+        // finished before (the re-check sees its completions) or starts
+        // after (it sees the flag).
+        peer.quiesce();
         if ready(l) {
             return Armed::Ready;
         }
@@ -1770,7 +1784,10 @@ impl QueuePair for SoftQp {
         l.disconnected = true;
         core.flags.fetch_or(ERROR | DISCONNECTED, Ordering::SeqCst);
         peer.flags.fetch_or(ERROR | PEER_GONE, Ordering::SeqCst);
-        peer.notify.wake_if_armed();
+        // Set under no send mutex: the flag and the wake-up are both
+        // read-modify-writes (`SeqCst`), so an armer's `SeqCst` flag store
+        // and re-check cannot miss both.
+        peer.notify.wake();
         {
             let mut s = lock(&core.send);
             s.check_state(core);
@@ -1790,7 +1807,7 @@ impl Drop for SoftQp {
         self.disconnect();
         let SoftQp { core, peer, l } = self;
         if !l.peer_quiesced {
-            peer.exec.quiesce();
+            peer.quiesce();
             l.peer_quiesced = true;
         }
         if let RecvSide::Srq { srq, comp } = &core.recv {

@@ -239,8 +239,8 @@ impl SlotArray {
     }
 
     /// As [`SlotArray::is_done`], as a `SeqCst` load: the re-check after
-    /// arming a waker (pairs with the poster's fence before it looks at the
-    /// waker).
+    /// arming a waker (`SoftQp::arm`), which must also see an error flag a
+    /// disconnect set with no mutex held.
     pub(crate) fn is_done_seqcst(&self, i: usize, seq: u64) -> bool {
         (self.cqes[i].tag_len.load(Ordering::SeqCst) >> 32) as u32 == tag(seq)
     }
