@@ -87,6 +87,53 @@ struct Entry {
     cpu: usize,
 }
 
+/// One registration's translation, copied out of a table: a run of
+/// requests naming the same key looks it up once and checks each range
+/// against the copy (valid while the table it came from is held).
+#[derive(Clone, Copy)]
+pub(crate) struct Xlat<'t>(&'t Entry);
+
+/// What [`Xlat::default`] holds: no key, no bytes, no rights.
+static NO_ENTRY: Entry = Entry {
+    lkey: 0,
+    access: Access::LOCAL_READ,
+    addr: 0,
+    len: 0,
+    cpu: 0,
+};
+
+impl Default for Xlat<'_> {
+    fn default() -> Self {
+        Xlat(&NO_ENTRY)
+    }
+}
+
+impl Xlat<'_> {
+    /// The key it translates (0 for the default, which names nothing).
+    #[inline(always)]
+    pub(crate) fn lkey(&self) -> u32 {
+        self.0.lkey
+    }
+
+    /// The CPU address of `[addr, addr + len)` if the registration grants
+    /// `need` and the range lies inside it (checked arithmetic).
+    #[inline(always)]
+    pub(crate) fn range(&self, need: Access, addr: u64, len: u64) -> Option<usize> {
+        let e = self.0;
+        if !e.access.contains(need) {
+            return None;
+        }
+        let off = addr.checked_sub(e.addr)?;
+        let end = off.checked_add(len)?;
+        if end > e.len {
+            return None;
+        }
+        // `offset + off` stays inside the memory (checked at registration
+        // that `offset + len <= mem.len()`), so the sum does not wrap.
+        Some(e.cpu.wrapping_add(usize::try_from(off).ok()?))
+    }
+}
+
 /// An immutable snapshot of the registrations, with an open-addressed
 /// index by key (at most half full, so a lookup of a key that is not there
 /// ends at an empty entry soon).
@@ -145,6 +192,16 @@ impl MrTable {
         }
     }
 
+    /// The translation of local key `lkey` (an even key), to check ranges
+    /// against with [`Xlat::range`] as often as needed.
+    #[inline(always)]
+    pub(crate) fn local(&self, lkey: u32) -> Option<Xlat<'_>> {
+        if lkey & 1 == 1 {
+            return None;
+        }
+        self.find(lkey).map(Xlat)
+    }
+
     /// Number of registrations.
     pub(crate) fn len(&self) -> usize {
         self.mrs.len()
@@ -167,18 +224,7 @@ impl MrTable {
         if is_remote != (kind == KeyKind::Remote) {
             return None;
         }
-        let e = self.find(key & !1)?;
-        if !e.access.contains(need) {
-            return None;
-        }
-        let off = addr.checked_sub(e.addr)?;
-        let end = off.checked_add(len)?;
-        if end > e.len {
-            return None;
-        }
-        // `offset + off` stays inside the memory (checked at registration
-        // that `offset + len <= mem.len()`), so the sum does not wrap.
-        Some(e.cpu.wrapping_add(usize::try_from(off).ok()?))
+        Xlat(self.find(key & !1)?).range(need, addr, len)
     }
 
     /// A table with `mr` added.

@@ -23,7 +23,7 @@ use zcmsg::{
 
 use crate::device::{Count, Exec, SoftDevice, TableCache};
 use crate::dma::{self, AtomicOp, Seg};
-use crate::mr::{KeyKind, MrTable};
+use crate::mr::{KeyKind, MrTable, Xlat};
 use crate::notify::{self, Notify, Retry};
 use crate::ring::{CompRing, RecvRing, SlotArray};
 use crate::srq::SrqInner;
@@ -514,8 +514,11 @@ fn gather_src(t: &MrTable, v: &WrView<'_>, out: &mut Vec<Seg>) -> bool {
 /// no bytes, `Ok(Some(seg))`, `Err(())` when they do not translate
 /// (LocProtErr, as [`gather_src`]) or hold more than one non-empty SGE (use
 /// [`gather_src`]).
+///
+/// `x` is a translation kept across a run of requests: the table is
+/// searched only when the key changes.
 #[inline(always)]
-fn src_one(t: &MrTable, sges: &[Sge]) -> Result<Option<Seg>, ()> {
+fn src_one<'t>(t: &'t MrTable, x: &mut Xlat<'t>, sges: &[Sge]) -> Result<Option<Seg>, ()> {
     let mut found = None;
     for s in sges {
         if s.length() == 0 {
@@ -529,22 +532,56 @@ fn src_one(t: &MrTable, sges: &[Sge]) -> Result<Option<Seg>, ()> {
     let Some(s) = found else {
         return Ok(None);
     };
-    local_seg(t, s.lkey(), s.addr(), s.length().into(), Access::LOCAL_READ)
-        .map(Some)
-        .ok_or(())
+    kept_seg(
+        t,
+        x,
+        s.lkey(),
+        s.addr(),
+        s.length().into(),
+        Access::LOCAL_READ,
+    )
+    .map(Some)
+    .ok_or(())
+}
+
+/// [`local_seg`] through `x`, a translation kept across a run of requests
+/// (looked up again only when `lkey` is not the one it holds; the default
+/// holds no key and grants nothing).
+#[inline(always)]
+fn kept_seg<'t>(
+    t: &'t MrTable,
+    x: &mut Xlat<'t>,
+    lkey: u32,
+    addr: u64,
+    len: u64,
+    need: Access,
+) -> Option<Seg> {
+    if x.lkey() != lkey {
+        *x = t.local(lkey)?;
+    }
+    x.range(need, addr, len).map(|addr| Seg {
+        addr,
+        len: len as usize,
+    })
 }
 
 /// [`scatter`] into a receive of one SGE, without the scratch list:
 /// `Ok(None)` when no bytes land.
+/// `x` as in [`src_one`].
 #[inline]
-fn scatter_one(t: &MrTable, g: Sge, need: u64) -> Result<Option<Seg>, Scatter> {
+fn scatter_one<'t>(
+    t: &'t MrTable,
+    x: &mut Xlat<'t>,
+    g: Sge,
+    need: u64,
+) -> Result<Option<Seg>, Scatter> {
     if u64::from(g.length()) < need {
         return Err(Scatter::Short);
     }
     if need == 0 {
         return Ok(None);
     }
-    local_seg(t, g.lkey(), g.addr(), need, Access::LOCAL_WRITE)
+    kept_seg(t, x, g.lkey(), g.addr(), need, Access::LOCAL_WRITE)
         .map(Some)
         .ok_or(Scatter::Prot)
 }
@@ -1172,6 +1209,9 @@ impl SendSide {
         let mut rx = self.peer_rx;
         let mut k = 0;
         let mut bytes = 0u64;
+        // The run's requests usually name one source region and land in
+        // one receive region: each is looked up once.
+        let (mut src_x, mut dst_x) = (Xlat::default(), Xlat::default());
         while let Some(wr) = wrs.get(k) {
             if !matches!(wr.opcode, Opcode::Send | Opcode::SendWithImm) {
                 break;
@@ -1186,7 +1226,7 @@ impl SendSide {
             // source; SGEs translate through our table.
             let (len, src) = match staged {
                 Some(d) => (d.len() as u64, (!d.is_empty()).then(|| Seg::of(d))),
-                None => match src_one(own_t, wr.sg_list) {
+                None => match src_one(own_t, &mut src_x, wr.sg_list) {
                     Ok(src) => (len, src),
                     Err(()) => break,
                 },
@@ -1198,7 +1238,7 @@ impl SendSide {
             let Some(g) = ring.slots.single_sge(i) else {
                 break;
             };
-            let Ok(dst) = scatter_one(peer_t, g, len) else {
+            let Ok(dst) = scatter_one(peer_t, &mut dst_x, g, len) else {
                 break;
             };
             if let (Some(d), Some(s)) = (dst, src) {
