@@ -84,6 +84,7 @@
 //! - `unsignaled_covered_by_signaled`: unsignaled successes give no completion; a signaled one covers them; a READ sees earlier unsignaled WRITEs.
 //! - `post_list`: one post of 32 mixed requests and one of 32 receives; completions in order.
 //! - `post_list_shapes`: SENDs of changing shapes in one list (gather, scatter, empty SGE, immediate, inline, one past the posted receives), and a list failing in its middle: each lands or fails in place.
+//! - `post_list_same_region_out_of_bounds`: in a list of SENDs from (or into receives of) one region, one whose SGE has that region's key but crosses its end fails in place (the range is checked per request, even where a device translates the region once per list).
 //! - `poll_cq_small_batches`: polling one or three at a time (and with an empty buffer) loses nothing.
 //! - `same_device_pair`: both ends on one device: SEND, WRITE, READ, atomic.
 //! - `zero_copy_send`: registered `Bytes` through `SgeBuilder::send` leave the copy counters at zero.
@@ -218,6 +219,7 @@ macro_rules! __for_each_case {
             unsignaled_covered_by_signaled,
             post_list,
             post_list_shapes,
+            post_list_same_region_out_of_bounds,
             poll_cq_small_batches,
             same_device_pair,
             zero_copy_send,

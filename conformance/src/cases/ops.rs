@@ -1097,6 +1097,187 @@ pub fn post_list_shapes(h: &Harness) {
     }
 }
 
+/// A device may translate a region once for a run of requests and check
+/// each request's range against what it found; each range is still
+/// checked. Two lists, each on a fresh pair:
+/// - four SENDs from one arena, the third with the arena's lkey but
+///   crossing the end of its registration: the first two arrive intact, the
+///   third completes `LocProtErr`, the fourth is flushed, nothing else lands.
+/// - three SENDs into three receives of one arena, the second receive with
+///   the arena's lkey but crossing its end: the first message arrives
+///   intact; the second fails on both sides (`LocProtErr` on the receive,
+///   or rxe's malformed-receive `LocQpOpErr`; `RemOpErr` on the SEND), the
+///   rest is flushed on both sides, and the arena is untouched.
+pub fn post_list_same_region_out_of_bounds(h: &Harness) {
+    // The source side.
+    // Arenas of exactly one page (4 slots of 1 KiB): the registration ends
+    // where the last slot does.
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let sa = p.a.arena(1024, 4);
+    let rb = p.b.arena(1024, 4);
+    assert_eq!(sa.len(), 4096, "a 4 KiB arena is one page");
+    let mut recvs = post_recvs(&mut p.qb, &rb, 700, 4);
+    let good: Vec<SlotMut> = (0..3)
+        .map(|i| slot_with(&sa, &message(43, i, 96)))
+        .collect();
+    let end = sa.base() + sa.len() as u64;
+    let over = [Sge::new(end - 32, 96, sa.lkey())];
+    let gsg: Vec<[Sge; 1]> = good.iter().map(|s| [s.sge_filled()]).collect();
+    p.qa.post_send(&[
+        WorkRequest::send(710, &gsg[0]),
+        WorkRequest::send(711, &gsg[1]),
+        WorkRequest::send(712, &over),
+        WorkRequest::send(713, &gsg[2]),
+    ]);
+    for id in [710, 711] {
+        expect_ok(
+            &p.qa.next("a good SEND of the list"),
+            id,
+            WcOpcode::Send,
+            "a SEND before the one crossing its region's end",
+        );
+    }
+    expect_status(
+        &p.qa.next("the SEND crossing its region's end"),
+        712,
+        WcStatus::LocProtErr,
+        "a SEND whose SGE has the lkey of the list's region but crosses its end",
+    );
+    expect_status(
+        &p.qa.next("the SEND behind the failing one"),
+        713,
+        WcStatus::WrFlushErr,
+        "the SEND behind the one crossing its region's end",
+    );
+    for (k, slot) in recvs.iter_mut().take(2).enumerate() {
+        let wc = p.qb.next("a SEND before the failing one");
+        expect_ok(
+            &wc,
+            700 + k as u64,
+            WcOpcode::Recv,
+            "receive before the failure",
+        );
+        assert_eq!(wc.byte_len, 96, "byte_len before the failure");
+        slot.set_len(96);
+        check_message(
+            slot.as_slice(),
+            43,
+            k as u64,
+            96,
+            "a SEND before the failing one",
+        );
+    }
+    for wc in p.qb.drain(QUIET) {
+        assert!(
+            wc.status != WcStatus::Success,
+            "the peer received something from the failing SEND or behind it: {wc:?}"
+        );
+    }
+    for s in &recvs[2..] {
+        check_filled(
+            s.as_slice(),
+            0xEE,
+            "receives the failing SEND and the flushed one did not fill",
+        );
+    }
+    drop(p);
+
+    // The destination side.
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let sa = p.a.arena(1024, 3);
+    let rb = p.b.arena(1024, 4);
+    assert_eq!(rb.len(), 4096, "a 4 KiB arena is one page");
+    // Slots come in order: the fourth ends where the registration does.
+    let mut rs: Vec<SlotMut> = (0..4).map(|_| slot_filled(&rb, 0xEE)).collect();
+    let end = rb.base() + rb.len() as u64;
+    assert_eq!(
+        rs[3].sge().addr() + 1024,
+        end,
+        "the arena's fourth slot is its last"
+    );
+    let (s0, s1, s2) = (
+        [rs[0].sge()],
+        [Sge::new(end - 32, 256, rb.lkey())],
+        [rs[1].sge()],
+    );
+    p.qb.post_recv(&[
+        RecvRequest {
+            wr_id: 800,
+            sg_list: &s0,
+        },
+        RecvRequest {
+            wr_id: 801,
+            sg_list: &s1,
+        },
+        RecvRequest {
+            wr_id: 802,
+            sg_list: &s2,
+        },
+    ]);
+    let src: Vec<SlotMut> = (0..3)
+        .map(|i| slot_with(&sa, &message(44, i, 64)))
+        .collect();
+    let ssg: Vec<[Sge; 1]> = src.iter().map(|s| [s.sge_filled()]).collect();
+    p.qa.post_send(&[
+        WorkRequest::send(810, &ssg[0]),
+        WorkRequest::send(811, &ssg[1]),
+        WorkRequest::send(812, &ssg[2]),
+    ]);
+    let wc = p.qb.next("the first receive");
+    expect_ok(
+        &wc,
+        800,
+        WcOpcode::Recv,
+        "the receive before the one crossing its region's end",
+    );
+    assert_eq!(wc.byte_len, 64, "byte_len of the first message");
+    rs[0].set_len(64);
+    check_message(rs[0].as_slice(), 44, 0, 64, "the first message");
+    let wc = p.qb.next("the receive crossing its region's end");
+    assert!(
+        wc.wr_id == 801 && matches!(wc.status, WcStatus::LocProtErr | WcStatus::LocQpOpErr),
+        "a receive whose SGE has the lkey of the first receive's region but crosses its end: expected wr_id 801 with LocProtErr (or rxe's LocQpOpErr), got {wc:?}"
+    );
+    expect_status(
+        &p.qb.next("the receive behind the failed one"),
+        802,
+        WcStatus::WrFlushErr,
+        "the receive behind the one crossing its region's end",
+    );
+    expect_ok(
+        &p.qa.next("the first SEND"),
+        810,
+        WcOpcode::Send,
+        "the SEND into the good receive",
+    );
+    expect_status(
+        &p.qa
+            .next("the SEND into the receive crossing its region's end"),
+        811,
+        WcStatus::RemOpErr,
+        "a SEND into a receive whose SGE crosses its region's end",
+    );
+    expect_status(
+        &p.qa.next("the SEND behind the failed one"),
+        812,
+        WcStatus::WrFlushErr,
+        "the SEND behind the failed one",
+    );
+    p.qa.expect_idle(QUIET, "nothing more on the sender");
+    p.qb.expect_idle(QUIET, "nothing more on the receiver");
+    for (i, what) in [
+        (1, "the flushed receive's buffer"),
+        (2, "a slot no receive named"),
+        (
+            3,
+            "the arena's last slot, where the failing receive's SGE began",
+        ),
+    ] {
+        rs[i].set_len(1024);
+        check_filled(rs[i].as_slice(), 0xEE, what);
+    }
+}
+
 /// Poll one completion at a time (and with an empty buffer) while send and
 /// receive completions of both directions are waiting: every completion comes
 /// out exactly once, each kind in order, none lost when the buffer is full.
