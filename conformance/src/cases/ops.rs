@@ -1109,6 +1109,18 @@ pub fn post_list_shapes(h: &Harness) {
 ///   or rxe's malformed-receive `LocQpOpErr`; `RemOpErr` on the SEND), the
 ///   rest is flushed on both sides, and the arena is untouched.
 pub fn post_list_same_region_out_of_bounds(h: &Harness) {
+    /// The device address one past `last`, a 1 KiB slot that must be the
+    /// last of its arena (whose registration then ends there too): in the
+    /// device's address space, CPU or IOVA.
+    fn last_slot_end(arena: &Arena, last: &SlotMut) -> u64 {
+        assert_eq!(
+            last.as_slice().as_ptr() as u64 + 1024,
+            arena.base() + arena.len() as u64,
+            "the arena's fourth slot is its last"
+        );
+        last.sge().addr() + 1024
+    }
+
     // The source side.
     // Arenas of exactly one page (4 slots of 1 KiB): the registration ends
     // where the last slot does.
@@ -1120,7 +1132,8 @@ pub fn post_list_same_region_out_of_bounds(h: &Harness) {
     let good: Vec<SlotMut> = (0..3)
         .map(|i| slot_with(&sa, &message(43, i, 96)))
         .collect();
-    let end = sa.base() + sa.len() as u64;
+    let last = sa.alloc().expect("the arena's fourth slot");
+    let end = last_slot_end(&sa, &last);
     let over = [Sge::new(end - 32, 96, sa.lkey())];
     let gsg: Vec<[Sge; 1]> = good.iter().map(|s| [s.sge_filled()]).collect();
     p.qa.post_send(&[
@@ -1189,12 +1202,7 @@ pub fn post_list_same_region_out_of_bounds(h: &Harness) {
     assert_eq!(rb.len(), 4096, "a 4 KiB arena is one page");
     // Slots come in order: the fourth ends where the registration does.
     let mut rs: Vec<SlotMut> = (0..4).map(|_| slot_filled(&rb, 0xEE)).collect();
-    let end = rb.base() + rb.len() as u64;
-    assert_eq!(
-        rs[3].sge().addr() + 1024,
-        end,
-        "the arena's fourth slot is its last"
-    );
+    let end = last_slot_end(&rb, &rs[3]);
     let (s0, s1, s2) = (
         [rs[0].sge()],
         [Sge::new(end - 32, 256, rb.lkey())],
