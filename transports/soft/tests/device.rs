@@ -1595,6 +1595,99 @@ fn arm_reports_ready_or_wakes_on_the_next_completion() {
     assert_eq!(a.arm(&w), Armed::Armed);
 }
 
+/// Wait for a completion as a sleeping consumer does: poll, arm, park, and
+/// nothing else (no spinning). Panics if a completion was waiting after
+/// 2 s without a wake-up (a lost wake-up), or if nothing came at all.
+fn sleep_poll(qp: &mut dyn zcmsg::QueuePair, wc: &mut [WorkCompletion]) -> usize {
+    let w = zcmsg::util::thread_waker();
+    loop {
+        let n = qp.poll_cq(wc);
+        if n > 0 {
+            return n;
+        }
+        if qp.arm(&w) == Armed::Armed {
+            let t = std::time::Instant::now();
+            std::thread::park_timeout(Duration::from_secs(2));
+            if t.elapsed() >= Duration::from_secs(2) {
+                let n = qp.poll_cq(wc);
+                assert_eq!(
+                    n, 0,
+                    "a completion waited 2 s with no wake-up: a lost wake-up"
+                );
+                panic!("nothing arrived within 2 s");
+            }
+        }
+    }
+}
+
+/// Both sides of a ping-pong sleep between messages (`arm`, then park):
+/// each one arms while the other is about to post, the race the wake-up
+/// protocol must win every time (the poster reads the flag after
+/// releasing its send mutex; the armer takes that mutex between setting
+/// the flag and re-checking). 20,000 round trips, every message checked.
+#[test]
+fn a_ping_pong_of_sleepers_loses_no_wake_up() {
+    const N: u64 = 20_000;
+    let e = Arc::new(env());
+    let (mut a, mut b) = e.dev.pair(&cfg(), &cfg()).unwrap();
+    let mut ra: Vec<zcmsg::SlotMut> = (0..8).map(|_| e.empty()).collect();
+    let mut rb: Vec<zcmsg::SlotMut> = (0..8).map(|_| e.empty()).collect();
+    for (i, s) in ra.iter().enumerate() {
+        post_recv(&mut *a, i as u64, s);
+    }
+    for (i, s) in rb.iter().enumerate() {
+        post_recv(&mut *b, i as u64, s);
+    }
+    // One message for each side, with its round number in the first 8 bytes.
+    let mut ma = e.slot(&[0u8; 64]);
+    let mut mb = e.slot(&[0u8; 64]);
+    let echo = std::thread::spawn(move || {
+        let mut wc = [WorkCompletion::EMPTY; 4];
+        let mut got = 0u64;
+        while got < N {
+            let n = sleep_poll(&mut *b, &mut wc);
+            for w in &wc[..n] {
+                assert_eq!(w.status, WcStatus::Success, "echo side: {w:?}");
+                if !w.opcode.is_recv() {
+                    continue;
+                }
+                let r = &mut rb[w.wr_id as usize];
+                r.set_len(8);
+                let round = u64::from_le_bytes(r.as_slice().try_into().unwrap());
+                assert_eq!(round, got, "echo side: message out of order");
+                got += 1;
+                post_recv(&mut *b, w.wr_id, r);
+                mb.as_mut_slice()[..8].copy_from_slice(&round.to_le_bytes());
+                b.post_send(&[WorkRequest::send(round, &[mb.sge_filled()])])
+                    .unwrap();
+            }
+        }
+        (b, rb, mb)
+    });
+    let mut wc = [WorkCompletion::EMPTY; 4];
+    for round in 0..N {
+        ma.as_mut_slice()[..8].copy_from_slice(&round.to_le_bytes());
+        a.post_send(&[WorkRequest::send(round, &[ma.sge_filled()])])
+            .unwrap();
+        let mut echoed = false;
+        while !echoed {
+            let n = sleep_poll(&mut *a, &mut wc);
+            for w in &wc[..n] {
+                assert_eq!(w.status, WcStatus::Success, "first side: {w:?}");
+                if w.opcode.is_recv() {
+                    let r = &mut ra[w.wr_id as usize];
+                    r.set_len(8);
+                    let back = u64::from_le_bytes(r.as_slice().try_into().unwrap());
+                    assert_eq!(back, round, "the echo of round {round}");
+                    post_recv(&mut *a, w.wr_id, r);
+                    echoed = true;
+                }
+            }
+        }
+    }
+    let _ = echo.join().expect("the echo side");
+}
+
 // ---------------------------------------------------------------- teardown
 
 #[test]
