@@ -1053,39 +1053,63 @@ pub fn post_list_shapes(h: &Harness) {
         WorkRequest::send(302, &bad),
         WorkRequest::send(303, &gsg[2]),
     ]);
-    expect_ok(
-        &p.qa.next("the second good SEND"),
-        301,
-        WcOpcode::Send,
-        "the SEND before the failing one",
+    expect_third_of_four_failed(
+        &mut p,
+        &[301],
+        (302, "SEND with an unknown lkey in the middle of a list"),
+        &mut fr,
+        (200, 42, 77),
     );
+}
+
+/// The end of a list of four SENDs whose third failed at its source
+/// (`LocProtErr`): the good ones that were signaled (`good`) complete, the
+/// third (`failed`: its id, and what it was) fails, the fourth (the next
+/// id) is flushed; the peer received the first two in `recvs[0..2]`
+/// (receive ids from `first`, bytes `message(tag, k, len)`) and nothing
+/// else.
+fn expect_third_of_four_failed(
+    p: &mut Pair,
+    good: &[u64],
+    failed: (u64, &str),
+    recvs: &mut [SlotMut],
+    (first, tag, len): (u64, u64, usize),
+) {
+    for &id in good {
+        expect_ok(
+            &p.qa.next("a good SEND of the list"),
+            id,
+            WcOpcode::Send,
+            "a SEND before the failing one",
+        );
+    }
     expect_status(
         &p.qa.next("the failing SEND"),
-        302,
+        failed.0,
         WcStatus::LocProtErr,
-        "SEND with an unknown lkey in the middle of a list",
+        failed.1,
     );
     expect_status(
         &p.qa.next("the SEND behind the failing one"),
-        303,
+        failed.0 + 1,
         WcStatus::WrFlushErr,
         "the SEND behind the failing one",
     );
-    for (k, slot) in fr.iter_mut().take(2).enumerate() {
+    for (k, slot) in recvs.iter_mut().take(2).enumerate() {
         let wc = p.qb.next("a SEND before the failing one");
         expect_ok(
             &wc,
-            200 + k as u64,
+            first + k as u64,
             WcOpcode::Recv,
             "receive before the failure",
         );
-        assert_eq!(wc.byte_len, 77, "byte_len before the failure");
-        slot.set_len(77);
+        assert_eq!(wc.byte_len as usize, len, "byte_len before the failure");
+        slot.set_len(len);
         check_message(
             slot.as_slice(),
-            42,
+            tag,
             k as u64,
-            77,
+            len,
             "a SEND before the failing one",
         );
     }
@@ -1142,50 +1166,16 @@ pub fn post_list_same_region_out_of_bounds(h: &Harness) {
         WorkRequest::send(712, &over),
         WorkRequest::send(713, &gsg[2]),
     ]);
-    for id in [710, 711] {
-        expect_ok(
-            &p.qa.next("a good SEND of the list"),
-            id,
-            WcOpcode::Send,
-            "a SEND before the one crossing its region's end",
-        );
-    }
-    expect_status(
-        &p.qa.next("the SEND crossing its region's end"),
-        712,
-        WcStatus::LocProtErr,
-        "a SEND whose SGE has the lkey of the list's region but crosses its end",
+    expect_third_of_four_failed(
+        &mut p,
+        &[710, 711],
+        (
+            712,
+            "a SEND whose SGE has the lkey of the list's region but crosses its end",
+        ),
+        &mut recvs,
+        (700, 43, 96),
     );
-    expect_status(
-        &p.qa.next("the SEND behind the failing one"),
-        713,
-        WcStatus::WrFlushErr,
-        "the SEND behind the one crossing its region's end",
-    );
-    for (k, slot) in recvs.iter_mut().take(2).enumerate() {
-        let wc = p.qb.next("a SEND before the failing one");
-        expect_ok(
-            &wc,
-            700 + k as u64,
-            WcOpcode::Recv,
-            "receive before the failure",
-        );
-        assert_eq!(wc.byte_len, 96, "byte_len before the failure");
-        slot.set_len(96);
-        check_message(
-            slot.as_slice(),
-            43,
-            k as u64,
-            96,
-            "a SEND before the failing one",
-        );
-    }
-    for wc in p.qb.drain(QUIET) {
-        assert!(
-            wc.status != WcStatus::Success,
-            "the peer received something from the failing SEND or behind it: {wc:?}"
-        );
-    }
     for s in &recvs[2..] {
         check_filled(
             s.as_slice(),
