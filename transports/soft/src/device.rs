@@ -206,7 +206,8 @@ pub(crate) struct TableCache {
 }
 
 impl TableCache {
-    /// The device's current table (call with the execution marked busy).
+    /// The device's current table (call under the queue pair's send mutex,
+    /// which is what makes its use an execution deregistration waits for).
     #[inline]
     pub(crate) fn get(&mut self, dev: &SoftDevice) -> &MrTable {
         // The generation first: a table loaded after it is at least as new.
@@ -414,7 +415,9 @@ impl SoftDevice {
         Ok((caps, srq))
     }
 
-    /// Track a queue pair's execution state (see [`Exec`]).
+    /// Track a queue pair whose executions may touch this device's regions
+    /// (deregistration waits for them) and whose counters (see [`Exec`])
+    /// count here if `own`.
     pub(crate) fn add_exec(&self, exec: &Arc<Exec>, qp: Weak<QpCore>, own: bool) {
         lock(&self.execs).push(ExecEntry {
             exec: exec.clone(),
@@ -616,5 +619,37 @@ mod tests {
         let n = qa.poll_cq(&mut wc);
         let last = wc[..n].iter().find(|w| w.wr_id == 3).expect("completion 3");
         assert_eq!(last.status, WcStatus::LocProtErr);
+    }
+
+    #[test]
+    fn a_dropped_queue_pair_kept_by_its_peer_keeps_no_region_alive() {
+        // The peer holds the dropped queue pair's core; the region table
+        // that core kept from its last execution must not keep a region's
+        // memory alive past its deregistration.
+        let dev = SoftDevice::new();
+        let cfg = QpConfig::default();
+        let (mut qa, mut qb) = dev.pair(&cfg, &cfg).unwrap();
+        let (src, src_w) = mem(64);
+        let (dst, _dst_w) = mem(64);
+        let (src_ptr, dst_ptr) = (src.as_ptr() as u64, dst.as_ptr() as u64);
+        let ra = dev.register(src, Access::LOCAL_WRITE).unwrap();
+        let rb = dev.register(dst, Access::LOCAL_WRITE).unwrap();
+        let rsge = [Sge::new(dst_ptr, 64, rb.lkey)];
+        qb.post_recv(&[RecvRequest {
+            wr_id: 1,
+            sg_list: &rsge,
+        }])
+        .unwrap();
+        let ssge = [Sge::new(src_ptr, 64, ra.lkey)];
+        qa.post_send(&[WorkRequest::send(2, &ssge)]).unwrap();
+        let mut wc = [WorkCompletion::EMPTY; 4];
+        assert_eq!(qb.poll_cq(&mut wc), 1);
+        drop(qa);
+        dev.deregister(ra.lkey).unwrap();
+        assert!(
+            src_w.upgrade().is_none(),
+            "the dropped sender's kept table still holds the memory"
+        );
+        drop(qb);
     }
 }

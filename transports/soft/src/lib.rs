@@ -82,8 +82,8 @@
 //!   overflow; the owner's `poll_cq` reads them in order from the tags,
 //!   without any lock.
 //! - **Send queue**: preallocated, behind a mutex of its own queue pair that
-//!   only the owner's thread takes in the common case (uncontended: an atomic
-//!   swap each way, the cache line never leaves the owner's core). Send
+//!   the owner's thread takes on every post (uncontended in the common case:
+//!   an atomic swap each way; other threads take it rarely, see below). Send
 //!   completions are written there by the poster itself. A slot is held from
 //!   post until its completion is polled (an unsignaled request that succeeds
 //!   at once holds none); `poll_cq` skips the mutex when nothing is outstanding.
@@ -95,7 +95,9 @@
 //!   only an armed peer is woken. `arm` stores the waker and the flag, takes
 //!   the peer's send mutex once, then re-checks: the poster either finished
 //!   before (the re-check sees its completions) or starts after (it sees the
-//!   flag), so the data path needs no fence. No background thread carries
+//!   flag), so the data path needs no fence. `arm` only tries the mutex: if
+//!   the peer is posting at that moment it reports ready instead of waiting
+//!   (the caller polls again). No background thread carries
 //!   completions.
 //! - **Deregistration and error transitions** need to know that no thread is
 //!   still inside a copy. Every execution of a queue pair's requests runs
@@ -113,7 +115,8 @@
 //!   `poll_cq`, or, without its owner doing anything, by whoever posts a
 //!   receive for it (the peer's `post_recv`, or any thread posting to the
 //!   peer's SRQ: that thread takes the waiting queue pair's send mutex and
-//!   executes the request, the one case where the mutex is shared) and by the
+//!   executes the request, the one case where another thread executes under
+//!   it) and by the
 //!   RNR timer, like rxe's `rnr_nak_timer`: a small thread, started on demand
 //!   and gone when idle. A failed retry counts once its delay expired (20 µs,
 //!   growing fourfold per retry up to 10 ms); after `rnr_retry` of them (7:

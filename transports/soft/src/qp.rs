@@ -5,12 +5,15 @@
 //! requests in the sender's context: the executing thread translates both
 //! sides' addresses, copies, and writes the peer's receive completion
 //! straight into the peer's receive ring. The peer polls that ring without a
-//! lock; the send queue sits behind a mutex of its own queue pair that only
-//! its owner takes, except while a request waits for a receive (RNR).
+//! lock; the send queue sits behind a mutex of its own queue pair that its
+//! owner takes on every post. Other threads take it rarely: to execute a
+//! request waiting for a receive (RNR), and, without executing anything, to
+//! wait for an execution in progress to end (deregistration, the peer
+//! entering the error state or being dropped, the peer arming its waker).
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError, Weak};
 use std::task::Waker;
 use std::time::Instant;
 
@@ -56,9 +59,12 @@ pub(crate) struct QpCore {
     recv: RecvSide,
     /// The send queue and everything needed to execute it. Its owner's
     /// thread takes this mutex on every post (never contended in the common
-    /// case); another thread takes it only while a request of ours waits
-    /// for a receive (RNR): the peer posting a receive, an SRQ post, or the
-    /// RNR timer then executes the waiting requests itself.
+    /// case). Another thread executes with it only while a request of ours
+    /// waits for a receive (RNR): the peer posting a receive, an SRQ post, or
+    /// the RNR timer then executes the waiting requests itself. Others take
+    /// it once, executing nothing, to wait for an execution in progress
+    /// ([`QpCore::quiesce`]): a deregistration, the peer in error or being
+    /// dropped; the peer arming its waker only tries it.
     send: Mutex<SendSide>,
     me: Weak<QpCore>,
     peer: OnceLock<Weak<QpCore>>,
@@ -1797,20 +1803,41 @@ impl QueuePair for SoftQp {
 
     fn arm(&mut self, waker: &Waker) -> Armed {
         let SoftQp { core, peer, l } = self;
-        let ready =
-            |l: &Local| l.recv_ready(core) || (!l.sq_idle && lock(&core.send).sq.has_completions());
-        if ready(l) {
+        // Our own completions: a helper may have produced some (or the
+        // peer's disconnect may have failed a request of ours waiting for a
+        // receive) while we did not post or poll.
+        let own_ready = |l: &mut Local| {
+            if l.sq_idle {
+                return false;
+            }
+            let (ready, mut w) = {
+                let mut s = lock(&core.send);
+                s.check_state(core);
+                l.sq_idle = s.sq.is_idle();
+                (s.sq.has_completions(), s.take_wakes())
+            };
+            // Our own wake-up is ours to drop: we are about to look.
+            w.me = false;
+            w.fire(core, peer);
+            ready
+        };
+        if l.recv_ready(core) || own_ready(l) {
             return Armed::Ready;
         }
         core.notify.arm(waker);
         // Completions for us are produced under a send mutex: the peer's
-        // for receives, ours for a helper's send completions (`ready` takes
-        // that one). A producer reads our flag after releasing the mutex,
-        // with no fence; taking it once here means the producer either
-        // finished before (the re-check sees its completions) or starts
-        // after (it sees the flag).
-        peer.quiesce();
-        if ready(l) {
+        // for receives, ours for a helper's send completions (`own_ready`
+        // takes that one). A producer reads our flag after releasing the
+        // mutex, with no fence; taking it once here means the producer
+        // either finished before (the re-check sees its completions) or
+        // starts after (it sees the flag). Only tried: if the peer is
+        // posting right now, say ready rather than wait for its post list
+        // (the caller polls again; a failed try orders nothing).
+        match peer.send.try_lock() {
+            Ok(_) | Err(TryLockError::Poisoned(_)) => {}
+            Err(TryLockError::WouldBlock) => return Armed::Ready,
+        }
+        if l.recv_ready(core) || own_ready(l) {
             return Armed::Ready;
         }
         Armed::Armed
@@ -1849,6 +1876,13 @@ impl Drop for SoftQp {
         if !l.peer_quiesced {
             peer.quiesce();
             l.peer_quiesced = true;
+        }
+        {
+            // The core may outlive us (the peer holds it): the region tables
+            // it kept go now, so that they keep no region's memory alive.
+            let mut s = lock(&core.send);
+            s.own_table = TableCache::default();
+            s.peer_table = TableCache::default();
         }
         if let RecvSide::Srq { srq, comp } = &core.recv {
             // Receives consumed for us and never polled go back to the SRQ.

@@ -238,9 +238,8 @@ impl SlotArray {
         (self.cqes[i].tag_len.load(Ordering::Acquire) >> 32) as u32 == tag(seq)
     }
 
-    /// As [`SlotArray::is_done`], as a `SeqCst` load: the re-check after
-    /// arming a waker (`SoftQp::arm`), which must also see an error flag a
-    /// disconnect set with no mutex held.
+    /// As [`SlotArray::is_done`], for the re-check after arming a waker
+    /// (`SoftQp::arm`, after it tried the peer's send mutex).
     pub(crate) fn is_done_seqcst(&self, i: usize, seq: u64) -> bool {
         (self.cqes[i].tag_len.load(Ordering::SeqCst) >> 32) as u32 == tag(seq)
     }

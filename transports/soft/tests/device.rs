@@ -1736,6 +1736,23 @@ fn dropping_a_queue_pair_fails_the_peers_outstanding_work() {
     assert!(w.revoke().as_slice().iter().all(|&b| b == 0));
 }
 
+/// A SEND waiting for a receive when the peer disconnects: arming
+/// afterwards reports it ready (the request has failed, `RetryExcErr`)
+/// instead of sleeping until the RNR timer next looks at it.
+#[test]
+fn arming_after_the_peer_disconnected_under_a_waiting_send_is_ready() {
+    let e = env();
+    let (mut a, mut b) = e.dev.pair(&rnr_cfg(7), &cfg()).unwrap();
+    let msg = e.slot(b"waits");
+    a.post_send(&[WorkRequest::send(1, &[msg.sge_filled()])])
+        .unwrap();
+    assert!(soft(&*a).rnr_waiting());
+    b.disconnect();
+    let w = zcmsg::util::thread_waker();
+    assert_eq!(a.arm(&w), Armed::Ready, "the waiting SEND has failed");
+    assert_eq!(ids(&poll_n(&mut *a, 1)), vec![(1, WcStatus::RetryExcErr)]);
+}
+
 #[test]
 fn disconnect_is_seen_by_the_peer_like_a_drop() {
     let e = env();
