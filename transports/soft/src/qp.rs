@@ -864,7 +864,11 @@ pub(crate) struct SendSide {
     caps: QpCaps,
     limits: Limits,
     rnr_retry: u8,
-    same_dev: bool,
+    /// The peer's device when it is another one. Its region table is
+    /// loaded through this copy, not through the peer's core, whose
+    /// `dev` pointer shares a cache line with the peer's send mutex: reading
+    /// it on every post moved that line between the cores twice a message.
+    peer_dev: Option<Arc<SoftDevice>>,
     sq: SendQueue,
     /// The error state was entered and the send queue flushed.
     error: bool,
@@ -885,7 +889,7 @@ impl SendSide {
         caps: QpCaps,
         dev: &DeviceCaps,
         rnr_retry: u8,
-        same_dev: bool,
+        peer_dev: Option<Arc<SoftDevice>>,
         peer_recv_sge: u32,
     ) -> Self {
         let src_cap = (caps.max_send_sge as usize).max(1);
@@ -894,7 +898,7 @@ impl SendSide {
             caps,
             limits: Limits::of(dev),
             rnr_retry,
-            same_dev,
+            peer_dev,
             sq: SendQueue::new(caps.max_send_wr, caps.max_send_sge, caps.max_inline_data),
             error: false,
             rnr: None,
@@ -1012,10 +1016,9 @@ impl SendSide {
         let mut own_c = std::mem::take(&mut self.own_table);
         let mut peer_c = std::mem::take(&mut self.peer_table);
         let own_t: &MrTable = own_c.get(&core.dev);
-        let peer_t: &MrTable = if self.same_dev {
-            own_t
-        } else {
-            peer_c.get(&peer.dev)
+        let peer_t: &MrTable = match &self.peer_dev {
+            None => own_t,
+            Some(d) => peer_c.get(d),
         };
         let r = f(self, own_t, peer_t);
         self.own_table = own_c;
@@ -1546,6 +1549,10 @@ impl Local {
 /// timer, whichever comes first; nobody needs to poll for it to progress.
 /// Get one from [`SoftDevice::pair`], [`SoftDevice::connect_pair`] or
 /// `listen`/`connect`; downcast a `dyn QueuePair` with `as_any()`.
+// 128 bytes (a line and the buddy the adjacent-line prefetcher pulls with
+// it): the two ends of a pair are allocated one after the other, 64 bytes
+// apart, and each owner writes its receive cursor on every poll.
+#[repr(align(128))]
 pub struct SoftQp {
     core: Arc<QpCore>,
     peer: Arc<QpCore>,
@@ -1610,14 +1617,14 @@ impl SoftQp {
             caps_a,
             a_dev.caps(),
             config_a.rnr_retry,
-            same,
+            (!same).then(|| b_dev.clone()),
             caps_b.max_recv_sge,
         );
         let send_b = SendSide::new(
             caps_b,
             b_dev.caps(),
             config_b.rnr_retry,
-            same,
+            (!same).then(|| a_dev.clone()),
             caps_a.max_recv_sge,
         );
         let a = QpCore::new(a_dev, &caps_a, srq_a, send_a);
