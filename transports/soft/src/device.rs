@@ -579,14 +579,17 @@ mod tests {
         (m, w)
     }
 
-    #[test]
-    fn deregistration_releases_memory_that_queue_pairs_executed_with() {
-        // Queue pairs keep the region table of their last execution; a
-        // deregistration must still release the region's memory when it
-        // returns, on the poster's device and on the peer's.
-        let (da, db) = (SoftDevice::new(), SoftDevice::new());
-        let cfg = QpConfig::default();
-        let (mut qa, mut qb) = SoftDevice::connect_pair(&da, &db, &cfg, &cfg).unwrap();
+    /// 64 bytes registered on `da` (the source) and on `db` (the
+    /// destination), one SEND from `qa` into a receive posted on `qb`,
+    /// checked: both queue pairs have executed with both regions. Returns
+    /// the two registrations, weak handles on their memories, and the
+    /// source SGE.
+    fn send_once(
+        da: &SoftDevice,
+        db: &SoftDevice,
+        qa: &mut dyn QueuePair,
+        qb: &mut dyn QueuePair,
+    ) -> ([Registration; 2], [Weak<dyn RegionMemory>; 2], Sge) {
         let (src, src_w) = mem(64);
         let (dst, dst_w) = mem(64);
         let (src_ptr, dst_ptr) = (src.as_ptr() as u64, dst.as_ptr() as u64);
@@ -598,11 +601,23 @@ mod tests {
             sg_list: &rsge,
         }])
         .unwrap();
-        let ssge = [Sge::new(src_ptr, 64, ra.lkey)];
-        qa.post_send(&[WorkRequest::send(2, &ssge)]).unwrap();
+        let ssge = Sge::new(src_ptr, 64, ra.lkey);
+        qa.post_send(&[WorkRequest::send(2, &[ssge])]).unwrap();
         let mut wc = [WorkCompletion::EMPTY; 4];
         assert_eq!(qb.poll_cq(&mut wc), 1);
         assert_eq!((wc[0].wr_id, wc[0].byte_len), (1, 64));
+        ([ra, rb], [src_w, dst_w], ssge)
+    }
+
+    #[test]
+    fn deregistration_releases_memory_that_queue_pairs_executed_with() {
+        // Queue pairs keep the region table of their last execution; a
+        // deregistration must still release the region's memory when it
+        // returns, on the poster's device and on the peer's.
+        let (da, db) = (SoftDevice::new(), SoftDevice::new());
+        let cfg = QpConfig::default();
+        let (mut qa, mut qb) = SoftDevice::connect_pair(&da, &db, &cfg, &cfg).unwrap();
+        let ([ra, rb], [src_w, dst_w], ssge) = send_once(&da, &db, &mut *qa, &mut *qb);
         da.deregister(ra.lkey).unwrap();
         db.deregister(rb.lkey).unwrap();
         assert!(
@@ -614,8 +629,9 @@ mod tests {
             "the receiver's memory is still held"
         );
         // And the queue pair notices: the stale key now fails.
-        qa.post_send(&[WorkRequest::send(3, &ssge).with_flags(SendFlags::SIGNALED)])
+        qa.post_send(&[WorkRequest::send(3, &[ssge]).with_flags(SendFlags::SIGNALED)])
             .unwrap();
+        let mut wc = [WorkCompletion::EMPTY; 4];
         let n = qa.poll_cq(&mut wc);
         let last = wc[..n].iter().find(|w| w.wr_id == 3).expect("completion 3");
         assert_eq!(last.status, WcStatus::LocProtErr);
@@ -629,21 +645,7 @@ mod tests {
         let dev = SoftDevice::new();
         let cfg = QpConfig::default();
         let (mut qa, mut qb) = dev.pair(&cfg, &cfg).unwrap();
-        let (src, src_w) = mem(64);
-        let (dst, _dst_w) = mem(64);
-        let (src_ptr, dst_ptr) = (src.as_ptr() as u64, dst.as_ptr() as u64);
-        let ra = dev.register(src, Access::LOCAL_WRITE).unwrap();
-        let rb = dev.register(dst, Access::LOCAL_WRITE).unwrap();
-        let rsge = [Sge::new(dst_ptr, 64, rb.lkey)];
-        qb.post_recv(&[RecvRequest {
-            wr_id: 1,
-            sg_list: &rsge,
-        }])
-        .unwrap();
-        let ssge = [Sge::new(src_ptr, 64, ra.lkey)];
-        qa.post_send(&[WorkRequest::send(2, &ssge)]).unwrap();
-        let mut wc = [WorkCompletion::EMPTY; 4];
-        assert_eq!(qb.poll_cq(&mut wc), 1);
+        let ([ra, _], [src_w, _], _) = send_once(&dev, &dev, &mut *qa, &mut *qb);
         drop(qa);
         dev.deregister(ra.lkey).unwrap();
         assert!(
