@@ -1,0 +1,227 @@
+//! How close a SEND ping-pong through completion queues can come to the
+//! one-line floor on this machine. Four two-thread ping-pongs, each timed
+//! over N round trips (total time over 2N hops, one way), in alternating
+//! rounds:
+//! - `floor`: one `AtomicU64` handed back and forth (the summary's floor);
+//! - `rings`: the least a SEND through completion queues moves, with no
+//!   device at all: each side writes a 16-byte completion into the other's
+//!   ring (four to a cache line) and spins on its own;
+//! - `pair` and `connect_pair`: the soft device's 64 B inline SEND
+//!   ping-pong between the two ends of `SoftDevice::pair` (one device) and
+//!   of `SoftDevice::connect_pair` (two), each side posting its answer
+//!   before it reposts the receive.
+//!
+//! ```text
+//! cargo run --release -p zcmsg-bench --example two_rings -- [N] [ROUNDS]
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use zcmsg::{
+    Arena, ArenaConfig, Pd, QpConfig, QueuePair, RecvRequest, SendFlags, SlotMut, Transport,
+    WorkCompletion, WorkRequest,
+};
+use zcmsg_soft::SoftDevice;
+
+/// One way, in ns, of `n` round trips that took `ns` in all.
+fn one_way(ns: u128, n: u64) -> f64 {
+    ns as f64 / n as f64 / 2.0
+}
+
+fn floor(n: u64) -> f64 {
+    let f = Arc::new(AtomicU64::new(0));
+    let g = f.clone();
+    let echo = std::thread::spawn(move || {
+        for i in 0..n {
+            while g.load(Ordering::Acquire) != 2 * i + 1 {
+                std::hint::spin_loop();
+            }
+            g.store(2 * i + 2, Ordering::Release);
+        }
+    });
+    let t = Instant::now();
+    for i in 0..n {
+        f.store(2 * i + 1, Ordering::Release);
+        while f.load(Ordering::Acquire) != 2 * i + 2 {
+            std::hint::spin_loop();
+        }
+    }
+    let ns = t.elapsed().as_nanos();
+    echo.join().expect("echo thread");
+    one_way(ns, n)
+}
+
+/// A completion ring of 32 entries of 16 bytes, four to a cache line.
+#[repr(align(64))]
+#[derive(Default)]
+struct Line([AtomicU64; 8]);
+
+struct Ring(Vec<Line>);
+
+impl Ring {
+    fn new() -> Arc<Ring> {
+        Arc::new(Ring((0..8).map(|_| Line::default()).collect()))
+    }
+    fn entry(&self, seq: u64) -> &AtomicU64 {
+        &self.0[(seq % 32 / 4) as usize].0[(seq % 4 * 2) as usize]
+    }
+    fn complete(&self, seq: u64) {
+        self.entry(seq).store(seq + 1, Ordering::Release);
+    }
+    fn wait(&self, seq: u64) {
+        while self.entry(seq).load(Ordering::Acquire) != seq + 1 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+fn rings(n: u64) -> f64 {
+    let (a, b) = (Ring::new(), Ring::new());
+    let (a2, b2) = (a.clone(), b.clone());
+    let echo = std::thread::spawn(move || {
+        for i in 0..n {
+            b2.wait(i);
+            a2.complete(i);
+        }
+    });
+    let t = Instant::now();
+    for i in 0..n {
+        b.complete(i);
+        a.wait(i);
+    }
+    let ns = t.elapsed().as_nanos();
+    echo.join().expect("echo thread");
+    one_way(ns, n)
+}
+
+/// One end of a device ping-pong: its queue pair, 16 posted receive slots
+/// and a 64-byte message slot.
+struct End {
+    qp: Box<dyn QueuePair>,
+    _pd: Pd,
+    _arena: Arena,
+    recv: Vec<SlotMut>,
+    msg: SlotMut,
+}
+
+impl End {
+    fn new(dev: &Arc<SoftDevice>, qp: Box<dyn QueuePair>) -> End {
+        let pd = Pd::new(dev.clone() as Arc<dyn Transport>);
+        let arena = pd.arena(ArenaConfig::new(64, 20)).expect("arena");
+        let recv: Vec<SlotMut> = (0..16).map(|_| arena.alloc().expect("slot")).collect();
+        let mut msg = arena.alloc().expect("slot");
+        msg.set_len(64);
+        let mut e = End {
+            qp,
+            _pd: pd,
+            _arena: arena,
+            recv,
+            msg,
+        };
+        for i in 0..16 {
+            e.repost(i);
+        }
+        e
+    }
+
+    fn repost(&mut self, i: u64) {
+        let sge = [self.recv[i as usize].sge()];
+        self.qp
+            .post_recv(&[RecvRequest {
+                wr_id: i,
+                sg_list: &sge,
+            }])
+            .expect("post_recv");
+    }
+
+    fn send(&mut self, seq: u64) {
+        let mut flags = SendFlags::INLINE;
+        if seq % 64 == 63 {
+            flags |= SendFlags::SIGNALED;
+        }
+        let sge = [self.msg.sge_filled()];
+        self.qp
+            .post_send(&[WorkRequest::send(seq, &sge).with_flags(flags)])
+            .expect("post_send");
+    }
+
+    /// Spin until a receive completes; returns its wr_id.
+    fn recv(&mut self, wc: &mut [WorkCompletion]) -> u64 {
+        loop {
+            let k = self.qp.poll_cq(wc);
+            if let Some(w) = wc[..k].iter().find(|w| w.opcode.is_recv()) {
+                assert!(w.status.is_ok(), "receive failed: {w:?}");
+                return w.wr_id;
+            }
+        }
+    }
+}
+
+fn device(n: u64, two_devices: bool) -> f64 {
+    let cfg = QpConfig {
+        max_send_wr: 128,
+        max_recv_wr: 16,
+        max_send_sge: 1,
+        max_recv_sge: 1,
+        max_inline_data: 64,
+        ..QpConfig::default()
+    };
+    let (da, db) = (SoftDevice::new(), SoftDevice::new());
+    let (qa, qb) = if two_devices {
+        SoftDevice::connect_pair(&da, &db, &cfg, &cfg).expect("connect_pair")
+    } else {
+        da.pair(&cfg, &cfg).expect("pair")
+    };
+    let mut a = End::new(&da, qa);
+    let mut b = End::new(if two_devices { &db } else { &da }, qb);
+    let echo = std::thread::spawn(move || {
+        let mut wc = [WorkCompletion::EMPTY; 16];
+        for i in 0..n {
+            let id = b.recv(&mut wc);
+            b.send(i);
+            b.repost(id);
+        }
+        b
+    });
+    let mut wc = [WorkCompletion::EMPTY; 16];
+    let t = Instant::now();
+    for i in 0..n {
+        a.send(i);
+        let id = a.recv(&mut wc);
+        a.repost(id);
+    }
+    let ns = t.elapsed().as_nanos();
+    let b = echo.join().expect("echo thread");
+    drop((a, b));
+    one_way(ns, n)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let n: u64 = args.next().map_or(1_000_000, |s| s.parse().expect("N"));
+    let rounds: usize = args.next().map_or(5, |s| s.parse().expect("ROUNDS"));
+    let names = ["floor", "rings", "pair", "connect_pair"];
+    let mut t: [Vec<f64>; 4] = Default::default();
+    for _ in 0..rounds {
+        t[0].push(floor(n));
+        t[1].push(rings(n));
+        t[2].push(device(n, false));
+        t[3].push(device(n, true));
+    }
+    let m: Vec<f64> = t.into_iter().map(median).collect();
+    println!("{n} round trips, median of {rounds} rounds, one way:");
+    for (name, v) in names.iter().zip(&m) {
+        println!(
+            "  {name:<13} {v:7.1} ns   /floor {:.2}x   /rings {:.2}x",
+            v / m[0],
+            v / m[1]
+        );
+    }
+}
