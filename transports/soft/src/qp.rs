@@ -110,15 +110,11 @@ impl QpCore {
 
     /// Drop kept region tables that are out of date (after a deregistration).
     pub(crate) fn drop_stale_tables(&self) {
-        let mut s = lock(&self.send);
-        let peer_dev = self
-            .peer
-            .get()
-            .and_then(Weak::upgrade)
-            .map(|p| p.dev.clone());
+        let mut guard = lock(&self.send);
+        let s = &mut *guard;
         s.own_table.forget_if_stale(&self.dev);
-        if let Some(d) = peer_dev {
-            s.peer_table.forget_if_stale(&d);
+        if let Some(d) = &s.peer_dev {
+            s.peer_table.forget_if_stale(d);
         }
     }
 
