@@ -638,6 +638,44 @@ mod tests {
     }
 
     #[test]
+    fn receives_flushed_lap_after_lap_never_read_as_an_old_success() {
+        // A completion entry's tag is its receive's lap (8 bits): it must
+        // be written every lap, flushes included, or after 256 laps of
+        // receives flushed in the error state an old success would match.
+        let dev = SoftDevice::new();
+        let cfg = QpConfig {
+            max_recv_wr: 1,
+            ..QpConfig::default()
+        };
+        let (mut qa, mut qb) = dev.pair(&cfg, &cfg).unwrap();
+        let (buf, _w) = mem(64);
+        let at = buf.as_ptr() as u64;
+        let r = dev.register(buf, Access::LOCAL_WRITE).unwrap();
+        let sge = [Sge::new(at, 64, r.lkey)];
+        let mut wc = [WorkCompletion::EMPTY; 4];
+        let post = |qb: &mut dyn QueuePair, id: u64| {
+            qb.post_recv(&[RecvRequest {
+                wr_id: id,
+                sg_list: &sge,
+            }])
+            .unwrap();
+        };
+        // Every entry of the ring (twice the depth) holds a success.
+        for id in 0..2 {
+            post(&mut *qb, id);
+            qa.post_send(&[WorkRequest::send(id, &sge)]).unwrap();
+            assert_eq!(qb.poll_cq(&mut wc), 1);
+            assert_eq!(wc[0].status, WcStatus::Success);
+        }
+        qb.disconnect();
+        for id in 2..2 + 2 * 300 {
+            post(&mut *qb, id);
+            assert_eq!(qb.poll_cq(&mut wc), 1, "receive {id}");
+            assert_eq!((wc[0].wr_id, wc[0].status), (id, WcStatus::WrFlushErr));
+        }
+    }
+
+    #[test]
     fn a_dropped_queue_pair_kept_by_its_peer_keeps_no_region_alive() {
         // The peer holds the dropped queue pair's core; the region table
         // that core kept from its last execution must not keep a region's

@@ -75,12 +75,15 @@
 //! - **Receive queue**: a single-producer (the owner posts) single-consumer
 //!   (whoever executes the peer's requests takes) ring of preallocated
 //!   entries, compact as a NIC's: a receive request (first SGE, SGE count,
-//!   `wr_id`) is 32 bytes and its completion 16, so a line carries two
-//!   requests or four completions across cores. The consumer writes the
-//!   completion of receive `seq` into completion entry `seq` and tags it
-//!   done, so receive completions need no separate queue and cannot
-//!   overflow; the owner's `poll_cq` reads them in order from the tags,
-//!   without any lock.
+//!   `wr_id`) is 32 bytes and its completion one 8-byte word, so a line
+//!   carries two requests or four completions across cores. The consumer
+//!   writes the completion of receive `seq` into completion entry `seq` and
+//!   tags it done with `seq`'s lap, so receive completions need no separate
+//!   queue and cannot overflow; the owner's `poll_cq` reads them in order
+//!   from the tags, without any lock. The two ends of a pair share their
+//!   completion lines, four entries of each to a line, so that a
+//!   ping-pong's request and answer complete in one line (the one-word
+//!   floor's pattern) instead of each in a line only the other side held.
 //! - **Send queue**: preallocated, behind a mutex of its own queue pair that
 //!   the owner's thread takes on every post (uncontended in the common case:
 //!   an atomic swap each way; other threads take it rarely, see below). Send

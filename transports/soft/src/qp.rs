@@ -86,14 +86,16 @@ impl QpCore {
         dev: &Arc<SoftDevice>,
         caps: &QpCaps,
         srq: Option<Arc<SrqInner>>,
+        ring: Option<RecvRing>,
         send: SendSide,
     ) -> Arc<QpCore> {
-        let recv = match srq {
-            Some(srq) => RecvSide::Srq {
+        let recv = match (srq, ring) {
+            (Some(srq), _) => RecvSide::Srq {
                 comp: CompRing::new(srq.depth as usize),
                 srq,
             },
-            None => RecvSide::Ring(RecvRing::new(caps.max_recv_wr, caps.max_recv_sge)),
+            (None, Some(ring)) => RecvSide::Ring(ring),
+            (None, None) => RecvSide::Ring(RecvRing::new(caps.max_recv_wr, caps.max_recv_sge)),
         };
         Arc::new_cyclic(|me| QpCore {
             qpn: NEXT_QPN.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff,
@@ -1489,7 +1491,12 @@ impl Local {
         }
         let post = r.post.load(Ordering::Relaxed);
         while n < wc.len() && self.rq_poll < post {
-            wc[n] = r.slots.flushed(r.slot(self.rq_poll), core.qpn);
+            let i = r.slot(self.rq_poll);
+            // Written as flushed, so every entry is written once a lap even
+            // in error (a stale entry stays one lap old: see `ring::Cqe`).
+            r.slots
+                .complete(i, Some(self.rq_poll), WcStatus::WrFlushErr, false, 0, None);
+            wc[n] = r.slots.flushed(i, core.qpn);
             self.rq_poll += 1;
             n += 1;
         }
@@ -1510,10 +1517,10 @@ impl Local {
                 // line the requester wrote, not a shared index first.
                 while n < wc.len() {
                     let i = r.slot(self.rq_poll);
-                    if !r.slots.is_done(i, self.rq_poll) {
+                    let Some(c) = r.slots.poll(i, self.rq_poll, core.qpn) else {
                         break;
-                    }
-                    wc[n] = r.slots.completion(i, core.qpn);
+                    };
+                    wc[n] = c;
                     self.rq_poll += 1;
                     n += 1;
                 }
@@ -1623,8 +1630,19 @@ impl SoftQp {
             (!same).then(|| a_dev.clone()),
             caps_a.max_recv_sge,
         );
-        let a = QpCore::new(a_dev, &caps_a, srq_a, send_a);
-        let b = QpCore::new(b_dev, &caps_b, srq_b, send_b);
+        // Two own receive queues share their completion lines.
+        let (ring_a, ring_b) = match (&srq_a, &srq_b) {
+            (None, None) => {
+                let (ra, rb) = RecvRing::pair(
+                    (caps_a.max_recv_wr, caps_a.max_recv_sge),
+                    (caps_b.max_recv_wr, caps_b.max_recv_sge),
+                );
+                (Some(ra), Some(rb))
+            }
+            _ => (None, None),
+        };
+        let a = QpCore::new(a_dev, &caps_a, srq_a, ring_a, send_a);
+        let b = QpCore::new(b_dev, &caps_b, srq_b, ring_b, send_b);
         let _ = a.peer.set(Arc::downgrade(&b));
         let _ = b.peer.set(Arc::downgrade(&a));
         a_dev.add_exec(&a.exec, Arc::downgrade(&a), true);

@@ -17,15 +17,18 @@
 //!
 //! Entries are compact, the way NICs lay out their queues: a receive work
 //! request (its first SGE, its SGE count and `wr_id`) is 32 bytes, two to a
-//! cache line; a completion (tag, byte count, status, immediate) is 16
-//! bytes, four to a line. A stream of SENDs therefore moves half a line of
-//! requests and a quarter line of completions between the cores per
-//! message, where one line per receive holding both moved two (the request
-//! to the poster, the completion back); `zcperf send-bw` measures the
-//! difference. The `wr_id` stays in the request entry, which only its owner
-//! reads back (at poll time).
+//! cache line; a completion (tag, status, byte count, immediate) is one
+//! 8-byte word. A stream of SENDs therefore moves half a line of requests
+//! and a quarter line of completions between the cores per message, where
+//! one line per receive holding both moved two (the request to the poster,
+//! the completion back); `zcperf send-bw` measures the difference. The
+//! `wr_id` stays in the request entry, which only its owner reads back (at
+//! poll time). The two ends of a connected pair share their completion
+//! lines, four entries of each to a line (see [`CqeArray`]), so that a
+//! ping-pong's request and answer complete in one line.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
 use zcmsg::{RecvRequest, Sge, WcOpcode, WcStatus, WorkCompletion};
@@ -51,9 +54,6 @@ fn status_code(s: WcStatus) -> u32 {
         .unwrap_or(STATUSES.len() - 1) as u32
 }
 
-const HAS_IMM: u32 = 1 << 16;
-const WITH_IMM_OPCODE: u32 = 1 << 8;
-
 /// One receive work request as the poster reads it: its first SGE and how
 /// many it has (the rest beside, in [`SlotArray`]'s `more`), and its
 /// `wr_id`. 32 bytes, two to a cache line.
@@ -65,26 +65,91 @@ struct Wqe {
     nsge: AtomicU32,
 }
 
-/// One receive completion: 16 bytes, four to a cache line.
+/// One receive completion: one 64-bit word, eight to a cache line, stored
+/// with `Release` (the poller loads it with `Acquire`). From the top:
+/// - bits 56..64: the tag, `lap + 1` (mod 256) of the receive's sequence
+///   number once it has completed, where the lap is the sequence number
+///   divided by the ring's size (0: never written; SRQ entries report
+///   through their completion ring and leave it 0). Every entry is written
+///   once a lap, before the next lap's receive in it can be posted: the
+///   ring holds twice the depth, a receive is posted only after the last
+///   completion of its entry was polled, and a receive flushed in the
+///   error state has its entry written by its owner as it flushes. A
+///   stale entry is therefore one lap old and never matches (a tag of the
+///   sequence number itself would, for rings of 256 entries and more);
+/// - bits 52..56: the status code; bit 51: the opcode is
+///   `RECV_RDMA_WITH_IMM`; bit 50: there is immediate data; bit 49: the
+///   byte count is in the ring's `big_len` array (see below);
+/// - with immediate data, the immediate in bits 0..32 and the byte count in
+///   bits 32..49 (below 128 KiB; a larger one goes to `big_len`, written
+///   before the word); without, the byte count in bits 0..32.
 #[derive(Default)]
-#[repr(C, align(16))]
-struct Cqe {
-    /// `(seq + 1) as u32` in the high half once the receive posted with
-    /// sequence number `seq` in this entry has completed (own receive
-    /// queues; SRQ entries report through their completion ring and leave
-    /// it 0), the byte count in the low half. Stored last, with `Release`.
-    tag_len: AtomicU64,
-    /// The immediate data in the low half; status code | opcode << 8 |
-    /// has_imm << 16 in the high half.
-    imm_meta: AtomicU64,
+struct Cqe(AtomicU64);
+
+const TAG_SHIFT: u32 = 56;
+const STATUS_SHIFT: u32 = 52;
+const F_WITH_IMM_OPCODE: u64 = 1 << 51;
+const F_HAS_IMM: u64 = 1 << 50;
+const F_BIG: u64 = 1 << 49;
+const IMM_LEN_SHIFT: u32 = 32;
+const IMM_LEN_MAX: u32 = (1 << 17) - 1;
+
+/// Eight completion entries: one cache line, aligned to it.
+#[derive(Default)]
+#[repr(C, align(64))]
+struct CqeLine([Cqe; 8]);
+
+/// The completion entries of one receive queue. The two receive queues of
+/// a connected pair share their lines, interleaved by fours: a line holds
+/// four consecutive entries of one side and the same four of the other. In
+/// a ping-pong the request and its answer then complete in the same line,
+/// which each side has just read when it writes its own entry, as the two
+/// threads of the one-word floor do; with a ring each, every completion
+/// went into a line only the other side held. A stream in one direction
+/// still finds four of its completions to a line. A queue without a
+/// partner (an SRQ's) has its lines to itself, eight entries to a line.
+struct CqeArray {
+    lines: Arc<[CqeLine]>,
+    /// Entry `i` is word `((i & !lo) << hi) | side | (i & lo)` of the
+    /// lines: `lo` 3, `hi` 1 and `side` 0 or 4 for the two ends of a pair;
+    /// `lo` all ones, `hi` 0 and `side` 0 alone.
+    lo: usize,
+    hi: u32,
+    side: usize,
 }
 
-/// The tag of sequence number `seq` (see [`Cqe::tag_len`]). A stale entry
-/// holds the tag of `seq` minus a multiple of the ring's capacity (far
-/// below 2^32), so it never matches.
-#[inline]
-fn tag(seq: u64) -> u32 {
-    seq.wrapping_add(1) as u32
+impl CqeArray {
+    /// The entries of a queue of `n` receives alone.
+    fn new(n: usize) -> CqeArray {
+        CqeArray {
+            lines: (0..n.div_ceil(8)).map(|_| CqeLine::default()).collect(),
+            lo: usize::MAX,
+            hi: 0,
+            side: 0,
+        }
+    }
+
+    /// The entries of the two receive queues of a pair, of `a` and `b`
+    /// receives.
+    fn pair(a: usize, b: usize) -> (CqeArray, CqeArray) {
+        let lines: Arc<[CqeLine]> = (0..a.max(b).div_ceil(4))
+            .map(|_| CqeLine::default())
+            .collect();
+        let side = |side| CqeArray {
+            lines: lines.clone(),
+            lo: 3,
+            hi: 1,
+            side,
+        };
+        (side(0), side(4))
+    }
+
+    /// The word of entry `i`.
+    #[inline]
+    fn get(&self, i: usize) -> &AtomicU64 {
+        let e = ((i & !self.lo) << self.hi) | self.side | (i & self.lo);
+        &self.lines[e / 8].0[e % 8].0
+    }
 }
 
 #[derive(Default)]
@@ -120,20 +185,32 @@ impl SgeCell {
 /// completion entries.
 pub(crate) struct SlotArray {
     wqes: Box<[Wqe]>,
-    cqes: Box<[Cqe]>,
+    cqes: CqeArray,
+    /// The byte count of a completion with immediate data too large for
+    /// its word (128 KiB and up), per entry.
+    big_len: Box<[AtomicU32]>,
     more: Box<[SgeCell]>,
     max_sge: usize,
+    /// log2 of the entries (a ring's are a power of two): a sequence
+    /// number's lap is `seq >> lap_shift`.
+    lap_shift: u32,
 }
 
 impl SlotArray {
     pub(crate) fn new(n: usize, max_sge: usize) -> SlotArray {
+        SlotArray::with_cqes(n, max_sge, CqeArray::new(n))
+    }
+
+    fn with_cqes(n: usize, max_sge: usize, cqes: CqeArray) -> SlotArray {
         SlotArray {
             wqes: (0..n).map(|_| Wqe::default()).collect(),
-            cqes: (0..n).map(|_| Cqe::default()).collect(),
+            cqes,
+            big_len: (0..n).map(|_| AtomicU32::new(0)).collect(),
             more: (0..n * max_sge.saturating_sub(1))
                 .map(|_| SgeCell::default())
                 .collect(),
             max_sge,
+            lap_shift: n.max(1).trailing_zeros(),
         }
     }
 
@@ -212,60 +289,90 @@ impl SlotArray {
         byte_len: u32,
         imm: Option<u32>,
     ) {
-        let c = &self.cqes[i];
-        let mut meta = status_code(status);
+        let mut w = u64::from(status_code(status)) << STATUS_SHIFT;
         if with_imm_write {
-            meta |= WITH_IMM_OPCODE;
+            w |= F_WITH_IMM_OPCODE;
         }
-        if imm.is_some() {
-            meta |= HAS_IMM;
+        match imm {
+            None => w |= u64::from(byte_len),
+            Some(imm) => {
+                w |= F_HAS_IMM | u64::from(imm);
+                if byte_len <= IMM_LEN_MAX {
+                    w |= u64::from(byte_len) << IMM_LEN_SHIFT;
+                } else {
+                    w |= F_BIG;
+                    self.big_len[i].store(byte_len, Ordering::Relaxed);
+                }
+            }
         }
-        let imm = imm.unwrap_or(0);
-        c.imm_meta
-            .store(u64::from(imm) | (u64::from(meta) << 32), Ordering::Relaxed);
-        let t = seq.map_or(0, tag);
-        // Pairs with the `Acquire` in `is_done`: the completion's fields
-        // and the message's bytes are visible before the entry reads done.
-        c.tag_len.store(
-            u64::from(byte_len) | (u64::from(t) << 32),
-            Ordering::Release,
-        );
+        if let Some(seq) = seq {
+            w |= u64::from(self.tag(seq)) << TAG_SHIFT;
+        }
+        // Pairs with the `Acquire` in `poll`: the completion (and a big
+        // byte count) and the message's bytes are visible before the
+        // entry reads done.
+        self.cqes.get(i).store(w, Ordering::Release);
+    }
+
+    /// The tag of sequence number `seq`: its lap plus one (see [`Cqe`]).
+    #[inline]
+    fn tag(&self, seq: u64) -> u8 {
+        ((seq >> self.lap_shift) as u8).wrapping_add(1)
     }
 
     /// The receive of sequence number `seq` in entry `i` has completed.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn is_done(&self, i: usize, seq: u64) -> bool {
-        (self.cqes[i].tag_len.load(Ordering::Acquire) >> 32) as u32 == tag(seq)
+        (self.cqes.get(i).load(Ordering::Acquire) >> TAG_SHIFT) as u8 == self.tag(seq)
     }
 
     /// As [`SlotArray::is_done`], for the re-check after arming a waker
     /// (`SoftQp::arm`, after it tried the peer's send mutex).
     pub(crate) fn is_done_seqcst(&self, i: usize, seq: u64) -> bool {
-        (self.cqes[i].tag_len.load(Ordering::SeqCst) >> 32) as u32 == tag(seq)
+        (self.cqes.get(i).load(Ordering::SeqCst) >> TAG_SHIFT) as u8 == self.tag(seq)
     }
 
-    /// The completion recorded in entry `i`.
+    /// The completion of the receive of sequence number `seq` in entry
+    /// `i`, if it has completed: [`SlotArray::is_done`] and
+    /// [`SlotArray::completion`] with one load.
+    #[inline]
+    pub(crate) fn poll(&self, i: usize, seq: u64, qp_num: u32) -> Option<WorkCompletion> {
+        let w = self.cqes.get(i).load(Ordering::Acquire);
+        ((w >> TAG_SHIFT) as u8 == self.tag(seq)).then(|| self.decode(i, w, qp_num))
+    }
+
+    /// The completion recorded in entry `i` (after `is_done`, or after the
+    /// SRQ's completion ring handed over `i`).
     #[inline]
     pub(crate) fn completion(&self, i: usize, qp_num: u32) -> WorkCompletion {
-        let c = &self.cqes[i];
-        let tl = c.tag_len.load(Ordering::Relaxed);
-        let im = c.imm_meta.load(Ordering::Relaxed);
-        let meta = (im >> 32) as u32;
+        self.decode(i, self.cqes.get(i).load(Ordering::Relaxed), qp_num)
+    }
+
+    /// The completion word `w` of entry `i`, decoded.
+    #[inline]
+    fn decode(&self, i: usize, w: u64, qp_num: u32) -> WorkCompletion {
         // Codes come from `status_code`, so always in range.
         let status = STATUSES
-            .get((meta & 0xff) as usize)
+            .get(((w >> STATUS_SHIFT) & 0xf) as usize)
             .copied()
             .unwrap_or(WcStatus::GeneralErr);
+        let (byte_len, imm_data) = if w & F_HAS_IMM == 0 {
+            (w as u32, None)
+        } else if w & F_BIG == 0 {
+            (((w >> IMM_LEN_SHIFT) as u32) & IMM_LEN_MAX, Some(w as u32))
+        } else {
+            (self.big_len[i].load(Ordering::Relaxed), Some(w as u32))
+        };
         WorkCompletion {
             wr_id: self.wr_id(i),
             status,
-            opcode: if meta & WITH_IMM_OPCODE != 0 {
+            opcode: if w & F_WITH_IMM_OPCODE != 0 {
                 WcOpcode::RecvRdmaWithImm
             } else {
                 WcOpcode::Recv
             },
-            byte_len: if status.is_ok() { tl as u32 } else { 0 },
-            imm_data: (meta & HAS_IMM != 0).then_some(im as u32),
+            byte_len: if status.is_ok() { byte_len } else { 0 },
+            imm_data,
             qp_num,
         }
     }
@@ -298,9 +405,28 @@ pub(crate) struct RecvRing {
 
 impl RecvRing {
     pub(crate) fn new(depth: u32, max_sge: u32) -> RecvRing {
-        let cap = (2 * depth as usize).max(1).next_power_of_two();
+        let cap = Self::cap(depth);
+        RecvRing::with_cqes(depth, max_sge, CqeArray::new(cap))
+    }
+
+    /// The receive queues of the two ends of a connected pair, their
+    /// completion entries interleaved (see [`CqeArray`]).
+    pub(crate) fn pair(a: (u32, u32), b: (u32, u32)) -> (RecvRing, RecvRing) {
+        let (ca, cb) = CqeArray::pair(Self::cap(a.0), Self::cap(b.0));
+        (
+            RecvRing::with_cqes(a.0, a.1, ca),
+            RecvRing::with_cqes(b.0, b.1, cb),
+        )
+    }
+
+    fn cap(depth: u32) -> usize {
+        (2 * depth as usize).max(1).next_power_of_two()
+    }
+
+    fn with_cqes(depth: u32, max_sge: u32, cqes: CqeArray) -> RecvRing {
+        let cap = Self::cap(depth);
         RecvRing {
-            slots: SlotArray::new(cap, max_sge as usize),
+            slots: SlotArray::with_cqes(cap, max_sge as usize, cqes),
             mask: cap as u64 - 1,
             depth: u64::from(depth),
             post: CachePadded::new(AtomicU64::new(0)),
@@ -415,12 +541,59 @@ mod tests {
 
     #[test]
     fn entries_are_compact_and_never_straddle_a_line() {
-        // Two requests and four completions to a cache line (the point of
-        // the layout: fewer lines cross cores per message).
+        // Two requests and eight completions to a cache line (the point
+        // of the layout: fewer lines cross cores per message).
         assert_eq!(std::mem::size_of::<Wqe>(), 32);
         assert_eq!(std::mem::align_of::<Wqe>(), 32);
-        assert_eq!(std::mem::size_of::<Cqe>(), 16);
-        assert_eq!(std::mem::align_of::<Cqe>(), 16);
+        assert_eq!(std::mem::size_of::<Cqe>(), 8);
+        assert_eq!(std::mem::size_of::<CqeLine>(), 64);
+        assert_eq!(std::mem::align_of::<CqeLine>(), 64);
+    }
+
+    /// The address of entry `i`'s completion word.
+    fn at(a: &SlotArray, i: usize) -> usize {
+        a.cqes.get(i) as *const AtomicU64 as usize
+    }
+
+    #[test]
+    fn a_pair_shares_each_completion_line_by_fours() {
+        let (a, b) = RecvRing::pair((8, 1), (4, 1));
+        let (a, b) = (&a.slots, &b.slots);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..16 {
+            // Entry i of each side in the same line, four of a side to a
+            // line, and no word used twice.
+            assert_eq!(at(a, i) / 64, at(b, i) / 64, "entry {i}");
+            assert_eq!(at(a, i) / 64, at(a, i / 4 * 4) / 64);
+            assert!(seen.insert(at(a, i)) && seen.insert(at(b, i)));
+        }
+        // Written through one side, read back through it, and not seen
+        // by the other.
+        for i in 0..16 {
+            a.complete(i, Some(i as u64), WcStatus::Success, false, i as u32, None);
+        }
+        for i in 0..8 {
+            assert!(a.is_done(i, i as u64) && !b.is_done(i, i as u64));
+            assert_eq!(a.completion(i, 1).byte_len, i as u32);
+        }
+        // Alone, eight to a line.
+        let one = RecvRing::new(8, 1);
+        for i in 0..8 {
+            assert_eq!(at(&one.slots, i) - at(&one.slots, 0), i * 8);
+        }
+    }
+
+    #[test]
+    fn a_large_byte_count_with_immediate_data_is_kept_whole() {
+        let a = SlotArray::new(4, 1);
+        for len in [0, 1, IMM_LEN_MAX, IMM_LEN_MAX + 1, 64 << 20, u32::MAX] {
+            a.complete(3, Some(3), WcStatus::Success, true, len, Some(0xdead_beef));
+            let wc = a.completion(3, 1);
+            assert_eq!((wc.byte_len, wc.imm_data), (len, Some(0xdead_beef)));
+            a.complete(3, Some(3), WcStatus::Success, false, len, None);
+            let wc = a.completion(3, 1);
+            assert_eq!((wc.byte_len, wc.imm_data), (len, None));
+        }
     }
 
     #[test]
@@ -429,10 +602,11 @@ mod tests {
         let cap = r.capacity();
         let sg = [Sge::new(0x1000, 64, 8)];
         // Every sequence number of the ring in order, as the poster
-        // completes them, across the 32-bit wrap of the tag.
-        let start = u64::from(u32::MAX) - 3 * cap;
-        let laps = (start..start + 6 * cap).chain(0..2 * cap);
-        for seq in laps {
+        // completes them, across the 8-bit wrap of the lap tag, and in
+        // the first laps.
+        let start = 250 * cap;
+        let laps = (start..start + 12 * cap).chain((1 << 40) * cap..(1 << 40) * cap + 3 * cap);
+        for seq in (0..3 * cap).chain(laps) {
             let i = r.slot(seq);
             r.slots.write(
                 i,
