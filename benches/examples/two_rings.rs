@@ -6,10 +6,17 @@
 //! - `rings`: the least a SEND through completion queues moves, with no
 //!   device at all: each side writes a 16-byte completion into the other's
 //!   ring (four to a cache line) and spins on its own;
+//! - `shared`: the same, the two rings sharing their lines by fours (a
+//!   line holds entries `i..i+4` of both, as the soft device lays out the
+//!   completions of a pair's two ends): a round trip's two completions go
+//!   into one line, which each side has just read when it writes;
+//! - `shared+lock`: `shared`, each side writing its completion and a 64 B
+//!   payload (a line of its own) under a mutex of its own, as the device
+//!   posts under its send queue's mutex;
 //! - `pair` and `connect_pair`: the soft device's 64 B inline SEND
 //!   ping-pong between the two ends of `SoftDevice::pair` (one device) and
 //!   of `SoftDevice::connect_pair` (two), each side posting its answer
-//!   before it reposts the receive.
+//!   (or next request) before it reposts the receive it took.
 //!
 //! ```text
 //! cargo run --release -p zcmsg-bench --example two_rings -- [N] [ROUNDS]
@@ -90,6 +97,63 @@ fn rings(n: u64) -> f64 {
     for i in 0..n {
         b.complete(i);
         a.wait(i);
+    }
+    let ns = t.elapsed().as_nanos();
+    echo.join().expect("echo thread");
+    one_way(ns, n)
+}
+
+/// `rings` with the two rings in the same lines, four entries of each side
+/// to a line; with `locked`, each side writes a 64 B payload into a slot of
+/// the other's and its completion under a mutex of its own.
+fn shared(n: u64, locked: bool) -> f64 {
+    #[derive(Default)]
+    #[repr(align(128))]
+    struct Side {
+        lock: std::sync::Mutex<()>,
+    }
+    struct Shared {
+        lines: Vec<Line>,
+        slots: [Vec<Line>; 2],
+        sides: [Side; 2],
+    }
+    impl Shared {
+        fn entry(&self, side: usize, seq: u64) -> &AtomicU64 {
+            let i = (seq % 32) as usize;
+            &self.lines[i / 4].0[side * 4 + i % 4]
+        }
+        fn complete(&self, side: usize, seq: u64, locked: bool) {
+            let _g = locked.then(|| self.sides[side].lock.lock().expect("lock"));
+            if locked {
+                for w in &self.slots[side][(seq % 16) as usize].0 {
+                    w.store(seq, Ordering::Relaxed);
+                }
+            }
+            self.entry(side, seq).store(seq + 1, Ordering::Release);
+        }
+        fn wait(&self, side: usize, seq: u64) {
+            while self.entry(side, seq).load(Ordering::Acquire) != seq + 1 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    let lines = || (0..16).map(|_| Line::default()).collect::<Vec<_>>();
+    let s = Arc::new(Shared {
+        lines: (0..8).map(|_| Line::default()).collect(),
+        slots: [lines(), lines()],
+        sides: Default::default(),
+    });
+    let s2 = s.clone();
+    let echo = std::thread::spawn(move || {
+        for i in 0..n {
+            s2.wait(1, i);
+            s2.complete(0, i, locked);
+        }
+    });
+    let t = Instant::now();
+    for i in 0..n {
+        s.complete(1, i, locked);
+        s.wait(0, i);
     }
     let ns = t.elapsed().as_nanos();
     echo.join().expect("echo thread");
@@ -187,10 +251,13 @@ fn device(n: u64, two_devices: bool) -> f64 {
     });
     let mut wc = [WorkCompletion::EMPTY; 16];
     let t = Instant::now();
+    let mut taken = None;
     for i in 0..n {
         a.send(i);
-        let id = a.recv(&mut wc);
-        a.repost(id);
+        if let Some(id) = taken.take() {
+            a.repost(id);
+        }
+        taken = Some(a.recv(&mut wc));
     }
     let ns = t.elapsed().as_nanos();
     let b = echo.join().expect("echo thread");
@@ -207,13 +274,22 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: u64 = args.next().map_or(1_000_000, |s| s.parse().expect("N"));
     let rounds: usize = args.next().map_or(5, |s| s.parse().expect("ROUNDS"));
-    let names = ["floor", "rings", "pair", "connect_pair"];
-    let mut t: [Vec<f64>; 4] = Default::default();
+    let names = [
+        "floor",
+        "rings",
+        "shared",
+        "shared+lock",
+        "pair",
+        "connect_pair",
+    ];
+    let mut t: [Vec<f64>; 6] = Default::default();
     for _ in 0..rounds {
         t[0].push(floor(n));
         t[1].push(rings(n));
-        t[2].push(device(n, false));
-        t[3].push(device(n, true));
+        t[2].push(shared(n, false));
+        t[3].push(shared(n, true));
+        t[4].push(device(n, false));
+        t[5].push(device(n, true));
     }
     let m: Vec<f64> = t.into_iter().map(median).collect();
     println!("{n} round trips, median of {rounds} rounds, one way:");
