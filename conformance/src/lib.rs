@@ -74,6 +74,7 @@
 //! - `send_with_imm`: immediate values (0, 1, `u32::MAX`, patterns) arrive unchanged with the payload.
 //! - `rdma_write`: WRITEs at odd offsets and lengths land exactly there; no receive consumed.
 //! - `rdma_write_with_imm`: consumes a receive (with or without SGEs), delivers imm and `byte_len`, leaves the receive buffer alone.
+//! - `imm_with_large_byte_len`: SEND_WITH_IMM and WRITE_WITH_IMM of a few hundred KiB deliver the whole `byte_len` beside the immediate, and their bytes.
 //! - `rdma_read`: READs of sub-ranges of a peer's registered `Bytes`; data, opcode, `byte_len`.
 //! - `atomic_cmp_and_swp`: old value returned to the local SGE, swap only on a match.
 //! - `atomic_fetch_and_add`: old values returned, sums wrap.
@@ -209,6 +210,7 @@ macro_rules! __for_each_case {
             send_with_imm,
             rdma_write,
             rdma_write_with_imm,
+            imm_with_large_byte_len,
             rdma_read,
             atomic_cmp_and_swp,
             atomic_fetch_and_add,

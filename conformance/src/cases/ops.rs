@@ -339,6 +339,77 @@ pub fn rdma_write_with_imm(h: &Harness) {
     );
 }
 
+/// SEND_WITH_IMM and RDMA_WRITE_WITH_IMM of a few hundred KiB each deliver
+/// their whole `byte_len` beside the immediate, and their bytes (a large
+/// count and an immediate in one completion).
+pub fn imm_with_large_byte_len(h: &Harness) {
+    let mut p = h.connected_pair(&h.qp_config(), &h.qp_config());
+    let (slen, wlen) = ((200 << 10) + 7, (300 << 10) + 5);
+    let sa = p.a.arena(512 << 10, 2);
+    let rb = p.b.arena(512 << 10, 1);
+    let win = p.b.window(512 << 10, Access::REMOTE_WRITE);
+    let r = win.remote();
+    let mut buf = slot_filled(&rb, 0xEE);
+    p.qb.post_recv(&[RecvRequest {
+        wr_id: 1,
+        sg_list: &[buf.sge()],
+    }]);
+    p.qb.post_recv(&[RecvRequest {
+        wr_id: 2,
+        sg_list: &[],
+    }]);
+    let s1 = slot_with(&sa, &pattern(51, slen));
+    let s2 = slot_with(&sa, &pattern(52, wlen));
+    p.qa.post_send(&[
+        WorkRequest {
+            opcode: Opcode::SendWithImm,
+            ..WorkRequest::send(10, &[s1.sge_filled()])
+        }
+        .with_imm(0x1234_5678),
+        WorkRequest::one_sided(
+            11,
+            Opcode::RdmaWriteWithImm,
+            &[s2.sge_filled()],
+            r.addr + 64,
+            r.rkey,
+        )
+        .with_imm(0x9ABC_DEF0),
+    ]);
+    let wcs = p.qa.take(2, "large SEND_WITH_IMM and WRITE_WITH_IMM");
+    expect_ok(&wcs[0], 10, WcOpcode::Send, "sender");
+    expect_ok(&wcs[1], 11, WcOpcode::RdmaWrite, "writer");
+    let wcs =
+        p.qb.take(2, "receives of the large requests with immediates");
+    expect_ok(&wcs[0], 1, WcOpcode::Recv, "SEND_WITH_IMM's receive");
+    assert_eq!(
+        (wcs[0].byte_len as usize, wcs[0].imm_data),
+        (slen, Some(0x1234_5678)),
+        "{:?}",
+        wcs[0]
+    );
+    expect_ok(
+        &wcs[1],
+        2,
+        WcOpcode::RecvRdmaWithImm,
+        "WRITE_WITH_IMM's receive",
+    );
+    assert_eq!(
+        (wcs[1].byte_len as usize, wcs[1].imm_data),
+        (wlen, Some(0x9ABC_DEF0)),
+        "{:?}",
+        wcs[1]
+    );
+    buf.set_len(slen);
+    check_bytes(buf.as_slice(), &pattern(51, slen), "large SEND_WITH_IMM");
+    let mut want = vec![0u8; 512 << 10];
+    want[64..64 + wlen].copy_from_slice(&pattern(52, wlen));
+    check_bytes(
+        win.revoke().as_slice(),
+        &want,
+        "window after a large WRITE_WITH_IMM",
+    );
+}
+
 /// RDMA_READ of several sub-ranges of a peer's registered `Bytes`: the data,
 /// the opcode and `byte_len`; bytes past the read length stay untouched.
 pub fn rdma_read(h: &Harness) {
