@@ -1492,11 +1492,12 @@ impl Local {
         let post = r.post.load(Ordering::Relaxed);
         while n < wc.len() && self.rq_poll < post {
             let i = r.slot(self.rq_poll);
-            // Written as flushed, so every entry is written once a lap even
-            // in error (a stale entry stays one lap old: see `ring::Cqe`).
+            // Written as flushed and read back, so every entry is written
+            // once a lap even in error (a stale entry stays one lap old:
+            // see `ring::Cqe`).
             r.slots
                 .complete(i, Some(self.rq_poll), WcStatus::WrFlushErr, false, 0, None);
-            wc[n] = r.slots.flushed(i, core.qpn);
+            wc[n] = r.slots.completion(i, core.qpn);
             self.rq_poll += 1;
             n += 1;
         }

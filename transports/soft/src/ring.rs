@@ -376,18 +376,6 @@ impl SlotArray {
             qp_num,
         }
     }
-
-    /// A flush completion for the receive in entry `i`.
-    pub(crate) fn flushed(&self, i: usize, qp_num: u32) -> WorkCompletion {
-        WorkCompletion {
-            wr_id: self.wr_id(i),
-            status: WcStatus::WrFlushErr,
-            opcode: WcOpcode::Recv,
-            byte_len: 0,
-            imm_data: None,
-            qp_num,
-        }
-    }
 }
 
 /// A queue pair's own receive queue (see the module docs).
@@ -536,7 +524,13 @@ mod tests {
             (wc.status, wc.opcode, wc.imm_data),
             (WcStatus::LocLenErr, WcOpcode::Recv, None)
         );
-        assert_eq!(a.flushed(2, 3).status, WcStatus::WrFlushErr);
+        // A flush, as the owner writes it in the error state.
+        a.complete(2, Some(6), WcStatus::WrFlushErr, false, 0, None);
+        let wc = a.completion(2, 3);
+        assert_eq!(
+            (wc.wr_id, wc.status, wc.opcode, wc.byte_len, wc.imm_data),
+            (99, WcStatus::WrFlushErr, WcOpcode::Recv, 0, None)
+        );
     }
 
     #[test]
