@@ -136,6 +136,7 @@
 //! Teardown:
 //! - `teardown_drop_peer`: one side vanishes with work in flight; the other's requests all fail, no hang, no leak.
 //! - `teardown_disconnect`: `disconnect()` with work in flight on both sides; flushes, no hang, no leak.
+//! - `teardown_recv_before_later_send_error`: a receive completed before a send failed is polled before the failure.
 //! - `deregister_stops_remote_access`: once deregistering returns, a peer's WRITEs no longer touch the memory.
 //! - `registration_churn_under_traffic`: arenas and windows come and go on another thread while traffic flows.
 //!
@@ -261,6 +262,7 @@ macro_rules! __for_each_case {
             srq_many_senders,
             teardown_drop_peer,
             teardown_disconnect,
+            teardown_recv_before_later_send_error,
             deregister_stops_remote_access,
             registration_churn_under_traffic,
             connect_private_data,

@@ -52,7 +52,7 @@ pub use sge::{AddressSpace, RwPlan, RwSpan, Sge, SgeBuilder};
 pub use stats::{CopyReason, CopySnapshot, CopyStats};
 pub use transport::{
     Armed, DeviceCaps, Listener, QpCaps, QpConfig, QpState, QueuePair, RegionMemory, Registration,
-    SharedRecvQueue, Transport,
+    SendErrorHold, SharedRecvQueue, Transport,
 };
 pub use verbs::{
     Access, Opcode, RecvRequest, RemoteRegion, SendFlags, WcOpcode, WcStatus, WorkCompletion,

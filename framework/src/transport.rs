@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use crate::error::TransportError;
 use crate::sge::AddressSpace;
-use crate::verbs::{Access, RecvRequest, SendFlags, WorkCompletion, WorkRequest};
+use crate::verbs::{Access, RecvRequest, SendFlags, WcStatus, WorkCompletion, WorkRequest};
 
 /// Memory a device may read and write through raw addresses.
 ///
@@ -292,6 +292,17 @@ pub trait QueuePair: Send {
     fn post_recv(&mut self, wrs: &[RecvRequest<'_>]) -> Result<(), crate::error::PostError>;
     /// Move up to `wc.len()` completions (send and receive side) into `wc`;
     /// returns how many. Never blocks.
+    ///
+    /// Each side's completions come in their queue's order. Between the
+    /// sides, one rule: a send-side error comes after every receive that
+    /// completed before it, and before the receive side's flushes (a
+    /// transport with a queue for each side holds it back with
+    /// [`SendErrorHold`]). The endpoint judges a failed request by what it
+    /// has received, and a flushed receive ends the connection: a peer
+    /// that closes after our Close reached it may leave before
+    /// acknowledging ours, and that Close is flushed while the peer's own
+    /// Close waits on the receive side, with our flushed receives behind
+    /// it.
     fn poll_cq(&mut self, wc: &mut [WorkCompletion]) -> usize;
     /// Ask to be woken when the next completion arrives (`ibv_req_notify_cq`).
     fn arm(&mut self, waker: &Waker) -> Armed;
@@ -300,6 +311,119 @@ pub trait QueuePair: Send {
     fn disconnect(&mut self);
     /// Downcast support for transport-specific extensions.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// Send-side completions held back from the first error on, so that a
+/// transport reports a send error after every receive that completed
+/// before it and before the receive side's own flushes (the rule of
+/// [`QueuePair::poll_cq`]). Errors are rare; holding costs nothing until
+/// one comes. A transport that polls a queue for each side uses it like
+/// this (the soft device, whose receive side knows where its flushes
+/// begin, calls [`SendErrorHold::release`] there instead of
+/// [`SendErrorHold::after_recv`]):
+///
+/// ```
+/// use zcmsg::{SendErrorHold, WcStatus, WorkCompletion};
+///
+/// let wc = |wr_id, status| WorkCompletion { wr_id, status, ..WorkCompletion::EMPTY };
+/// let mut hold = SendErrorHold::default();
+/// let mut out = [WorkCompletion::EMPTY; 8];
+/// // One poll. The send side (polled only while nothing is held) gave a
+/// // success and the flush of a request the peer never acknowledged...
+/// out[0] = wc(1, WcStatus::Success);
+/// out[1] = wc(2, WcStatus::WrFlushErr);
+/// let a = hold.hold_from_error(&out[..2]);
+/// assert_eq!(a, 1);
+/// // ...and the receive side, polled after it, the peer's last message,
+/// // which had completed before, then the flush of a posted receive.
+/// out[a] = wc(100, WcStatus::Success);
+/// out[a + 1] = wc(101, WcStatus::WrFlushErr);
+/// let n = hold.after_recv(&mut out, a, a + 2);
+/// let ids: Vec<u64> = out[..n].iter().map(|c| c.wr_id).collect();
+/// assert_eq!(ids, [1, 100, 2, 101]);
+/// assert!(hold.is_empty() && !hold.is_releasing());
+/// ```
+#[derive(Debug, Default)]
+pub struct SendErrorHold {
+    held: std::collections::VecDeque<WorkCompletion>,
+    /// The receive side's successes are all reported: what is held goes
+    /// out before anything else.
+    releasing: bool,
+}
+
+impl SendErrorHold {
+    /// True if nothing is held: the send side may be polled (while
+    /// something is, it is left alone, so that its order is kept).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// True if what is held is due: report it (with
+    /// [`SendErrorHold::release`]) before polling either side.
+    #[inline]
+    pub fn is_releasing(&self) -> bool {
+        self.releasing
+    }
+
+    /// `got` was just polled from the send side: hold its completions from
+    /// the first error on. Returns how many come before it, to report now.
+    #[inline]
+    pub fn hold_from_error(&mut self, got: &[WorkCompletion]) -> usize {
+        match got.iter().position(|c| c.status != WcStatus::Success) {
+            Some(k) => {
+                self.held.extend(&got[k..]);
+                k
+            }
+            None => got.len(),
+        }
+    }
+
+    /// Hold all of `got`, behind what is held (a send side polled while
+    /// something is held, by a transport that cannot leave it alone).
+    #[inline]
+    pub fn hold_all(&mut self, got: &[WorkCompletion]) {
+        self.held.extend(got);
+    }
+
+    /// Move as many held completions as fit into `out`, in order; returns
+    /// how many. Once nothing is held, nothing is due either.
+    #[inline]
+    pub fn release(&mut self, out: &mut [WorkCompletion]) -> usize {
+        let n = self.held.len().min(out.len());
+        for (o, c) in out.iter_mut().zip(self.held.drain(..n)) {
+            *o = c;
+        }
+        if self.held.is_empty() {
+            self.releasing = false;
+        }
+        n
+    }
+
+    /// For a transport with a queue for each side: `out[..filled]` is this
+    /// poll's report, `out[recv..filled]` what the receive side, polled
+    /// last, gave. With something held: once the receive side gives an
+    /// error (its flushes begin) or less than its room (it is empty), the
+    /// held completions follow its successes, and its errors follow them
+    /// (held too if the room is short); until then all stays held. Returns
+    /// the report's new length.
+    #[inline]
+    pub fn after_recv(&mut self, out: &mut [WorkCompletion], recv: usize, filled: usize) -> usize {
+        if self.held.is_empty() {
+            return filled;
+        }
+        let k = match out[recv..filled]
+            .iter()
+            .position(|c| c.status != WcStatus::Success)
+        {
+            Some(k) => recv + k,
+            None if filled < out.len() => filled,
+            None => return filled,
+        };
+        self.held.extend(&out[k..filled]);
+        self.releasing = true;
+        k + self.release(&mut out[k..])
+    }
 }
 
 /// A shared receive queue (`ibv_srq`).

@@ -214,6 +214,71 @@ pub fn teardown_disconnect(h: &Harness) {
     tb.assert_released("host b dropped", h.wait_timeout());
 }
 
+/// A receive that completed before a send failed is reported before the
+/// failure, and the receive side's flushes after it, though the two sides
+/// come from different queues (on verbs, two CQs): `b`'s SEND to `a`
+/// completes (so one of `a`'s three receives has), then `a` posts a SEND
+/// that waits for a receive `b` never posts, and disconnects, which
+/// flushes it and the two other receives. `a`, which polled nothing until
+/// then, finds the message first, byte for byte, then the SEND's flush,
+/// then its receives' flushes. (An endpoint judges a failed Close by what
+/// it has received, and a flushed receive ends its connection: a peer
+/// that closes after our Close reached it may leave before acknowledging
+/// ours, and in any other order that flush fails a close that had
+/// succeeded.)
+pub fn teardown_recv_before_later_send_error(h: &Harness) {
+    let cfg = teardown_config(h);
+    let Pair {
+        mut qa,
+        mut qb,
+        a,
+        b,
+    } = h.connected_pair(&cfg, &cfg);
+    let ra = a.arena(4096, 4);
+    let sb = b.arena(4096, 1);
+    let mut recv = post_recvs(&mut qa, &ra, 1000, 3);
+    let m = slot_with(&sb, &message(52, 0, 300));
+    qb.post_send(&[WorkRequest::send(1, &[m.sge_filled()])]);
+    expect_ok(&qb.next("b's SEND"), 1, WcOpcode::Send, "b's SEND");
+    let stuck = slot_with(&ra, &message(52, 1, 64));
+    qa.post_send(&[WorkRequest::send(2, &[stuck.sge_filled()])]);
+    std::thread::sleep(Duration::from_millis(5));
+    qa.disconnect();
+    // Time for the flush to be written beside the waiting receive.
+    std::thread::sleep(Duration::from_millis(200));
+    let first = qa.next("a's first completion");
+    expect_ok(
+        &first,
+        1000,
+        WcOpcode::Recv,
+        "a's receive, before its send's flush",
+    );
+    let mut slot = recv.remove(0);
+    slot.set_len(first.byte_len as usize);
+    check_message(slot.as_slice(), 52, 0, 300, "the message a received");
+    let second = qa.next("the flush of a's SEND");
+    assert_eq!(second.wr_id, 2, "a's second completion: {second:?}");
+    assert_ne!(
+        second.status,
+        WcStatus::Success,
+        "a SEND nobody received succeeded: {second:?}"
+    );
+    for id in [1001, 1002] {
+        let wc = qa.next("the flush of a receive");
+        expect_status(
+            &wc,
+            id,
+            WcStatus::WrFlushErr,
+            "a's unused receives, after the SEND's flush",
+        );
+    }
+    qa.expect_idle(QUIET, "nothing after the flushes");
+    expect_qp_error(qa.state(), "a after disconnect()");
+    drop((qa, qb, slot, stuck, m, recv, ra, sb));
+    a.assert_released("host a");
+    b.assert_released("host b");
+}
+
 /// A window deregistered while the peer keeps writing into it: once
 /// `deregister` (here `Window::revoke`) returns, the memory never changes
 /// again, and the writer's next WRITE fails with `RemAccessErr`.

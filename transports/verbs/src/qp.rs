@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use zcmsg::{
-    Armed, Opcode, PostError, QpCaps, QpConfig, QpState, QueuePair, RecvRequest, SendFlags,
-    TransportError, WcStatus, WorkCompletion, WorkRequest,
+    Armed, Opcode, PostError, QpCaps, QpConfig, QpState, QueuePair, RecvRequest, SendErrorHold,
+    SendFlags, TransportError, WcStatus, WorkCompletion, WorkRequest,
 };
 
 use crate::device::Core;
@@ -91,6 +91,9 @@ pub struct VerbsQp {
     srq_outstanding: Option<Arc<std::sync::atomic::AtomicU32>>,
     wc_buf: Vec<RawWc>,
     pending: VecDeque<WorkCompletion>,
+    /// Send completions from the first error on, held back until the
+    /// receive CQ has been found empty after them (see `poll_both`).
+    held: SendErrorHold,
     errored: Cell<bool>,
     /// The QP was (re)moved to the error state by us after the error was
     /// seen, so that everything posted until then is flushed (rxe does not
@@ -252,6 +255,7 @@ impl VerbsQp {
             srq_outstanding,
             wc_buf: vec![sys::empty_wc(); POLL_BATCH],
             pending: VecDeque::with_capacity(2 * POLL_BATCH),
+            held: SendErrorHold::default(),
             errored: Cell::new(false),
             kicked: Cell::new(false),
             disconnected: Cell::new(false),
@@ -695,13 +699,31 @@ impl VerbsQp {
     /// [`SEND_CQ_EVERY`]th call only, which halves the cost of a busy-poll
     /// loop waiting for receives, and bounds how late such an error shows.
     /// `all` polls it regardless (before sleeping, and in the error state).
+    ///
+    /// A send error is reported after every receive that completed before
+    /// it and before the receive CQ's flushes. The two CQs have no order
+    /// between them, and the endpoint judges a failed send by what it has
+    /// received: a peer that closed after our Close reached it may tear its
+    /// queue pair down before rxe sent the Close's acknowledgement (rxe
+    /// writes the receive's completion first), so our Close is flushed
+    /// while the peer's own Close, which completed earlier, still waits in
+    /// the receive CQ; seen before it, the flush fails a connection whose
+    /// close had succeeded, and so does a flushed receive seen before the
+    /// Close's flush. So the send completions from the first error on are
+    /// held ([`SendErrorHold`]) until a poll finds the receive CQ empty or
+    /// flushing (everything it completed before the error was written is
+    /// then taken), and the send CQ is left alone while they are held.
     #[inline(always)]
     fn poll_both(&mut self, out: &mut [WorkCompletion], all: bool) -> usize {
+        if self.held.is_releasing() {
+            return self.held.release(out);
+        }
         let mut a = 0;
-        if !self.sq.is_empty() && (all || !self.skip_send_cq()) {
+        if self.held.is_empty() && !self.sq.is_empty() && (all || !self.skip_send_cq()) {
             self.send_cq_skipped = 0;
             a = Self::poll_one(&self.send_cq, &mut self.wc_buf, out, false, &self.errored);
             self.retire_sends(&out[..a]);
+            a = self.held.hold_from_error(&out[..a]);
         }
         let b = Self::poll_one(
             &self.recv_cq,
@@ -711,7 +733,7 @@ impl VerbsQp {
             &self.errored,
         );
         self.retire_recvs(b);
-        a + b
+        self.held.after_recv(out, a, a + b)
     }
 
     /// True if this poll may leave the send CQ alone (the skip counted);
@@ -1026,7 +1048,7 @@ impl QueuePair for VerbsQp {
     }
 
     fn arm(&mut self, waker: &Waker) -> Armed {
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || !self.held.is_empty() {
             return Armed::Ready;
         }
         *self.shared.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker.clone());
