@@ -261,21 +261,20 @@ fn raw_stream(dev: &std::sync::Arc<SoftDevice>, n: usize) {
         arena,
         slots,
     } = raw_setup(dev, 64, 64);
-    // On the stack, as zcperf's repost_all builds its list.
-    let repost = |qp: &mut Box<dyn zcmsg::QueuePair>, ids: &[u64]| {
-        let mut sges = [[Sge::default(); 1]; 32];
-        for (d, &i) in sges.iter_mut().zip(ids) {
-            d[0] = slots[i as usize].sge();
-        }
-        let wrs: [RecvRequest<'_>; 32] = std::array::from_fn(|k| RecvRequest {
-            wr_id: ids.get(k).copied().unwrap_or(0),
-            sg_list: &sges[k],
-        });
-        qp.post_recv(&wrs[..ids.len().min(32)]).expect("post_recv");
+    // As zcperf's stream reposts: the receive SGEs built once, a list of
+    // the requests a poll returned.
+    let sges: Vec<[Sge; 1]> = slots.iter().map(|s| [s.sge()]).collect();
+    let mut wrs: Vec<RecvRequest<'_>> = Vec::with_capacity(64);
+    let mut repost = |qp: &mut Box<dyn zcmsg::QueuePair>, ids: &[u64]| {
+        wrs.clear();
+        wrs.extend(ids.iter().map(|&i| RecvRequest {
+            wr_id: i,
+            sg_list: &sges[i as usize],
+        }));
+        qp.post_recv(&wrs).expect("post_recv");
     };
     let all: Vec<u64> = (0..64).collect();
-    repost(&mut b, &all[..32]);
-    repost(&mut b, &all[32..]);
+    repost(&mut b, &all);
     let mut msg = arena.alloc().expect("slot");
     msg.put_bytes(0x5a, 64);
     let sge = [msg.sge_filled()];

@@ -173,25 +173,13 @@ impl Side {
     }
 
     /// Repost the receives `ids` with one post list.
-    fn repost_all(&mut self, ids: &[u64]) -> Result<(), String> {
-        let mut sges = [[zcmsg::Sge::default(); 1]; 32];
-        let mut n = 0;
-        for (d, &id) in sges.iter_mut().zip(ids) {
-            d[0] = self.recv[id as usize]
-                .as_ref()
-                .ok_or("unknown receive")?
-                .sge();
-            n += 1;
-        }
-        let wrs: [RecvRequest<'_>; 32] = std::array::from_fn(|k| RecvRequest {
-            wr_id: ids.get(k).copied().unwrap_or(0),
-            sg_list: &sges[k],
-        });
-        self.qp.post_recv(&wrs[..n]).map_err(|e| e.to_string())?;
-        if ids.len() > n {
-            self.repost_all(&ids[n..])?;
-        }
-        Ok(())
+    /// The SGEs of the receive slots, by receive id, built once: a stream
+    /// reposts from them (perftest builds its receive requests once too).
+    fn recv_sges(&self) -> Vec<[zcmsg::Sge; 1]> {
+        self.recv
+            .iter()
+            .map(|s| [s.as_ref().map_or_else(zcmsg::Sge::default, SlotMut::sge)])
+            .collect()
     }
 
     fn send_slot(&self, size: usize, fill: u8) -> Result<SlotMut, String> {
@@ -378,10 +366,11 @@ pub fn stream_bw(
             let mut bad = 0u64;
             let deadline = Instant::now() + Duration::from_secs(120);
             let mut spins = 0u64;
-            let mut ids = Vec::with_capacity(srv.wc.len());
+            let sges = srv.recv_sges();
+            let mut wrs: Vec<RecvRequest<'_>> = Vec::with_capacity(srv.wc.len());
             while got < iters {
                 let n = srv.qp.poll_cq(&mut srv.wc);
-                ids.clear();
+                wrs.clear();
                 for i in 0..n {
                     let wc = srv.wc[i];
                     check(&wc)?;
@@ -392,12 +381,15 @@ pub fn stream_bw(
                         if s.len() != size || s.as_slice().first().is_some_and(|&b| b != 0x33) {
                             bad += 1;
                         }
-                        ids.push(wc.wr_id);
+                        wrs.push(RecvRequest {
+                            wr_id: wc.wr_id,
+                            sg_list: &sges[wc.wr_id as usize],
+                        });
                     }
                 }
                 // One post list for everything this poll returned.
-                if !ids.is_empty() {
-                    srv.repost_all(&ids)?;
+                if !wrs.is_empty() {
+                    srv.qp.post_recv(&wrs).map_err(|e| e.to_string())?;
                     reposted_srv.store(got, std::sync::atomic::Ordering::Release);
                 }
                 spins += 1;
