@@ -92,8 +92,10 @@ pub struct VerbsQp {
     wc_buf: Vec<RawWc>,
     pending: VecDeque<WorkCompletion>,
     /// Send completions from the first error on, held back until the
-    /// receive CQ has been found empty after them (see `poll_both`).
-    held: SendErrorHold,
+    /// receive CQ's successes before them are taken (see `poll_both`);
+    /// boxed when an error first comes, so the polling fields keep their
+    /// places.
+    held: Option<Box<SendErrorHold>>,
     errored: Cell<bool>,
     /// The QP was (re)moved to the error state by us after the error was
     /// seen, so that everything posted until then is flushed (rxe does not
@@ -255,7 +257,7 @@ impl VerbsQp {
             srq_outstanding,
             wc_buf: vec![sys::empty_wc(); POLL_BATCH],
             pending: VecDeque::with_capacity(2 * POLL_BATCH),
-            held: SendErrorHold::default(),
+            held: None,
             errored: Cell::new(false),
             kicked: Cell::new(false),
             disconnected: Cell::new(false),
@@ -715,25 +717,70 @@ impl VerbsQp {
     /// then taken), and the send CQ is left alone while they are held.
     #[inline(always)]
     fn poll_both(&mut self, out: &mut [WorkCompletion], all: bool) -> usize {
-        if self.held.is_releasing() {
-            return self.held.release(out);
+        if self.held.is_some() {
+            return self.poll_holding(out);
         }
         let mut a = 0;
-        if self.held.is_empty() && !self.sq.is_empty() && (all || !self.skip_send_cq()) {
+        if !self.sq.is_empty() && (all || !self.skip_send_cq()) {
             self.send_cq_skipped = 0;
             a = Self::poll_one(&self.send_cq, &mut self.wc_buf, out, false, &self.errored);
             self.retire_sends(&out[..a]);
-            a = self.held.hold_from_error(&out[..a]);
+            if a > 0 && self.errored.get() {
+                return self.hold_send_errors(out, a);
+            }
         }
-        let b = Self::poll_one(
-            &self.recv_cq,
-            &mut self.wc_buf,
-            &mut out[a..],
-            true,
-            &self.errored,
-        );
+        a + self.poll_recv_cq(&mut out[a..])
+    }
+
+    /// The receive CQ into `out`, with accounting.
+    #[inline(always)]
+    fn poll_recv_cq(&mut self, out: &mut [WorkCompletion]) -> usize {
+        let b = Self::poll_one(&self.recv_cq, &mut self.wc_buf, out, true, &self.errored);
         self.retire_recvs(b);
-        self.held.after_recv(out, a, a + b)
+        b
+    }
+
+    /// `out[..a]` came from the send CQ, in the error state: hold it from
+    /// its first error on, then poll the receive CQ (see `poll_both`).
+    #[cold]
+    #[inline(never)]
+    fn hold_send_errors(&mut self, out: &mut [WorkCompletion], a: usize) -> usize {
+        let mut h = Box::<SendErrorHold>::default();
+        let a = h.hold_from_error(&out[..a]);
+        if !h.is_empty() {
+            self.held = Some(h);
+        }
+        let b = self.poll_recv_cq(&mut out[a..]);
+        self.release_held(out, a, a + b)
+    }
+
+    /// `poll_both` while send completions are held: those due first, else
+    /// the receive CQ alone (the send CQ waits behind them).
+    #[cold]
+    #[inline(never)]
+    fn poll_holding(&mut self, out: &mut [WorkCompletion]) -> usize {
+        if let Some(h) = self.held.as_mut().filter(|h| h.is_releasing()) {
+            let n = h.release(out);
+            if h.is_empty() {
+                self.held = None;
+            }
+            return n;
+        }
+        let b = self.poll_recv_cq(out);
+        self.release_held(out, 0, b)
+    }
+
+    /// [`SendErrorHold::after_recv`] on what is held, if anything; drops
+    /// the hold once it is empty.
+    fn release_held(&mut self, out: &mut [WorkCompletion], recv: usize, filled: usize) -> usize {
+        let Some(h) = self.held.as_mut() else {
+            return filled;
+        };
+        let n = h.after_recv(out, recv, filled);
+        if h.is_empty() {
+            self.held = None;
+        }
+        n
     }
 
     /// True if this poll may leave the send CQ alone (the skip counted);
@@ -1048,7 +1095,7 @@ impl QueuePair for VerbsQp {
     }
 
     fn arm(&mut self, waker: &Waker) -> Armed {
-        if !self.pending.is_empty() || !self.held.is_empty() {
+        if !self.pending.is_empty() || self.held.is_some() {
             return Armed::Ready;
         }
         *self.shared.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(waker.clone());
