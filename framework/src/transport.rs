@@ -463,3 +463,70 @@ pub fn wait_poll(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wc(wr_id: u64, status: WcStatus) -> WorkCompletion {
+        WorkCompletion {
+            wr_id,
+            status,
+            ..WorkCompletion::EMPTY
+        }
+    }
+
+    fn ids(out: &[WorkCompletion]) -> Vec<u64> {
+        out.iter().map(|c| c.wr_id).collect()
+    }
+
+    #[test]
+    fn a_held_error_waits_while_the_receive_side_fills_the_room() {
+        let mut hold = SendErrorHold::default();
+        let mut out = [WorkCompletion::EMPTY; 2];
+        out[0] = wc(7, WcStatus::WrFlushErr);
+        assert_eq!(hold.hold_from_error(&out[..1]), 0);
+        // The receive side filled all the room with successes: it may hold
+        // more that completed before the error, so nothing is released.
+        out[0] = wc(100, WcStatus::Success);
+        out[1] = wc(101, WcStatus::Success);
+        assert_eq!(hold.after_recv(&mut out, 0, 2), 2);
+        assert!(!hold.is_empty() && !hold.is_releasing());
+        // Next poll it gives less than its room: empty, the error follows.
+        out[0] = wc(102, WcStatus::Success);
+        let n = hold.after_recv(&mut out, 0, 1);
+        assert_eq!(ids(&out[..n]), [102, 7]);
+        assert!(hold.is_empty() && !hold.is_releasing());
+    }
+
+    #[test]
+    fn receive_flushes_follow_the_held_error_across_short_rooms() {
+        let mut hold = SendErrorHold::default();
+        let mut out = [WorkCompletion::EMPTY; 3];
+        out[0] = wc(1, WcStatus::Success);
+        out[1] = wc(2, WcStatus::RetryExcErr);
+        out[2] = wc(3, WcStatus::WrFlushErr);
+        assert_eq!(hold.hold_from_error(&out), 1);
+        // One receive success, then flushes: with room for one more only,
+        // the first held goes now, the rest (send flush, receive flushes)
+        // stay due, in order.
+        out[1] = wc(100, WcStatus::Success);
+        out[2] = wc(101, WcStatus::WrFlushErr);
+        let n = hold.after_recv(&mut out, 1, 3);
+        assert_eq!(ids(&out[..n]), [1, 100, 2]);
+        assert!(hold.is_releasing());
+        let n = hold.release(&mut out);
+        assert_eq!(ids(&out[..n]), [3, 101]);
+        assert!(hold.is_empty() && !hold.is_releasing());
+    }
+
+    #[test]
+    fn holding_all_keeps_the_send_side_in_order() {
+        let mut hold = SendErrorHold::default();
+        assert_eq!(hold.hold_from_error(&[wc(5, WcStatus::WrFlushErr)]), 0);
+        hold.hold_all(&[wc(6, WcStatus::WrFlushErr)]);
+        let mut out = [WorkCompletion::EMPTY; 4];
+        let n = hold.release(&mut out);
+        assert_eq!(ids(&out[..n]), [5, 6]);
+    }
+}
