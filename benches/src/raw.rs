@@ -172,7 +172,6 @@ impl Side {
             .map_err(|e| e.to_string())
     }
 
-    /// Repost the receives `ids` with one post list.
     /// The SGEs of the receive slots, by receive id, built once: a stream
     /// reposts from them (perftest builds its receive requests once too).
     fn recv_sges(&self) -> Vec<[zcmsg::Sge; 1]> {

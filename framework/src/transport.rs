@@ -367,23 +367,21 @@ impl SendErrorHold {
     }
 
     /// `got` was just polled from the send side: hold its completions from
-    /// the first error on. Returns how many come before it, to report now.
+    /// the first error on, or all of them if something is held already (a
+    /// send side polled while holding, so that its order is kept). Returns
+    /// how many come first, to report now.
     #[inline]
     pub fn hold_from_error(&mut self, got: &[WorkCompletion]) -> usize {
-        match got.iter().position(|c| c.status != WcStatus::Success) {
-            Some(k) => {
-                self.held.extend(&got[k..]);
-                k
+        let k = if self.held.is_empty() {
+            match got.iter().position(|c| c.status != WcStatus::Success) {
+                Some(k) => k,
+                None => return got.len(),
             }
-            None => got.len(),
-        }
-    }
-
-    /// Hold all of `got`, behind what is held (a send side polled while
-    /// something is held, by a transport that cannot leave it alone).
-    #[inline]
-    pub fn hold_all(&mut self, got: &[WorkCompletion]) {
-        self.held.extend(got);
+        } else {
+            0
+        };
+        self.held.extend(&got[k..]);
+        k
     }
 
     /// Move as many held completions as fit into `out`, in order; returns
@@ -521,12 +519,16 @@ mod tests {
     }
 
     #[test]
-    fn holding_all_keeps_the_send_side_in_order() {
+    fn while_holding_every_send_completion_is_held_in_order() {
         let mut hold = SendErrorHold::default();
         assert_eq!(hold.hold_from_error(&[wc(5, WcStatus::WrFlushErr)]), 0);
-        hold.hold_all(&[wc(6, WcStatus::WrFlushErr)]);
+        // A success after the error too: it cannot come before it.
+        assert_eq!(
+            hold.hold_from_error(&[wc(6, WcStatus::Success), wc(7, WcStatus::WrFlushErr)]),
+            0
+        );
         let mut out = [WorkCompletion::EMPTY; 4];
         let n = hold.release(&mut out);
-        assert_eq!(ids(&out[..n]), [5, 6]);
+        assert_eq!(ids(&out[..n]), [5, 6, 7]);
     }
 }

@@ -1517,19 +1517,15 @@ impl Local {
         n
     }
 
-    /// In the error state, the send completions `got` just drained: from
-    /// the first error on they wait in `held` (all of them if something
-    /// waits already, so that their order is kept). Returns how many of
-    /// `got` are reported now.
+    /// In the error state, the send completions `got` just drained go
+    /// through `held` ([`SendErrorHold::hold_from_error`]). Returns how
+    /// many of `got` are reported now.
     #[cold]
     #[inline(never)]
     fn hold_send_errors(&mut self, got: &[WorkCompletion]) -> usize {
-        let h = self.held.get_or_insert_with(Box::default);
-        if h.is_empty() {
-            return h.hold_from_error(got);
-        }
-        h.hold_all(got);
-        0
+        self.held
+            .get_or_insert_with(Box::default)
+            .hold_from_error(got)
     }
 
     /// Send completions are held.
@@ -1737,8 +1733,9 @@ impl SoftQp {
     /// outstanding on the send side) stays a small function.
     ///
     /// A send error is held, with everything after it, until the receive
-    /// side is found empty (see `QueuePair::poll_cq`); it always comes
-    /// with the error state, so the receive side's error path releases it.
+    /// side's completions before it are taken (see `QueuePair::poll_cq`);
+    /// it always comes with the error state, so the receive side's error
+    /// path releases it, before its flushes.
     #[inline(never)]
     fn poll_send(&mut self, wc: &mut [WorkCompletion]) -> usize {
         let SoftQp { core, peer, l } = self;
