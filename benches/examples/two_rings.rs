@@ -1,5 +1,5 @@
 //! How close a SEND ping-pong through completion queues can come to the
-//! one-line floor on this machine. Four two-thread ping-pongs, each timed
+//! one-line floor on this machine. Two-thread ping-pongs, each timed
 //! over N round trips (total time over 2N hops, one way), in alternating
 //! rounds:
 //! - `floor`: one `AtomicU64` handed back and forth (the summary's floor);
@@ -13,10 +13,16 @@
 //! - `shared+lock`: `shared`, each side writing its completion and a 64 B
 //!   payload (a line of its own) under a mutex of its own, as the device
 //!   posts under its send queue's mutex;
+//! - `shared+lock+read`: `shared+lock`, each side also reading the payload
+//!   it received, after its answer (or next request) is out, as `zcperf
+//!   send-lat` checks its messages: still no device, only the data
+//!   movement a checked ping-pong asks for;
 //! - `pair` and `connect_pair`: the soft device's 64 B inline SEND
 //!   ping-pong between the two ends of `SoftDevice::pair` (one device) and
 //!   of `SoftDevice::connect_pair` (two), each side posting its answer
-//!   (or next request) before it reposts the receive it took.
+//!   (or next request) before it reposts the receive it took;
+//! - `pair+read`: `pair`, each side also reading the first byte of the
+//!   message it received before reposting its receive.
 //!
 //! ```text
 //! cargo run --release -p zcmsg-bench --example two_rings -- [N] [ROUNDS]
@@ -105,8 +111,9 @@ fn rings(n: u64) -> f64 {
 
 /// `rings` with the two rings in the same lines, four entries of each side
 /// to a line; with `locked`, each side writes a 64 B payload into a slot of
-/// the other's and its completion under a mutex of its own.
-fn shared(n: u64, locked: bool) -> f64 {
+/// the other's and its completion under a mutex of its own; with `read`,
+/// each side then reads the payload it received, after its own write.
+fn shared(n: u64, locked: bool, read: bool) -> f64 {
     #[derive(Default)]
     #[repr(align(128))]
     struct Side {
@@ -136,6 +143,10 @@ fn shared(n: u64, locked: bool) -> f64 {
                 std::hint::spin_loop();
             }
         }
+        /// The first word of the payload `side` received as `seq`.
+        fn read(&self, side: usize, seq: u64) -> u64 {
+            self.slots[side][(seq % 16) as usize].0[0].load(Ordering::Relaxed)
+        }
     }
     let lines = || (0..16).map(|_| Line::default()).collect::<Vec<_>>();
     let s = Arc::new(Shared {
@@ -145,18 +156,28 @@ fn shared(n: u64, locked: bool) -> f64 {
     });
     let s2 = s.clone();
     let echo = std::thread::spawn(move || {
+        let mut seen = 0u64;
         for i in 0..n {
             s2.wait(1, i);
             s2.complete(0, i, locked);
+            if read {
+                seen = seen.wrapping_add(s2.read(1, i));
+            }
         }
+        seen
     });
+    let mut seen = 0u64;
     let t = Instant::now();
     for i in 0..n {
         s.complete(1, i, locked);
+        if read && i > 0 {
+            seen = seen.wrapping_add(s.read(0, i - 1));
+        }
         s.wait(0, i);
     }
     let ns = t.elapsed().as_nanos();
-    echo.join().expect("echo thread");
+    seen = seen.wrapping_add(echo.join().expect("echo thread"));
+    std::hint::black_box(seen);
     one_way(ns, n)
 }
 
@@ -211,6 +232,13 @@ impl End {
             .expect("post_send");
     }
 
+    /// The first byte of the message receive `i` holds.
+    fn first_byte(&mut self, i: u64) -> u8 {
+        let s = &mut self.recv[i as usize];
+        s.set_len(64);
+        s.as_slice()[0]
+    }
+
     /// Spin until a receive completes; returns its wr_id.
     fn recv(&mut self, wc: &mut [WorkCompletion]) -> u64 {
         loop {
@@ -223,7 +251,7 @@ impl End {
     }
 }
 
-fn device(n: u64, two_devices: bool) -> f64 {
+fn device(n: u64, two_devices: bool, read: bool) -> f64 {
     let cfg = QpConfig {
         max_send_wr: 128,
         max_recv_wr: 16,
@@ -242,25 +270,34 @@ fn device(n: u64, two_devices: bool) -> f64 {
     let mut b = End::new(if two_devices { &db } else { &da }, qb);
     let echo = std::thread::spawn(move || {
         let mut wc = [WorkCompletion::EMPTY; 16];
+        let mut seen = 0u64;
         for i in 0..n {
             let id = b.recv(&mut wc);
             b.send(i);
+            if read {
+                seen += u64::from(b.first_byte(id));
+            }
             b.repost(id);
         }
-        b
+        (b, seen)
     });
     let mut wc = [WorkCompletion::EMPTY; 16];
+    let mut seen = 0u64;
     let t = Instant::now();
     let mut taken = None;
     for i in 0..n {
         a.send(i);
         if let Some(id) = taken.take() {
+            if read {
+                seen += u64::from(a.first_byte(id));
+            }
             a.repost(id);
         }
         taken = Some(a.recv(&mut wc));
     }
     let ns = t.elapsed().as_nanos();
-    let b = echo.join().expect("echo thread");
+    let (b, seen_b) = echo.join().expect("echo thread");
+    std::hint::black_box(seen + seen_b);
     drop((a, b));
     one_way(ns, n)
 }
@@ -279,23 +316,27 @@ fn main() {
         "rings",
         "shared",
         "shared+lock",
+        "shared+lock+read",
         "pair",
         "connect_pair",
+        "pair+read",
     ];
-    let mut t: [Vec<f64>; 6] = Default::default();
+    let mut t: [Vec<f64>; 8] = Default::default();
     for _ in 0..rounds {
         t[0].push(floor(n));
         t[1].push(rings(n));
-        t[2].push(shared(n, false));
-        t[3].push(shared(n, true));
-        t[4].push(device(n, false));
-        t[5].push(device(n, true));
+        t[2].push(shared(n, false, false));
+        t[3].push(shared(n, true, false));
+        t[4].push(shared(n, true, true));
+        t[5].push(device(n, false, false));
+        t[6].push(device(n, true, false));
+        t[7].push(device(n, false, true));
     }
     let m: Vec<f64> = t.into_iter().map(median).collect();
     println!("{n} round trips, median of {rounds} rounds, one way:");
     for (name, v) in names.iter().zip(&m) {
         println!(
-            "  {name:<13} {v:7.1} ns   /floor {:.2}x   /rings {:.2}x",
+            "  {name:<17} {v:7.1} ns   /floor {:.2}x   /rings {:.2}x",
             v / m[0],
             v / m[1]
         );
