@@ -15,7 +15,9 @@ pub enum HugePages {
     /// Try `MAP_HUGETLB`, then transparent huge pages, then normal pages (logged).
     #[default]
     Auto,
-    /// Normal pages only.
+    /// Normal pages only: no `MAP_HUGETLB`, and advice against transparent
+    /// huge pages (`MADV_NOHUGEPAGE`), which a system with transparent huge
+    /// pages `enabled` set to `always` would otherwise use.
     Never,
     /// `MAP_HUGETLB` or fail.
     Require,
@@ -76,10 +78,17 @@ impl Mapping {
                     context: "mmap of an arena",
                     source: e,
                 })?;
-                if rlen >= HUGE_PAGE {
+                // `Auto` falls back to transparent huge pages; `Never`
+                // advises against them (see `HugePages::Never`).
+                let advice = match huge {
+                    HugePages::Never => Some(libc::MADV_NOHUGEPAGE),
+                    _ if rlen >= HUGE_PAGE => Some(libc::MADV_HUGEPAGE),
+                    _ => None,
+                };
+                if let Some(advice) = advice {
                     // SAFETY: ptr..ptr+rlen is the mapping just created; advice
                     // changes no contents.
-                    unsafe { libc::madvise(ptr.cast(), rlen, libc::MADV_HUGEPAGE) };
+                    unsafe { libc::madvise(ptr.cast(), rlen, advice) };
                 }
                 Mapping {
                     ptr,
@@ -251,4 +260,57 @@ pub fn memlock_reserve(bytes: u64) -> Result<(), TransportError> {
 /// Return what [`memlock_reserve`] accounted.
 pub fn memlock_release(bytes: u64) {
     LOCKED.fetch_sub(bytes, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `VmFlags` of the mapping that holds `ptr`, from /proc/self/smaps
+    /// (the kernel may have merged ours with a neighbour of the same flags).
+    fn vm_flags(ptr: *mut u8) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("read /proc/self/smaps");
+        let at = ptr as usize;
+        let mut in_vma = false;
+        for line in smaps.lines() {
+            let range = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'));
+            if let Some((a, b)) = range {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    in_vma = a <= at && at < b;
+                    continue;
+                }
+            }
+            if in_vma {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.split_whitespace().map(str::to_string).collect();
+                }
+            }
+        }
+        panic!("no mapping holds {ptr:p} in /proc/self/smaps");
+    }
+
+    #[test]
+    fn never_means_no_transparent_huge_pages() {
+        // Large enough for transparent huge pages: `Never` must advise
+        // against them (`nh`), not for them (`hg`).
+        let m = Mapping::new(8 << 20, HugePages::Never, None).expect("map 8 MiB");
+        assert!(!m.is_huge());
+        let flags = vm_flags(m.ptr);
+        assert!(flags.iter().any(|f| f == "nh"), "VmFlags {flags:?}");
+        assert!(!flags.iter().any(|f| f == "hg"), "VmFlags {flags:?}");
+    }
+
+    #[test]
+    fn auto_falls_back_to_transparent_huge_pages() {
+        let m = Mapping::new(8 << 20, HugePages::Auto, None).expect("map 8 MiB");
+        // hugetlb pages (`ht`) when the system has them reserved, else the
+        // advice for transparent ones (`hg`).
+        let flags = vm_flags(m.ptr);
+        let want = if m.is_huge() { "ht" } else { "hg" };
+        assert!(flags.iter().any(|f| f == want), "VmFlags {flags:?}");
+    }
 }
