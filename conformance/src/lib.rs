@@ -156,6 +156,7 @@
 //! - `ep_rpc_bulk_pull_and_push`: the server READs 4 MiB from the client and WRITEs the result back.
 //! - `ep_small_messages_bundled`: small messages queued together share one SEND and one receive slot (bundles, counted as coalescing copies) and still arrive as separate zero-copy messages, intact and in order.
 //! - `ep_queued_burst`: messages queued with `Endpoint::queue` stay unposted until `flush_sends`, then arrive complete and in order (eager and rendezvous mixed); one queued on an idle endpoint goes out with its next `progress`.
+//! - `ep_recv_timeout`: `recv_timeout` with nothing sent waits its whole timeout and says so (zero included); messages sent before the wait, and one sent from another thread during it, arrive byte for byte and in order; then end of stream.
 //! - `ep_copy_path` (through the device only): `try_send_slice` and `try_recv_into` move small messages byte for byte without `Bytes`; a slice over the inline limit is not sent, a buffer too small is refused with the message kept, copy and zero-copy receives take turns, copied-out slots keep credits flowing, counted as `copy_out`.
 //! - `ep_small_messages_inline` (through the device only): messages that fit `max_inline_data` with their header are copied at post time (counted, foreign memory not bounced) and release their chunks at once; larger eager ones hold theirs until the completion.
 //! - `ep_graceful_close`: everything before the close arrives, then end of stream; a second close and a late send are typed errors.
@@ -278,6 +279,7 @@ macro_rules! __for_each_case {
             ep_rpc_bulk_pull_and_push,
             ep_graceful_close,
             ep_queued_burst,
+            ep_recv_timeout,
             ep_small_messages_inline,
             ep_copy_path,
             ep_small_messages_bundled,

@@ -124,6 +124,11 @@ pub enum RecvInto {
 /// many calls in a row (see `Endpoint::progress`).
 const IDLE_CLOCK_EVERY: u32 = 16;
 
+/// `recv_timeout` polls this many times before it reads the clock to start
+/// its deadline: a message that arrives within them (a ping-pong's answer,
+/// ~1 µs of polls on the soft device) costs no clock read.
+const CLOCKLESS_POLLS: u32 = 64;
+
 /// A connected messaging endpoint.
 pub struct Endpoint {
     pd: Pd,
@@ -628,6 +633,13 @@ impl Endpoint {
     /// Block up to `timeout` for a message: spin first, then sleep on the
     /// transport's readiness hook.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Recv, EndpointError> {
+        // A message that is there or arrives within the first polls costs
+        // no clock read (~20-40 ns each on these VMs, more in a guest).
+        for _ in 0..CLOCKLESS_POLLS {
+            if let Some(r) = self.try_recv()? {
+                return Ok(r);
+            }
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(r) = self.try_recv()? {

@@ -891,3 +891,53 @@ pub fn ep_queued_burst(h: &Harness) {
     queued_burst_with(devices(h), &cfg());
     queued_burst_with(devices(h), &cfg_handoff());
 }
+
+/// `Endpoint::recv_timeout`: with nothing sent it waits its whole timeout
+/// and says so (a zero timeout included, at once); messages sent before the
+/// wait, and one sent by another thread while it waits, are returned byte
+/// for byte and in order.
+pub fn ep_recv_timeout(h: &Harness) {
+    let (mut a, mut b) = endpoint_pair(devices(h), &cfg());
+    for t in [Duration::ZERO, Duration::from_millis(50)] {
+        let start = Instant::now();
+        match b.recv_timeout(t) {
+            Err(EndpointError::Timeout(d)) => assert_eq!(d, t),
+            other => panic!("recv_timeout({t:?}) with nothing sent: {other:?}"),
+        }
+        let took = start.elapsed();
+        assert!(
+            took >= t,
+            "returned after {took:?}, before its {t:?} timeout"
+        );
+        assert!(
+            took < t + Duration::from_secs(5),
+            "returned {took:?} into a {t:?} timeout"
+        );
+    }
+    let msg = |i: u64| Bytes::from(pattern(100 + i as usize, i).collect::<Vec<u8>>());
+    for i in 0..3 {
+        a.try_send(msg(i)).expect("try_send");
+    }
+    for i in 0..3 {
+        match b.recv_timeout(Duration::from_secs(30)) {
+            Ok(Recv::Message(m)) => assert_eq!(m, msg(i), "message {i}"),
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    // Sent while `b` waits in `recv_timeout`.
+    let sender = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        a.try_send(msg(3)).expect("try_send");
+        a
+    });
+    match b.recv_timeout(Duration::from_secs(30)) {
+        Ok(Recv::Message(m)) => assert_eq!(m, msg(3), "message sent during the wait"),
+        other => panic!("message sent during the wait: {other:?}"),
+    }
+    let mut a = sender.join().expect("sender thread");
+    a.try_close().expect("close");
+    match b.recv_timeout(Duration::from_secs(30)) {
+        Ok(Recv::Eos) => {}
+        other => panic!("end of stream: {other:?}"),
+    }
+}
