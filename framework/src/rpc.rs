@@ -1,7 +1,11 @@
 //! Request/response on top of an endpoint, with Mercury-style bulk handles.
 //!
-//! A call is one message: a 16-byte RPC header chunk followed by the request
-//! chunks (vectored, never concatenated); the reply likewise. Handlers get
+//! A call is one message: a 16-byte RPC header followed by the request; the
+//! reply likewise. A message of up to 256 bytes in all that can go at once
+//! is built on the stack and posted as one inline request (its bytes copied
+//! into the request, counted as `inline`, as `Endpoint::try_send_slice`
+//! does); a larger one goes as a header chunk and the request's own chunks
+//! (vectored, never concatenated, zero-copy when registered). Handlers get
 //! the request as zero-copy `Bytes` (a slice of the receive slot) and reply
 //! with `Bytes` chunks. Bulk data does not travel in messages: the request
 //! names a [`RemoteRegion`] of the client's, and the server pulls it
@@ -22,6 +26,18 @@ use crate::proto::{Msg, SendError};
 use crate::verbs::{RemoteRegion, WcStatus};
 
 const RPC_HDR: usize = 16;
+/// RPC messages up to this size (header included) are built on the stack
+/// and sent inline when they can go at once.
+const SMALL_FRAME: usize = 256;
+
+/// The RPC header: kind, a zero byte, method, four zero bytes, call id.
+fn put_header(w: &mut impl BufMut, kind: u8, method: u16, call: u64) {
+    w.put_u8(kind);
+    w.put_u8(0);
+    w.put_u16_le(method);
+    w.put_u32_le(0);
+    w.put_u64_le(call);
+}
 const REQUEST: u8 = 1;
 const REPLY: u8 = 2;
 const ERROR: u8 = 3;
@@ -167,11 +183,7 @@ impl Rpc {
             .hdrs
             .alloc()
             .ok_or_else(|| RpcError::Handler("no RPC header slot free".into()))?;
-        s.put_u8(kind);
-        s.put_u8(0);
-        s.put_u16_le(method);
-        s.put_u32_le(0);
-        s.put_u64_le(call);
+        put_header(&mut s, kind, method, call);
         Ok(s.freeze())
     }
 
@@ -179,13 +191,42 @@ impl Rpc {
     pub fn start_call(&mut self, method: u16, request: impl Into<Msg>) -> Result<u64, RpcError> {
         let call = self.next_call;
         self.next_call += 1;
-        let mut chunks = vec![self.header(REQUEST, method, call)?];
-        match request.into() {
-            Msg::One(b) => chunks.push(b),
-            Msg::Many(v) => chunks.extend(v),
-        }
-        self.ep.try_send(chunks)?;
+        let body = match request.into() {
+            Msg::One(b) => vec![b],
+            Msg::Many(v) => v,
+        };
+        self.send_framed(REQUEST, method, call, body)?;
         Ok(call)
+    }
+
+    /// Send one RPC message: its header, then `body`. A small one goes at
+    /// once as one inline request built on the stack (no header slot, no
+    /// gather of two chunks); a larger one, or one that cannot go at once,
+    /// as the header slot and `body`'s own chunks (zero-copy when registered).
+    fn send_framed(
+        &mut self,
+        kind: u8,
+        method: u16,
+        call: u64,
+        body: Vec<Bytes>,
+    ) -> Result<(), RpcError> {
+        let len = RPC_HDR + body.iter().map(Bytes::len).sum::<usize>();
+        if len <= SMALL_FRAME && len <= self.ep.inline_limit() {
+            let mut buf = [0u8; SMALL_FRAME];
+            let mut w = &mut buf[..];
+            put_header(&mut w, kind, method, call);
+            for b in &body {
+                w.put_slice(b);
+            }
+            if self.ep.try_send_slice(&buf[..len])?.is_some() {
+                return Ok(());
+            }
+        }
+        let mut chunks = Vec::with_capacity(body.len() + 1);
+        chunks.push(self.header(kind, method, call)?);
+        chunks.extend(body);
+        self.ep.try_send(chunks)?;
+        Ok(())
     }
 
     /// Make progress: serve requests, collect replies. Returns true if anything happened.
@@ -235,9 +276,7 @@ impl Rpc {
                     Ok(chunks) => (REPLY, chunks),
                     Err(e) => (ERROR, vec![Bytes::from(e.into_bytes())]),
                 };
-                let mut chunks = vec![self.header(kind, method, call)?];
-                chunks.extend(body);
-                self.ep.try_send(chunks)?;
+                self.send_framed(kind, method, call, body)?;
             }
             REPLY => {
                 // Replies nobody collected yet hold receive slots; past half of

@@ -260,7 +260,9 @@ fn rpc_many_concurrent_calls_with(d: Devices, c: &EndpointConfig) {
     let mut rpc = Rpc::new(ea, 4096).expect("rpc");
     let calls: Vec<(u64, Vec<u8>)> = (0..1000u64)
         .map(|i| {
-            let req: Vec<u8> = pattern(10 + (i as usize % 200), i).collect();
+            // 10-409 bytes: either side of the size up to which a call
+            // goes as one inline request built on the stack.
+            let req: Vec<u8> = pattern(10 + (i as usize % 400), i).collect();
             (
                 rpc.start_call(7, Bytes::from(req.clone())).expect("call"),
                 req,
