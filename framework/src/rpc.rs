@@ -29,6 +29,9 @@ const RPC_HDR: usize = 16;
 /// RPC messages up to this size (header included) are built on the stack
 /// and sent inline when they can go at once.
 const SMALL_FRAME: usize = 256;
+const REQUEST: u8 = 1;
+const REPLY: u8 = 2;
+const ERROR: u8 = 3;
 
 /// The RPC header: kind, a zero byte, method, four zero bytes, call id.
 fn put_header(w: &mut impl BufMut, kind: u8, method: u16, call: u64) {
@@ -38,9 +41,6 @@ fn put_header(w: &mut impl BufMut, kind: u8, method: u16, call: u64) {
     w.put_u32_le(0);
     w.put_u64_le(call);
 }
-const REQUEST: u8 = 1;
-const REPLY: u8 = 2;
-const ERROR: u8 = 3;
 
 /// Errors of RPC calls.
 #[derive(Debug, thiserror::Error)]
@@ -191,11 +191,7 @@ impl Rpc {
     pub fn start_call(&mut self, method: u16, request: impl Into<Msg>) -> Result<u64, RpcError> {
         let call = self.next_call;
         self.next_call += 1;
-        let body = match request.into() {
-            Msg::One(b) => vec![b],
-            Msg::Many(v) => v,
-        };
-        self.send_framed(REQUEST, method, call, body)?;
+        self.send_framed(REQUEST, method, call, request.into())?;
         Ok(call)
     }
 
@@ -203,28 +199,21 @@ impl Rpc {
     /// once as one inline request built on the stack (no header slot, no
     /// gather of two chunks); a larger one, or one that cannot go at once,
     /// as the header slot and `body`'s own chunks (zero-copy when registered).
-    fn send_framed(
-        &mut self,
-        kind: u8,
-        method: u16,
-        call: u64,
-        body: Vec<Bytes>,
-    ) -> Result<(), RpcError> {
-        let len = RPC_HDR + body.iter().map(Bytes::len).sum::<usize>();
+    fn send_framed(&mut self, kind: u8, method: u16, call: u64, body: Msg) -> Result<(), RpcError> {
+        let len = RPC_HDR + body.len() as usize;
         if len <= SMALL_FRAME && len <= self.ep.inline_limit() {
             let mut buf = [0u8; SMALL_FRAME];
-            let mut w = &mut buf[..];
-            put_header(&mut w, kind, method, call);
-            for b in &body {
-                w.put_slice(b);
-            }
+            put_header(&mut &mut buf[..RPC_HDR], kind, method, call);
+            body.copy_to(&mut buf[RPC_HDR..len]);
             if self.ep.try_send_slice(&buf[..len])?.is_some() {
                 return Ok(());
             }
         }
-        let mut chunks = Vec::with_capacity(body.len() + 1);
-        chunks.push(self.header(kind, method, call)?);
-        chunks.extend(body);
+        let mut chunks = vec![self.header(kind, method, call)?];
+        match body {
+            Msg::One(b) => chunks.push(b),
+            Msg::Many(v) => chunks.extend(v),
+        }
         self.ep.try_send(chunks)?;
         Ok(())
     }
@@ -276,7 +265,7 @@ impl Rpc {
                     Ok(chunks) => (REPLY, chunks),
                     Err(e) => (ERROR, vec![Bytes::from(e.into_bytes())]),
                 };
-                self.send_framed(kind, method, call, body)?;
+                self.send_framed(kind, method, call, Msg::Many(body))?;
             }
             REPLY => {
                 // Replies nobody collected yet hold receive slots; past half of

@@ -158,7 +158,7 @@ impl Msg {
     }
     /// Copy the bytes, in order, into `out` (exactly `len()` bytes long).
     #[inline]
-    fn copy_to(&self, out: &mut [u8]) {
+    pub(crate) fn copy_to(&self, out: &mut [u8]) {
         match self {
             Msg::One(b) => out.copy_from_slice(b),
             Msg::Many(v) => {
