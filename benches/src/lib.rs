@@ -6,4 +6,5 @@ pub mod ep;
 pub mod raw;
 pub mod refs;
 pub mod report;
+pub mod wire;
 pub mod wlat;

@@ -1,15 +1,21 @@
 //! Device-level benchmarks over the `Transport` trait: the same code measures
-//! every transport. Two queue pairs are connected through `listen`/`connect`
-//! (server side in its own thread), each driven by one busy-polling thread.
+//! every transport. Each test has a server half and a client half, connected
+//! through `listen`/`connect` and the exchange of [`crate::wire`]; each half
+//! is driven by one busy-polling thread, in this process (the server in a
+//! thread: [`in_process`]) or in two (`zcperf --server` and `zcperf HOST`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BufMut;
 use zcmsg::{
-    Access, Arena, ArenaConfig, Opcode, Pd, QpConfig, QueuePair, RecvRequest, SendFlags, SlotMut,
-    Transport, WcStatus, WorkCompletion, WorkRequest,
+    Access, Arena, ArenaConfig, Listener, Opcode, Pd, QpConfig, QueuePair, RecvRequest,
+    RemoteRegion, SendFlags, SlotMut, Transport, WcStatus, WorkCompletion, WorkRequest,
 };
+
+use crate::wire::{Ctrl, Hello, TestKind, CTRL_LEN, CTRL_WAIT, HELLO_LEN};
 
 /// Busy-wait loops read the clock for their deadline once per this many
 /// polls: a clock read costs ~40 ns on these VMs, as much as a poll.
@@ -87,15 +93,24 @@ pub struct Bandwidth {
     pub elapsed: Duration,
 }
 
-struct Side {
-    _pd: Pd,
-    qp: Box<dyn QueuePair>,
+/// One side of a run: its queue pair, an arena for its messages, receives
+/// and control messages, and the receive slots by receive id.
+pub(crate) struct Side {
+    pub(crate) pd: Pd,
+    pub(crate) qp: Box<dyn QueuePair>,
     arena: Arena,
     recv: Vec<Option<SlotMut>>,
-    wc: [WorkCompletion; 32],
+    ctrl_tx: SlotMut,
+    pub(crate) wc: [WorkCompletion; 32],
 }
 
-fn qp_config(p: &Params) -> QpConfig {
+/// The receive id of nothing, and the request id of a control SEND (the
+/// tests' loops skip its completion like any other unsignaled-for-them
+/// send).
+const CTRL_TX: u64 = u64::MAX;
+
+/// The queue pair the raw tests ask for: `p`'s depths and inlining.
+pub fn qp_config(p: &Params) -> QpConfig {
     QpConfig {
         max_send_wr: p.tx_depth,
         max_recv_wr: p.rx_depth,
@@ -107,44 +122,142 @@ fn qp_config(p: &Params) -> QpConfig {
     }
 }
 
-/// Connect two sides, the server through `listen` at `addr` in a thread.
-fn connect(
-    a: Arc<dyn Transport>,
-    b: Arc<dyn Transport>,
+/// Run a test's two halves in this process: `serve` in a thread on a
+/// listener at `addr` of `b`, the client (`client`, handed the address to
+/// connect to) here. Both halves' failures are reported.
+pub fn in_process<T>(
+    b: &Arc<dyn Transport>,
     addr: &str,
-    p: &Params,
-) -> Result<(Side, Side), String> {
-    let cfg = qp_config(p);
+    cfg: &QpConfig,
+    serve: impl FnOnce(&mut dyn Listener) -> Result<Served, String> + Send + 'static,
+    client: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, String> {
     let mut listener = b
-        .listen(addr, &cfg)
+        .listen(addr, cfg)
         .map_err(|e| format!("listen {addr}: {e}"))?;
     let at = listener.local_addr();
-    let acc = std::thread::spawn(move || listener.accept(Duration::from_secs(20)));
-    let qa = a
-        .connect(&at, &cfg, b"zcperf")
-        .map_err(|e| format!("connect {at}: {e}"))?;
-    let (qb, _) = acc
-        .join()
-        .map_err(|_| "accept thread panicked".to_string())?
-        .map_err(|e| format!("accept: {e}"))?;
-    let mk = |t: Arc<dyn Transport>, qp: Box<dyn QueuePair>| -> Result<Side, String> {
-        let pd = Pd::new(t);
-        let slots = (p.rx_depth + p.tx_depth + 4) as usize;
-        let arena = pd
-            .arena(ArenaConfig::new(p.size.max(64), slots))
-            .map_err(|e| format!("arena: {e}"))?;
-        Ok(Side {
-            _pd: pd,
-            qp,
-            arena,
-            recv: Vec::new(),
-            wc: [WorkCompletion::EMPTY; 32],
-        })
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(serve(&mut *listener)));
+    let c = client(&at);
+    // A failed client may leave the server waiting for it (in `accept`,
+    // say): its verdict is awaited for a while, not for the server's
+    // whole bound.
+    let verdict = match c {
+        Ok(_) => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        Err(_) => rx.recv_timeout(Duration::from_secs(5)),
     };
-    Ok((mk(a, qa)?, mk(b, qb)?))
+    let s = verdict.unwrap_or_else(|e| match e {
+        RecvTimeoutError::Timeout => Err("still waiting 5 s after the client failed".into()),
+        RecvTimeoutError::Disconnected => Err("the server panicked".into()),
+    });
+    match (c, s) {
+        (Ok(t), Ok(_)) => Ok(t),
+        (Err(c), Ok(_)) => Err(c),
+        (Ok(_), Err(s)) => Err(format!("the server: {s}")),
+        (Err(c), Err(s)) => Err(format!("{c}; the server: {s}")),
+    }
+}
+
+/// What a server half ran, for its report.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The client's request.
+    pub hello: Hello,
+    /// For the endpoint stream, which the server measures: the messages
+    /// received and the nanoseconds they took.
+    pub measured: Option<(u64, u64)>,
+}
+
+/// The client's half of connecting: connect with `hello` as private data,
+/// post one receive for the server's answer and `recvs` for the test, and
+/// wait for the answer: the server's window for the WRITE tests.
+pub(crate) fn connect_client(
+    t: Arc<dyn Transport>,
+    at: &str,
+    cfg: &QpConfig,
+    hello: Hello,
+    recvs: u32,
+) -> Result<(Side, Option<RemoteRegion>), String> {
+    let qp = t
+        .connect(at, cfg, &Ctrl::Hello(hello).encode()[..HELLO_LEN])
+        .map_err(|e| format!("connect {at}: {e}"))?;
+    crate::wire::connected(&*qp)?;
+    let mut side = Side::new(t, qp, hello.size as usize, recvs + 2)?;
+    side.post_receives(1 + recvs)?;
+    match side.wait_ctrl()? {
+        Ctrl::Ready(w) => Ok((side, w)),
+        Ctrl::Refuse(why) => Err(format!("the server refused: {why}")),
+        other => Err(format!("the server answered {other:?}, not ready")),
+    }
+}
+
+/// The server's half of connecting: accept one client, read its request
+/// and refuse it (telling the client why) unless it asks for `want`.
+/// Posts `recvs(hello)` receives; the caller sets up the rest and sends
+/// [`Ctrl::Ready`] with [`Side::send_ctrl`].
+pub(crate) fn accept_client(
+    t: Arc<dyn Transport>,
+    l: &mut dyn Listener,
+    want: TestKind,
+    recvs: impl Fn(&Hello) -> u32,
+    extra_slots: u32,
+) -> Result<(Side, Hello), String> {
+    let (qp, private) = l
+        .accept(Duration::from_secs(120))
+        .map_err(|e| format!("accept: {e}"))?;
+    crate::wire::connected(&*qp)?;
+    let max = u64::from(t.caps().max_msg_sz);
+    let hello = Ctrl::decode(&private).and_then(|c| match c {
+        Ctrl::Hello(h) => match crate::wire::refusal(&h, want, max) {
+            Some(why) => Err(why),
+            None => Ok(h),
+        },
+        other => Err(format!("the client opened with {other:?}, not a hello")),
+    });
+    match hello {
+        Ok(h) => {
+            let n = recvs(&h);
+            let mut side = Side::new(t, qp, h.size as usize, n + extra_slots + 1)?;
+            side.post_receives(n)?;
+            Ok((side, h))
+        }
+        Err(why) => {
+            let mut side = Side::new(t, qp, 0, 1)?;
+            let told = side
+                .send_ctrl(&Ctrl::Refuse(why.clone()))
+                .and_then(|()| side.wait_sent(CTRL_WAIT));
+            Err(match told {
+                Ok(()) => format!("refused the client: {why}"),
+                Err(e) => format!("refused the client: {why} (and could not tell it: {e})"),
+            })
+        }
+    }
 }
 
 impl Side {
+    /// `slots` message slots of `size` bytes (at least a control message's),
+    /// and one for control messages.
+    fn new(
+        t: Arc<dyn Transport>,
+        qp: Box<dyn QueuePair>,
+        size: usize,
+        slots: u32,
+    ) -> Result<Side, String> {
+        let pd = Pd::new(t);
+        let arena = pd
+            .arena(ArenaConfig::new(size.max(CTRL_LEN), slots as usize + 1))
+            .map_err(|e| format!("arena: {e}"))?;
+        let ctrl_tx = arena.alloc().ok_or("no slot for control messages")?;
+        Ok(Side {
+            pd,
+            qp,
+            arena,
+            recv: Vec::new(),
+            ctrl_tx,
+            wc: [WorkCompletion::EMPTY; 32],
+        })
+    }
+
     fn post_receives(&mut self, n: u32) -> Result<(), String> {
         for _ in 0..n {
             let slot = self.arena.alloc().ok_or("out of receive slots")?;
@@ -161,7 +274,7 @@ impl Side {
         Ok(())
     }
 
-    fn repost(&mut self, id: u64) -> Result<(), String> {
+    pub(crate) fn repost(&mut self, id: u64) -> Result<(), String> {
         let slot = self.recv[id as usize].as_ref().ok_or("unknown receive")?;
         let sge = [slot.sge()];
         self.qp
@@ -170,6 +283,76 @@ impl Side {
                 sg_list: &sge,
             }])
             .map_err(|e| e.to_string())
+    }
+
+    /// The bytes receive `id` received.
+    pub(crate) fn received(&mut self, wc: &WorkCompletion) -> &[u8] {
+        let s = self.recv[wc.wr_id as usize]
+            .as_mut()
+            .expect("posted receive");
+        s.set_len(wc.byte_len as usize);
+        s.as_slice()
+    }
+
+    /// Send a control message (signaled, request id [`CTRL_TX`]).
+    pub(crate) fn send_ctrl(&mut self, c: &Ctrl) -> Result<(), String> {
+        self.ctrl_tx.set_len(CTRL_LEN);
+        self.ctrl_tx.as_mut_slice().copy_from_slice(&c.encode());
+        let sge = [self.ctrl_tx.sge_filled()];
+        self.qp
+            .post_send(&[WorkRequest::send(CTRL_TX, &sge).with_flags(SendFlags::SIGNALED)])
+            .map_err(|e| format!("sending {c:?}: {e}"))
+    }
+
+    /// Wait until the control SEND has completed (every other completion
+    /// on the way is checked and dropped: use it where no test traffic
+    /// can be in flight).
+    pub(crate) fn wait_sent(&mut self, limit: Duration) -> Result<(), String> {
+        let mut wait = Patience::new(limit);
+        loop {
+            let n = self.qp.poll_cq(&mut self.wc);
+            for wc in &self.wc[..n] {
+                let ours = wc.wr_id == CTRL_TX && !wc.opcode.is_recv();
+                if ours && wc.status != WcStatus::Success {
+                    return Err(format!("the control message failed: {}", wc.status));
+                }
+                check(wc)?;
+                if ours {
+                    return Ok(());
+                }
+            }
+            if wait.spun_out() {
+                return Err("a control message was not acknowledged".into());
+            }
+        }
+    }
+
+    /// The next control message the peer sends: the next receive
+    /// completion, after the test's traffic (send completions on the way
+    /// are checked and dropped).
+    pub(crate) fn wait_ctrl(&mut self) -> Result<Ctrl, String> {
+        let mut wait = Patience::new(CTRL_WAIT);
+        loop {
+            let n = self.qp.poll_cq(&mut self.wc[..1]);
+            if n == 1 {
+                let wc = self.wc[0];
+                check(&wc)?;
+                if wc.opcode.is_recv() {
+                    return Ctrl::decode(self.received(&wc));
+                }
+            } else if wait.spun_out() {
+                return Err(format!(
+                    "no control message from the peer within {} s",
+                    CTRL_WAIT.as_secs()
+                ));
+            }
+        }
+    }
+
+    /// The client's end of a run: [`Ctrl::Done`], once it has left.
+    pub(crate) fn finish(&mut self) -> Result<(), String> {
+        self.send_ctrl(&Ctrl::Done(0))?;
+        self.wait_sent(CTRL_WAIT)
     }
 
     /// The SGEs of the receive slots, by receive id, built once: a stream
@@ -181,78 +364,140 @@ impl Side {
             .collect()
     }
 
-    fn send_slot(&self, size: usize, fill: u8) -> Result<SlotMut, String> {
+    pub(crate) fn send_slot(&self, size: usize, fill: u8) -> Result<SlotMut, String> {
         let mut s = self.arena.alloc().ok_or("out of send slots")?;
         s.put_bytes(fill, size);
         Ok(s)
     }
 }
 
-fn check(wc: &WorkCompletion) -> Result<(), String> {
+pub(crate) fn check(wc: &WorkCompletion) -> Result<(), String> {
     if wc.status != WcStatus::Success {
         return Err(format!("completion {} failed: {}", wc.wr_id, wc.status));
     }
     Ok(())
 }
 
-/// SEND ping-pong: one-way latency per iteration.
+/// The request a client of `test` sends for `p`.
+pub fn hello(test: TestKind, p: &Params, copy: bool) -> Hello {
+    Hello {
+        test,
+        size: p.size as u64,
+        iters: p.iters,
+        post_list: p.post_list,
+        copy,
+    }
+}
+
+/// `p` with the run's size, iterations and post list taken from the
+/// client's request (the queue depths and inlining stay the server's own).
+pub fn adopt(p: &Params, h: &Hello) -> Params {
+    Params {
+        size: h.size as usize,
+        iters: h.iters,
+        post_list: h.post_list,
+        ..p.clone()
+    }
+}
+
+/// Receives each side of the ping-pongs keeps posted.
+const PP_RECVS: u32 = 16;
+
+/// SEND ping-pong in this process: one-way latency per iteration.
 pub fn send_lat(
     a: Arc<dyn Transport>,
     b: Arc<dyn Transport>,
     addr: &str,
     p: &Params,
 ) -> Result<Latency, String> {
-    let (mut cli, mut srv) = connect(a, b, addr, p)?;
-    cli.post_receives(p.rx_depth.min(16))?;
-    srv.post_receives(p.rx_depth.min(16))?;
+    let sp = p.clone();
+    in_process(
+        &b.clone(),
+        addr,
+        &qp_config(p),
+        move |l| send_lat_server(b, l, &sp),
+        |at| send_lat_client(a, at, p),
+    )
+}
+
+/// The server of the SEND ping-pong: answers every request with a SEND of
+/// the same size, and checks what it received.
+pub fn send_lat_server(
+    t: Arc<dyn Transport>,
+    l: &mut dyn Listener,
+    p: &Params,
+) -> Result<Served, String> {
+    let (mut srv, hello) = accept_client(t, l, TestKind::SendLat, |_| PP_RECVS, 1)?;
+    let p = adopt(p, &hello);
+    let (size, iters) = (p.size, p.iters);
+    let inline = p.inline && size as u32 <= srv.qp.caps().max_inline_data;
+    let msg = srv.send_slot(size, 0x5a)?;
+    let sge = [msg.sge_filled()];
+    let mut flags = SendFlags::NONE;
+    if inline {
+        flags |= SendFlags::INLINE;
+    }
+    srv.send_ctrl(&Ctrl::Ready(None))?;
+    let request = vec![0xa5u8; size];
+    let mut got = 0u64;
+    let mut corrupted = 0u64;
+    let mut sent = 0u64;
+    let mut wait = Patience::new(Duration::from_secs(10));
+    while got < iters {
+        let n = srv.qp.poll_cq(&mut srv.wc);
+        for i in 0..n {
+            let wc = srv.wc[i];
+            check(&wc)?;
+            if wc.opcode.is_recv() {
+                got += 1;
+                // The reply first: reading the request and reposting its
+                // receive (15 others stay posted) are off the critical
+                // path, as a latency-minded echo orders them.
+                sent += 1;
+                let f = if sent % 64 == 0 {
+                    flags | SendFlags::SIGNALED
+                } else {
+                    flags
+                };
+                srv.qp
+                    .post_send(&[WorkRequest::send(sent, &sge).with_flags(f)])
+                    .map_err(|e| e.to_string())?;
+                if srv.received(&wc) != &request[..] {
+                    corrupted += 1;
+                }
+                srv.repost(wc.wr_id)?;
+                wait = Patience::new(Duration::from_secs(10));
+            }
+        }
+        if n == 0 && wait.spun_out() {
+            return Err(format!("no request {got} of {iters} within 10 s"));
+        }
+    }
+    if corrupted > 0 {
+        return Err(format!("{corrupted} of {iters} requests arrived corrupted"));
+    }
+    match srv.wait_ctrl()? {
+        Ctrl::Done(_) => Ok(Served {
+            hello,
+            measured: None,
+        }),
+        other => Err(format!("the client ended with {other:?}")),
+    }
+}
+
+/// The client of the SEND ping-pong: one-way latency per iteration, each
+/// echo checked byte for byte.
+pub fn send_lat_client(t: Arc<dyn Transport>, at: &str, p: &Params) -> Result<Latency, String> {
+    let (mut cli, _) = connect_client(
+        t,
+        at,
+        &qp_config(p),
+        hello(TestKind::SendLat, p, false),
+        PP_RECVS,
+    )?;
     let size = p.size;
     let iters = p.iters;
     let inline = p.inline && size as u32 <= cli.qp.caps().max_inline_data;
-    let server = std::thread::spawn(move || -> Result<u64, String> {
-        let msg = srv.send_slot(size, 0x5a)?;
-        let sge = [msg.sge_filled()];
-        let mut flags = SendFlags::NONE;
-        if inline {
-            flags |= SendFlags::INLINE;
-        }
-        let mut got = 0u64;
-        let mut checksum = 0u64;
-        let mut sent = 0u64;
-        while got < iters {
-            let n = srv.qp.poll_cq(&mut srv.wc);
-            for i in 0..n {
-                let wc = srv.wc[i];
-                check(&wc)?;
-                if wc.opcode.is_recv() {
-                    got += 1;
-                    // The reply first: reading the request and reposting
-                    // its receive (15 others stay posted) are off the
-                    // critical path, as a latency-minded echo orders them.
-                    sent += 1;
-                    let f = if sent % 64 == 0 {
-                        flags | SendFlags::SIGNALED
-                    } else {
-                        flags
-                    };
-                    srv.qp
-                        .post_send(&[WorkRequest::send(sent, &sge).with_flags(f)])
-                        .map_err(|e| e.to_string())?;
-                    if size > 0 {
-                        let s = srv.recv[wc.wr_id as usize].as_mut().unwrap();
-                        s.set_len(wc.byte_len as usize);
-                        checksum += u64::from(s.as_slice()[0]);
-                    }
-                    srv.repost(wc.wr_id)?;
-                }
-            }
-        }
-        // Drain the last signaled sends so nothing is in flight at teardown.
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_millis(200) {
-            srv.qp.poll_cq(&mut srv.wc);
-        }
-        Ok(checksum)
-    });
     let msg = cli.send_slot(size, 0xa5)?;
     let sge = [msg.sge_filled()];
     let mut flags = SendFlags::NONE;
@@ -266,15 +511,11 @@ pub fn send_lat(
     // orders its side the same way).
     let mut last_echo: Option<WorkCompletion> = None;
     let mut take_echo = |cli: &mut Side, wc: WorkCompletion| -> Result<(), String> {
-        if size > 0 {
-            let s = cli.recv[wc.wr_id as usize].as_mut().unwrap();
-            s.set_len(wc.byte_len as usize);
-            // Every byte checked, with one `memcmp` (a byte loop is ~4
-            // instructions a byte, which under full emulation is time
-            // perftest does not spend).
-            if s.as_slice() != &echo[..] {
-                return Err("echo corrupted".into());
-            }
+        // Every byte checked, with one `memcmp` (a byte loop is ~4
+        // instructions a byte, which under full emulation is time perftest
+        // does not spend).
+        if cli.received(&wc) != &echo[..] {
+            return Err("echo corrupted".into());
         }
         echoed += 1;
         cli.repost(wc.wr_id)
@@ -312,20 +553,25 @@ pub fn send_lat(
     if let Some(wc) = last_echo.take() {
         take_echo(&mut cli, wc)?;
     }
-    let checksum = server.join().map_err(|_| "server panicked")??;
-    if size > 0 && checksum != 0xa5 * iters {
-        return Err("server saw corrupted data".into());
-    }
     if echoed != iters {
         return Err("lost echoes".into());
     }
+    cli.finish()?;
     Ok(Latency {
         samples: clk.into_samples(),
     })
 }
 
-/// One-directional SEND (or RDMA WRITE) stream: messages per second at the sender,
-/// counted until every message is acknowledged by its completion.
+/// The in-process flow control of a SEND stream: how many messages the
+/// receiver has taken and reposted the receive of, so that the sender
+/// never has more in flight than there are receives and the device never
+/// takes the receiver-not-ready path. Between processes there is none:
+/// the stream relies on RNR retries, as perftest's `ib_send_bw` does.
+pub type Reposted = Arc<AtomicU64>;
+
+/// One-directional SEND (or RDMA WRITE) stream in this process: messages
+/// per second at the sender, counted until every message is acknowledged
+/// by its completion.
 pub fn stream_bw(
     a: Arc<dyn Transport>,
     b: Arc<dyn Transport>,
@@ -333,72 +579,136 @@ pub fn stream_bw(
     p: &Params,
     op: Opcode,
 ) -> Result<Bandwidth, String> {
-    let (mut cli, mut srv) = connect(a, b, addr, p)?;
+    let flow: Reposted = Arc::default();
+    let (sp, sflow) = (p.clone(), flow.clone());
+    in_process(
+        &b.clone(),
+        addr,
+        &qp_config(p),
+        move |l| stream_server(b, l, &sp, op, Some(sflow)),
+        |at| stream_client(a, at, p, op, Some(flow)),
+    )
+}
+
+fn stream_test(op: Opcode) -> TestKind {
+    if op == Opcode::RdmaWrite {
+        TestKind::WriteBw
+    } else {
+        TestKind::SendBw
+    }
+}
+
+/// The passive side of a stream: for SENDs, keeps `rx_depth` receives
+/// posted and checks every message; for RDMA WRITEs, exposes a window and
+/// checks what it holds once the client is done.
+pub fn stream_server(
+    t: Arc<dyn Transport>,
+    l: &mut dyn Listener,
+    p: &Params,
+    op: Opcode,
+    flow: Option<Reposted>,
+) -> Result<Served, String> {
+    let test = stream_test(op);
+    // A WRITE stream posts one receive: for the client's `Done`.
+    let recvs = if op == Opcode::Send { p.rx_depth } else { 1 };
+    let (mut srv, hello) = accept_client(t, l, test, |_| recvs, 0)?;
+    let p = adopt(p, &hello);
+    let (size, iters) = (p.size, p.iters);
+    if op == Opcode::RdmaWrite {
+        let window = srv
+            .pd
+            .window(size.max(1), Access::REMOTE_WRITE)
+            .map_err(|e| e.to_string())?;
+        srv.send_ctrl(&Ctrl::Ready(Some(window.remote())))?;
+        match srv.wait_ctrl()? {
+            Ctrl::Done(_) => {}
+            other => return Err(format!("the client ended with {other:?}")),
+        }
+        let r = window.revoke();
+        if r.as_slice()[..size].iter().any(|&b| b != 0x33) {
+            return Err("RDMA WRITE target does not hold the written bytes".into());
+        }
+        return Ok(Served {
+            hello,
+            measured: None,
+        });
+    }
+    srv.send_ctrl(&Ctrl::Ready(None))?;
+    let mut got = 0u64;
+    let mut bad = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut spins = 0u64;
+    let sges = srv.recv_sges();
+    let mut wrs: Vec<RecvRequest<'_>> = Vec::with_capacity(srv.wc.len());
+    let start = Instant::now();
+    while got < iters {
+        // Never more completions than messages to come: the client's
+        // `Done` may follow the last one closely.
+        let room = (iters - got).min(srv.wc.len() as u64) as usize;
+        let n = srv.qp.poll_cq(&mut srv.wc[..room]);
+        wrs.clear();
+        for i in 0..n {
+            let wc = srv.wc[i];
+            check(&wc)?;
+            if wc.opcode.is_recv() {
+                got += 1;
+                let s = srv.recv[wc.wr_id as usize].as_mut().unwrap();
+                s.set_len(wc.byte_len as usize);
+                if s.len() != size || s.as_slice().first().is_some_and(|&b| b != 0x33) {
+                    bad += 1;
+                }
+                wrs.push(RecvRequest {
+                    wr_id: wc.wr_id,
+                    sg_list: &sges[wc.wr_id as usize],
+                });
+            }
+        }
+        // One post list for everything this poll returned.
+        if !wrs.is_empty() {
+            srv.qp.post_recv(&wrs).map_err(|e| e.to_string())?;
+            if let Some(f) = &flow {
+                f.store(got, Ordering::Release);
+            }
+        }
+        spins += 1;
+        if spins % CLOCK_EVERY == 0 && Instant::now() > deadline {
+            return Err(format!("receiver got {got} of {iters} in 120 s"));
+        }
+    }
+    let nanos = start.elapsed().as_nanos() as u64;
+    if bad > 0 {
+        return Err(format!("{bad} messages arrived corrupted"));
+    }
+    match srv.wait_ctrl()? {
+        Ctrl::Done(_) => Ok(Served {
+            hello,
+            measured: Some((got, nanos)),
+        }),
+        other => Err(format!("the client ended with {other:?}")),
+    }
+}
+
+/// The active side of a stream: posts lists of `post_list` requests, one
+/// signaled, at most `tx_depth` in flight (and, in this process, no more
+/// SENDs than the receiver has receives: `flow`).
+pub fn stream_client(
+    t: Arc<dyn Transport>,
+    at: &str,
+    p: &Params,
+    op: Opcode,
+    flow: Option<Reposted>,
+) -> Result<Bandwidth, String> {
+    let (mut cli, remote) =
+        connect_client(t, at, &qp_config(p), hello(stream_test(op), p, false), 0)?;
+    if op == Opcode::RdmaWrite && remote.is_none_or(|r| r.len < p.size as u64) {
+        return Err(format!(
+            "the server's window {remote:?} cannot take {} bytes",
+            p.size
+        ));
+    }
     let size = p.size;
     let iters = p.iters;
     let batch = p.post_list.max(1) as u64;
-    let window = if op == Opcode::RdmaWrite {
-        Some(
-            srv._pd
-                .window(size.max(1), Access::REMOTE_WRITE)
-                .map_err(|e| e.to_string())?,
-        )
-    } else {
-        srv.post_receives(p.rx_depth)?;
-        None
-    };
-    let remote = window.as_ref().map(|w| w.remote());
-    // The passive side of a WRITE stream must stay alive (not moved into a
-    // closure that is never run) until the end.
-    let mut keep_srv = None;
-    // In-process flow control for the SEND stream: the sender never has more
-    // SENDs in flight than the receiver has receives posted (as credits do in
-    // the endpoints), so the device never takes the receiver-not-ready path.
-    let reposted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let reposted_srv = reposted.clone();
-    let server = if op != Opcode::Send {
-        keep_srv = Some(srv);
-        None
-    } else {
-        Some(std::thread::spawn(move || -> Result<u64, String> {
-            let mut got = 0u64;
-            let mut bad = 0u64;
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let mut spins = 0u64;
-            let sges = srv.recv_sges();
-            let mut wrs: Vec<RecvRequest<'_>> = Vec::with_capacity(srv.wc.len());
-            while got < iters {
-                let n = srv.qp.poll_cq(&mut srv.wc);
-                wrs.clear();
-                for i in 0..n {
-                    let wc = srv.wc[i];
-                    check(&wc)?;
-                    if wc.opcode.is_recv() {
-                        got += 1;
-                        let s = srv.recv[wc.wr_id as usize].as_mut().unwrap();
-                        s.set_len(wc.byte_len as usize);
-                        if s.len() != size || s.as_slice().first().is_some_and(|&b| b != 0x33) {
-                            bad += 1;
-                        }
-                        wrs.push(RecvRequest {
-                            wr_id: wc.wr_id,
-                            sg_list: &sges[wc.wr_id as usize],
-                        });
-                    }
-                }
-                // One post list for everything this poll returned.
-                if !wrs.is_empty() {
-                    srv.qp.post_recv(&wrs).map_err(|e| e.to_string())?;
-                    reposted_srv.store(got, std::sync::atomic::Ordering::Release);
-                }
-                spins += 1;
-                if spins % CLOCK_EVERY == 0 && Instant::now() > deadline {
-                    return Err(format!("receiver got {got} of {iters} in 120 s"));
-                }
-            }
-            Ok(bad)
-        }))
-    };
     let msg = cli.send_slot(size, 0x33)?;
     let sge = [msg.sge_filled()];
     let inline = p.inline && size as u32 <= cli.qp.caps().max_inline_data && op == Opcode::Send;
@@ -408,12 +718,16 @@ pub fn stream_bw(
     let start = Instant::now();
     let deadline = start + Duration::from_secs(120);
     let mut spins = 0u64;
+    let room = |posted: u64| match &flow {
+        Some(f) if op == Opcode::Send => {
+            posted + batch <= f.load(Ordering::Acquire) + u64::from(p.rx_depth)
+        }
+        _ => true,
+    };
     while done_batches * batch < iters {
         while posted < iters
             && posted_batches - done_batches < max_batches_in_flight
-            && (op != Opcode::Send
-                || posted + batch
-                    <= reposted.load(std::sync::atomic::Ordering::Acquire) + u64::from(p.rx_depth))
+            && room(posted)
         {
             wrs.clear();
             let n = batch.min(iters - posted);
@@ -446,11 +760,6 @@ pub fn stream_bw(
                 for w in &cli.wc[..n] {
                     all += &format!(" [{} {:?} {}]", w.wr_id, w.opcode, w.status);
                 }
-                // The receiver's own failure is usually the cause: say it.
-                drop(cli);
-                if let Some(Ok(Err(r))) = server.map(|s| s.join()) {
-                    all += &format!("; the receiver: {r}");
-                }
                 return Err(all);
             }
             done_batches += 1;
@@ -464,19 +773,7 @@ pub fn stream_bw(
         }
     }
     let elapsed = start.elapsed();
-    if let Some(s) = server {
-        let bad = s.join().map_err(|_| "receiver panicked")??;
-        if bad > 0 {
-            return Err(format!("{bad} messages arrived corrupted"));
-        }
-    }
-    drop(keep_srv.take());
-    if let Some(w) = window {
-        let r = w.revoke();
-        if r.as_slice().iter().any(|&b| b != 0x33) {
-            return Err("RDMA WRITE target does not hold the written bytes".into());
-        }
-    }
+    cli.finish()?;
     Ok(Bandwidth {
         msgs: iters,
         bytes: iters * size as u64,

@@ -6,40 +6,26 @@
 //! completion on the target. Elsewhere (the in-process device, whose writes
 //! are Rust copies that an atomic read would race with) each WRITE carries
 //! an immediate, which consumes a posted receive, and each side learns of
-//! the peer's write from that completion. Both sides live in this process,
-//! so they know each other's window without an exchange.
+//! the peer's write from that completion. The server's window comes in its
+//! [`Ctrl::Ready`], the client's in a `Ready` of its own (see
+//! [`crate::wire`]), so the two sides may live in two processes.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::BufMut;
 use zcmsg::{
-    Access, ArenaConfig, Opcode, Pd, QpConfig, QueuePair, RecvRequest, RemoteRegion, SendFlags,
-    Transport, WcStatus, Window, WorkCompletion, WorkRequest,
+    Access, Listener, Opcode, QpConfig, RemoteRegion, SendFlags, Transport, Window, WorkCompletion,
+    WorkRequest,
 };
 
-use crate::raw::{Latency, Params};
+use crate::raw::{
+    accept_client, adopt, check, connect_client, hello, in_process, Latency, Params, Served, Side,
+};
+use crate::wire::{Ctrl, TestKind, CTRL_WAIT};
 
-struct End {
-    pd: Pd,
-    qp: Box<dyn QueuePair>,
-}
-
-fn check(wc: &WorkCompletion) -> Result<(), String> {
-    if wc.status != WcStatus::Success {
-        return Err(format!("completion {} failed: {}", wc.wr_id, wc.status));
-    }
-    Ok(())
-}
-
-/// One-way latency samples (RTT/2) of `p.size`-byte RDMA WRITE ping-pong.
-pub fn write_lat(
-    a: Arc<dyn Transport>,
-    b: Arc<dyn Transport>,
-    addr: &str,
-    p: &Params,
-) -> Result<Latency, String> {
-    let cfg = QpConfig {
+/// The queue pair the WRITE ping-pong asks for.
+pub fn qp_config(p: &Params) -> QpConfig {
+    QpConfig {
         max_send_wr: p.tx_depth,
         max_recv_wr: 64,
         max_send_sge: 1,
@@ -47,71 +33,110 @@ pub fn write_lat(
         max_inline_data: if p.inline { 256 } else { 0 },
         rnr_retry: 7,
         ..QpConfig::default()
-    };
-    let mut l = b
-        .listen(addr, &cfg)
-        .map_err(|e| format!("listen {addr}: {e}"))?;
-    let at = l.local_addr();
-    let acc = std::thread::spawn(move || l.accept(Duration::from_secs(20)));
-    let qa = a
-        .connect(&at, &cfg, b"zcperf-wlat")
-        .map_err(|e| format!("connect {at}: {e}"))?;
-    let (qb, _) = acc
-        .join()
-        .map_err(|_| "accept thread panicked".to_string())?
-        .map_err(|e| format!("accept: {e}"))?;
-    let cli = End {
-        pd: Pd::new(a),
-        qp: qa,
-    };
-    let srv = End {
-        pd: Pd::new(b),
-        qp: qb,
-    };
-    let size = p.size.max(1);
-    let win_cli = cli
-        .pd
-        .window(size, Access::REMOTE_WRITE)
-        .map_err(|e| e.to_string())?;
-    let win_srv = srv
-        .pd
-        .window(size, Access::REMOTE_WRITE)
-        .map_err(|e| e.to_string())?;
-    let (to_srv, to_cli) = (win_srv.remote(), win_cli.remote());
-    let iters = p.iters;
-    let inline = p.inline && size as u32 <= cli.qp.caps().max_inline_data;
-    let watch = win_cli.load_byte(size - 1).is_some() && win_srv.load_byte(size - 1).is_some();
-    let server = std::thread::spawn(move || -> Result<Window, String> {
-        let mut srv = srv;
-        let w = watch.then_some(&win_srv);
-        pong(&mut srv, size, iters, inline, to_cli, w, 0x5a, false)?;
-        Ok(win_srv)
-    });
-    let mut cli = cli;
-    let w = watch.then_some(&win_cli);
-    let samples = pong(&mut cli, size, iters, inline, to_srv, w, 0xa5, true)?;
-    let win_srv = server.join().map_err(|_| "server panicked")??;
-    // Each window holds what the other side wrote last (the flag byte
-    // carries the last iteration's mark when watched).
-    let holds = |w: Window, fill: u8| {
-        let r = w.revoke();
-        let b = r.as_slice();
-        let body_ok = b[..size - 1].iter().all(|&x| x == fill);
-        let last = b[size - 1];
-        body_ok
-            && if watch {
-                last == mark(iters - 1)
-            } else {
-                last == fill
-            }
-    };
-    if !holds(win_cli, 0x5a) {
-        return Err("the client's window does not hold the server's bytes".into());
     }
-    if !holds(win_srv, 0xa5) {
+}
+
+/// Receives each side keeps posted (consumed by WRITE_WITH_IMM only).
+const RECVS: u32 = 16;
+
+/// One-way latency samples (RTT/2) of `p.size`-byte RDMA WRITE ping-pong in
+/// this process.
+pub fn write_lat(
+    a: Arc<dyn Transport>,
+    b: Arc<dyn Transport>,
+    addr: &str,
+    p: &Params,
+) -> Result<Latency, String> {
+    let sp = p.clone();
+    in_process(
+        &b.clone(),
+        addr,
+        &qp_config(p),
+        move |l| write_lat_server(b, l, &sp),
+        |at| write_lat_client(a, at, p),
+    )
+}
+
+/// Whether both sides watch their window's last byte (the device's remote
+/// writes are DMA) rather than take a WRITE_WITH_IMM's receive completion.
+fn watches(w: &Window, size: usize) -> bool {
+    w.load_byte(size - 1).is_some()
+}
+
+/// The server of the WRITE ping-pong: exposes its window (sent in
+/// [`Ctrl::Ready`]), learns the client's, answers every write with one.
+pub fn write_lat_server(
+    t: Arc<dyn Transport>,
+    l: &mut dyn Listener,
+    p: &Params,
+) -> Result<Served, String> {
+    let (mut srv, hello) = accept_client(t, l, TestKind::WriteLat, |_| RECVS, 1)?;
+    let p = adopt(p, &hello);
+    let size = p.size.max(1);
+    let win = srv
+        .pd
+        .window(size, Access::REMOTE_WRITE)
+        .map_err(|e| e.to_string())?;
+    srv.send_ctrl(&Ctrl::Ready(Some(win.remote())))?;
+    // The client answers with its own window (in receive 0, reposted).
+    let to_cli = match srv.wait_ctrl()? {
+        Ctrl::Ready(Some(w)) if w.len >= size as u64 => w,
+        other => return Err(format!("the client sent {other:?}, not its window")),
+    };
+    srv.repost(0)?;
+    let watched = watches(&win, size);
+    pong(&mut srv, &p, to_cli, watched.then_some(&win), 0x5a, false)?;
+    match srv.wait_ctrl()? {
+        Ctrl::Done(_) => {}
+        other => return Err(format!("the client ended with {other:?}")),
+    }
+    if !holds(win, size, 0xa5, watched, p.iters) {
         return Err("the server's window does not hold the client's bytes".into());
     }
+    Ok(Served {
+        hello,
+        measured: None,
+    })
+}
+
+/// The client of the WRITE ping-pong: writes first and times each round
+/// trip.
+pub fn write_lat_client(t: Arc<dyn Transport>, at: &str, p: &Params) -> Result<Latency, String> {
+    let h = hello(TestKind::WriteLat, p, false);
+    let (mut cli, to_srv) = connect_client(t, at, &qp_config(p), h, RECVS)?;
+    let size = p.size.max(1);
+    let to_srv = match to_srv {
+        Some(w) if w.len >= size as u64 => w,
+        other => {
+            return Err(format!(
+                "the server's window {other:?} cannot take {size} bytes"
+            ))
+        }
+    };
+    let win = cli
+        .pd
+        .window(size, Access::REMOTE_WRITE)
+        .map_err(|e| e.to_string())?;
+    cli.send_ctrl(&Ctrl::Ready(Some(win.remote())))?;
+    cli.wait_sent(CTRL_WAIT)?;
+    let watched = watches(&win, size);
+    let samples = pong(&mut cli, p, to_srv, watched.then_some(&win), 0xa5, true)?;
+    cli.finish()?;
+    // The window holds what the server wrote last (the flag byte carries
+    // the last iteration's mark when watched).
+    if !holds(win, size, 0x5a, watched, p.iters) {
+        return Err("the client's window does not hold the server's bytes".into());
+    }
     Ok(Latency { samples })
+}
+
+/// Whether `w` holds `size - 1` bytes of `fill` and the last iteration's
+/// mark (watched) or `fill` as its last byte.
+fn holds(w: Window, size: usize, fill: u8, watched: bool, iters: u64) -> bool {
+    let r = w.revoke();
+    let b = r.as_slice();
+    b[..size - 1].iter().all(|&x| x == fill)
+        && b[size - 1] == if watched { mark(iters - 1) } else { fill }
 }
 
 /// The flag byte of iteration `it`: never 0 (a fresh window) and never the
@@ -123,37 +148,23 @@ fn mark(it: u64) -> u8 {
 /// One side of the ping-pong: the client writes first and times each round
 /// trip; the server answers every write it is told of: by the last byte of
 /// its window (`watch`) or by a WRITE_WITH_IMM's receive completion.
-#[allow(clippy::too_many_arguments)]
 fn pong(
-    e: &mut End,
-    size: usize,
-    iters: u64,
-    inline: bool,
+    e: &mut Side,
+    p: &Params,
     remote: RemoteRegion,
     watch: Option<&Window>,
     fill: u8,
     client: bool,
 ) -> Result<Vec<u64>, String> {
-    const RECVS: u64 = 16;
-    let arena =
-        e.pd.arena(ArenaConfig::new(size.max(64), RECVS as usize + 1))
-            .map_err(|x| x.to_string())?;
-    let mut src = arena.alloc().ok_or("no slot")?;
-    src.put_bytes(fill, size);
+    let (size, iters) = (p.size.max(1), p.iters);
+    let inline = p.inline && size as u32 <= e.qp.caps().max_inline_data;
+    let mut src = e.send_slot(size, fill)?;
     let sge = [src.sge_filled()];
     let opcode = if watch.is_some() {
         Opcode::RdmaWrite
     } else {
         Opcode::RdmaWriteWithImm
     };
-    let recv_slots: Vec<_> = (0..RECVS).filter_map(|_| arena.alloc()).collect();
-    for (i, s) in recv_slots.iter().enumerate() {
-        e.qp.post_recv(&[RecvRequest {
-            wr_id: i as u64,
-            sg_list: &[s.sge()],
-        }])
-        .map_err(|x| x.to_string())?;
-    }
     let mut flags = SendFlags::NONE;
     if inline {
         flags |= SendFlags::INLINE;
@@ -161,7 +172,7 @@ fn pong(
     let mut wc = [WorkCompletion::EMPTY; 16];
     // The client times each round trip as the other latency tests do.
     let mut clk = client.then(|| crate::report::RttClock::start(iters));
-    let write = |e: &mut End, src: &mut zcmsg::SlotMut, it: u64| -> Result<(), String> {
+    let write = |e: &mut Side, src: &mut zcmsg::SlotMut, it: u64| -> Result<(), String> {
         let f = if (it + 1) % 64 == 0 {
             flags | SendFlags::SIGNALED
         } else {
@@ -180,22 +191,16 @@ fn pong(
     // A used receive goes back after our next WRITE, off the critical path
     // (the others stay posted), as the SEND ping-pong orders it.
     let mut repost = None;
-    let repost_after_write = |e: &mut End, id: &mut Option<u64>| -> Result<(), String> {
+    let repost_after_write = |e: &mut Side, id: &mut Option<u64>| -> Result<(), String> {
         match id.take() {
-            Some(id) => {
-                e.qp.post_recv(&[RecvRequest {
-                    wr_id: id,
-                    sg_list: &[recv_slots[id as usize].sge()],
-                }])
-                .map_err(|x| x.to_string())
-            }
+            Some(id) => e.repost(id),
             None => Ok(()),
         }
     };
     // Watching the flag byte, only the signaled WRITEs complete: they are
     // retired after our next WRITE is posted, off the critical path (as
     // ib_write_lat polls its CQ only for the signaled ones).
-    let retire = |e: &mut End, wc: &mut [WorkCompletion]| -> Result<(), String> {
+    let retire = |e: &mut Side, wc: &mut [WorkCompletion]| -> Result<(), String> {
         if watch.is_some() {
             let n = e.qp.poll_cq(wc);
             for w in &wc[..n] {
@@ -249,11 +254,8 @@ fn pong(
             repost_after_write(e, &mut repost)?;
         }
     }
-    // Let the last signaled writes complete before teardown.
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(200) {
-        e.qp.poll_cq(&mut wc);
-    }
+    // The last signaled writes complete before the client's `Done` does
+    // (a send queue completes in order): nothing is left in flight.
     Ok(clk
         .map(crate::report::RttClock::into_samples)
         .unwrap_or_default())
