@@ -3,9 +3,10 @@
 # Builds the verbs tests optimized on the host (the guest shares the host's
 # root filesystem and runs them unchanged), boots ONE guest, and runs every
 # test binary there with --include-ignored, where a missing device fails.
-# Then the two-host tests (tests/two_host.rs) in the two-guest lab, one boot
-# per mode: endpoints/RPC and then 5% packet loss; host B killed mid-stream
-# and restarted. Guest logs stay in target/lab/ and are printed on failure.
+# Then the two-host tests (tests/two_host.rs, and zcperf's across hosts) in
+# the two-guest lab, one boot per mode: endpoints/RPC, zcperf, and then 5%
+# packet loss; host B killed mid-stream and restarted. Guest logs stay in
+# target/lab/ and are printed on failure.
 #
 #   deploy/lab-tests.sh
 set -euo pipefail
@@ -13,11 +14,14 @@ cd "$(dirname "$0")/.."
 
 deploy/lab/setup.sh
 
-echo "== building the verbs tests (release) for the guest"
+echo "== building the verbs tests and zcperf's lab tests (release) for the guest"
 mapfile -t bins < <(cargo test -p zcmsg-verbs --release --no-run 2>&1 \
     | sed -n 's/^ *Executable .*(\(.*\))$/\1/p')
+zcperf_lab=$(cargo test -p zcmsg-bench --features verbs --release --test zcperf_lab --no-run 2>&1 \
+    | sed -n 's/^ *Executable .*(\(.*\))$/\1/p')
 [ ${#bins[@]} -gt 0 ] || { echo "no test binaries were built"; exit 1; }
-printf '   %s\n' "${bins[@]}"
+[ -n "$zcperf_lab" ] || { echo "zcperf's lab tests were not built"; exit 1; }
+printf '   %s\n' "${bins[@]}" "$zcperf_lab"
 # The two-host tests need a role and a peer: they run in the two-guest lab.
 single=() pair=''
 for b in "${bins[@]}"; do
@@ -27,6 +31,7 @@ for b in "${bins[@]}"; do
     esac
 done
 [ -n "$pair" ] || { echo "the two_host test binary was not built"; exit 1; }
+zcperf_lab=$(pwd)/$zcperf_lab
 
 # One guest for the whole run: a script runs every binary and stops at the
 # first failure. Iteration counts are scaled down (the guest is 10-50x slower
@@ -41,6 +46,10 @@ script=target/lab/single.sh
         echo "echo '== guest: $(basename "$b")'"
         echo "$(pwd)/$b --include-ignored --test-threads=1 || status=1"
     done
+    # zcperf's server and client as two processes (its across-hosts test
+    # runs in the two-host lab below).
+    echo "echo '== guest: $(basename "$zcperf_lab")'"
+    echo "$zcperf_lab --include-ignored --exact zcperf_two_processes --test-threads=1 || status=1"
     echo 'exit $status'
 } > "$script"
 
@@ -70,6 +79,6 @@ two_host() { # NAME RUN2_ARGS...
     echo "== two hosts, $name: passed in $((SECONDS - t0))s (logs in $dir)"
 }
 th="bash $(pwd)/deploy/lab/two-host.sh $pair"
-two_host pair --timeout 900 --a "$th normal" --b "$th normal"
+two_host pair --timeout 1200 --a "$th normal $zcperf_lab" --b "$th normal $zcperf_lab"
 two_host kill --timeout 900 --kill-b-after 8 --kill-b-marker b1-connected \
     --a "$th kill" --b "$th kill" --restart-b "$th kill"

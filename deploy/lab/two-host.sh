@@ -4,10 +4,12 @@
 # test per process, the same sequence on both hosts (the tests pair up over
 # rdma_cm: B listens, A connects and retries until B is there).
 #
-#   bash deploy/lab/two-host.sh TEST_BINARY MODE
+#   bash deploy/lab/two-host.sh TEST_BINARY MODE [ZCPERF_TEST_BINARY]
 #
 #   MODE normal  endpoints_and_rpc_across_hosts on the clean wire, then
-#                `tc netem loss 5%` on our NIC and loss_2000_pipelined
+#                zcperf_across_hosts (ZCPERF_TEST_BINARY: zcperf's server
+#                on B, its clients on A, every test that crosses hosts),
+#                then `tc netem loss 5%` on our NIC and loss_2000_pipelined
 #   MODE kill    peer_killed_then_restarted (run2.sh --kill-b-after with
 #                --kill-b-marker b1-connected and --restart-b)
 #
@@ -15,13 +17,14 @@
 # filter matching nothing) is a failure, not a pass.
 set -uo pipefail
 
-bin=${1:?usage: two-host.sh TEST_BINARY normal|kill}
-mode=${2:?usage: two-host.sh TEST_BINARY normal|kill}
+bin=${1:?usage: two-host.sh TEST_BINARY normal|kill [ZCPERF_TEST_BINARY]}
+mode=${2:?usage: two-host.sh TEST_BINARY normal|kill [ZCPERF_TEST_BINARY]}
+zcperf_bin=${3:-}
 role=${ZCMSG_LAB_ROLE:?ZCMSG_LAB_ROLE is not set: run through deploy/lab/run2.sh}
 export RUST_BACKTRACE=1
 
-run_one() { # NAME TIMEOUT_SECS
-    local name=$1 t=$2 out=/tmp/two-host-$1.out rc start
+run_one() { # NAME TIMEOUT_SECS [BINARY]
+    local name=$1 t=$2 bin=${3:-$bin} out=/tmp/two-host-$1.out rc start
     echo "== [$role] $name (timeout ${t}s)"
     start=$(date +%s)
     timeout --kill-after=10 "$t" "$bin" --include-ignored --exact "$name" \
@@ -40,6 +43,8 @@ run_one() { # NAME TIMEOUT_SECS
 case $mode in
 normal)
     run_one endpoints_and_rpc_across_hosts 420 || exit 1
+    [ -n "$zcperf_bin" ] || { echo "== [$role] normal mode needs ZCPERF_TEST_BINARY"; exit 2; }
+    run_one zcperf_across_hosts 600 "$zcperf_bin" || exit 1
     tc qdisc add dev "$ZCMSG_LAB_NETDEV" root netem loss 5% \
         || { echo "== [$role] tc netem loss 5% on $ZCMSG_LAB_NETDEV failed"; exit 1; }
     echo "== [$role] netem: dropping 5% of the packets leaving $ZCMSG_LAB_NETDEV"

@@ -12,18 +12,34 @@
 //! zcperf ep-bw --transport verbs -s 65536
 //! ```
 //!
-//! With `--transport verbs` both sides are opened on the same RDMA device
-//! (each with its own protection domain) and connected through rdma_cm on
-//! `--addr` (a loopback on the device, like perftest's server and client on
-//! one port); `-x` checks that the connection uses that GID index (rdma_cm
-//! picks the GID from the address).
+//! With `--transport verbs` and no HOST, both sides are opened on the same
+//! RDMA device (each with its own protection domain) and connected through
+//! rdma_cm on `--addr` (a loopback on the device, like perftest's server and
+//! client on one port). Across two hosts, as perftest runs:
+//!
+//! ```text
+//! host-b$ zcperf send-lat --transport verbs -d mlx5_0 --server          # serves one run
+//! host-a$ zcperf send-lat --transport verbs -d mlx5_0 -s 64 -n 100000 host-b
+//! ```
+//!
+//! The client chooses the size, the iterations and the post list and sends
+//! them to the server (each side keeps its own `-t`, `-r`, `-I`); each side
+//! checks the data it receives, and the server refuses, with the reason on
+//! both sides, a client that asks for another test. `-x` checks that the
+//! connection uses that GID index (rdma_cm picks the GID from the address:
+//! `--addr` is the client's source address).
 
 use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use zcmsg::{Opcode, Transport};
 use zcmsg_bench::raw::{self, Params};
+use zcmsg_bench::wire::{self, TestKind};
 use zcmsg_bench::{refs, report};
+
+/// The device's address the loopback connects through (the Soft-RoCE lab's).
+#[cfg(feature = "verbs")]
+const LOOPBACK_ADDR: &str = "192.0.2.1";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Test {
@@ -61,7 +77,7 @@ enum Kind {
     Verbs,
 }
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "zcperf",
     about = "zcmsg benchmarks with perftest's options and columns"
@@ -99,9 +115,21 @@ struct Args {
     /// RDMA device (perftest -d), for `--transport verbs`.
     #[arg(short = 'd', long = "ib-dev", default_value = "rxe0")]
     ib_dev: String,
-    /// Local IP address of the device to connect through (rdma_cm loopback).
-    #[arg(long, default_value = "192.0.2.1")]
-    addr: String,
+    /// Local IP address: of the device the loopback connects through
+    /// (default 192.0.2.1); the one `--server` listens on (default: all);
+    /// the client's source address (default: routing decides).
+    #[arg(long)]
+    addr: Option<String>,
+    /// Serve one run of the test to a zcperf client on another host
+    /// (perftest's server side), with `--transport verbs`.
+    #[arg(long, conflicts_with = "host")]
+    server: bool,
+    /// Run as the client of `zcperf TEST --server` on HOST (perftest's
+    /// client side), with `--transport verbs`.
+    host: Option<String>,
+    /// The server's port (perftest -p).
+    #[arg(short = 'p', long, default_value_t = wire::DEFAULT_PORT)]
+    port: u16,
     /// GID index the connection must use (perftest -x); rdma_cm picks the
     /// GID from `--addr`, so this is checked, not set.
     #[arg(short = 'x', long = "gid-index")]
@@ -128,16 +156,50 @@ fn devices(a: &Args, tag: &str) -> Result<Devices, String> {
                 .map(|d| d as Arc<dyn Transport>)
                 .map_err(|e| format!("opening {}: {e}", a.ib_dev))
             };
-            Ok((open()?, open()?, format!("{}:0", a.addr)))
+            let addr = a.addr.as_deref().unwrap_or(LOOPBACK_ADDR);
+            Ok((open()?, open()?, format!("{addr}:0")))
         }
     }
 }
 
+/// For verbs: the line that says which GID a connection uses, or why it
+/// is not the one `-x` asked for (rdma_cm picks the GID from the address).
+#[cfg(feature = "verbs")]
+fn gid_line(a: &Args, qp: &dyn zcmsg::QueuePair, via: &str) -> Result<String, String> {
+    let g = qp
+        .as_any()
+        .downcast_ref::<zcmsg_verbs::VerbsQp>()
+        .and_then(|q| q.gid().cloned())
+        .ok_or("the connection's GID could not be read")?;
+    match a.gid_index {
+        Some(want) if want != g.index => Err(format!(
+            "the connection uses GID index {} but -x {want} was asked (rdma_cm picks the GID from the address: {via})",
+            g.index
+        )),
+        _ => Ok(format!(
+            "# {} port {} GID index {} {} ({}), via {via}",
+            a.ib_dev,
+            g.port,
+            g.index,
+            g.gid,
+            g.kind.as_deref().unwrap_or("type unknown")
+        )),
+    }
+}
+
 /// For verbs: connect once and print (and check against `-x`) the GID the
-/// connection uses.
+/// connection uses; across hosts, every connection is checked.
 #[cfg(feature = "verbs")]
 fn check_gid(a: &Args) -> Result<(), String> {
     if a.transport != Kind::Verbs {
+        return Ok(());
+    }
+    if a.server || a.host.is_some() {
+        let a = a.clone();
+        wire::check_connections(Box::new(move |qp| {
+            println!("{}", gid_line(&a, qp, "this connection")?);
+            Ok(())
+        }));
         return Ok(());
     }
     let (x, y, addr) = devices(a, "gid")?;
@@ -147,30 +209,171 @@ fn check_gid(a: &Args) -> Result<(), String> {
     let acc = std::thread::spawn(move || l.accept(std::time::Duration::from_secs(20)));
     let qp = x.connect(&at, &cfg, b"gid").map_err(|e| e.to_string())?;
     let _peer = acc.join().map_err(|_| "accept panicked")?;
-    let g = qp
-        .as_any()
-        .downcast_ref::<zcmsg_verbs::VerbsQp>()
-        .and_then(|q| q.gid().cloned())
-        .ok_or("the connection's GID could not be read")?;
-    println!(
-        "# {} port {} GID index {} {} ({}), via {at}",
-        a.ib_dev,
-        g.port,
-        g.index,
-        g.gid,
-        g.kind.as_deref().unwrap_or("type unknown")
-    );
-    match a.gid_index {
-        Some(want) if want != g.index => Err(format!(
-            "the connection uses GID index {} but -x {want} was asked (rdma_cm picks the GID from --addr {})",
-            g.index, a.addr
-        )),
-        _ => Ok(()),
-    }
+    println!("{}", gid_line(a, &*qp, &at)?);
+    Ok(())
 }
 
 #[cfg(not(feature = "verbs"))]
 fn check_gid(_: &Args) -> Result<(), String> {
+    Ok(())
+}
+
+/// The test as the two-host exchange names it.
+fn test_kind(a: &Args) -> Result<TestKind, String> {
+    Ok(match a.test {
+        Test::Summary => {
+            return Err(
+                "the summary runs both sides in this process: name a test to run across hosts"
+                    .into(),
+            )
+        }
+        Test::SendLat => TestKind::SendLat,
+        Test::SendBw => TestKind::SendBw,
+        Test::WriteLat => TestKind::WriteLat,
+        Test::WriteBw => TestKind::WriteBw,
+        Test::EpLat => TestKind::EpLat,
+        Test::EpBw => TestKind::EpBw,
+    })
+}
+
+/// The device of a run across hosts (a client's source address from
+/// `--addr`).
+fn open_remote(a: &Args) -> Result<Arc<dyn Transport>, String> {
+    match a.transport {
+        Kind::Soft => Err(
+            "the in-process device does not reach other processes: --server and HOST need --transport verbs"
+                .into(),
+        ),
+        #[cfg(feature = "verbs")]
+        Kind::Verbs => {
+            let mut cfg = zcmsg_verbs::VerbsConfig::default();
+            if a.host.is_some() {
+                if let Some(s) = &a.addr {
+                    cfg.source_addr =
+                        Some(s.parse().map_err(|e| format!("--addr {s}: {e}"))?);
+                }
+            }
+            zcmsg_verbs::VerbsDevice::open(Some(&a.ib_dev), &cfg)
+                .map(|d| d as Arc<dyn Transport>)
+                .map_err(|e| format!("opening {}: {e}", a.ib_dev))
+        }
+    }
+}
+
+/// `zcperf TEST --server`: serve one client, print what it ran.
+fn serve(a: &Args) -> Result<(), String> {
+    let test = test_kind(a)?;
+    let t = open_remote(a)?;
+    let p = params(a, 0, 0);
+    let cfg = match test {
+        TestKind::WriteLat => zcmsg_bench::wlat::qp_config(&p),
+        TestKind::EpLat | TestKind::EpBw => zcmsg::EndpointConfig::default().qp,
+        _ => raw::qp_config(&p),
+    };
+    let at = wire::with_port(a.addr.as_deref().unwrap_or("0.0.0.0"), a.port);
+    let mut l = t
+        .listen(&at, &cfg)
+        .map_err(|e| format!("listen {at}: {e}"))?;
+    println!(
+        "# zcperf {} server on {}: waiting for a client",
+        test.name(),
+        l.local_addr()
+    );
+    let l = &mut *l;
+    let served = match test {
+        TestKind::SendLat => raw::send_lat_server(t, l, &p),
+        TestKind::SendBw => raw::stream_server(t, l, &p, Opcode::Send, None),
+        TestKind::WriteLat => zcmsg_bench::wlat::write_lat_server(t, l, &p),
+        TestKind::WriteBw => raw::stream_server(t, l, &p, Opcode::RdmaWrite, None),
+        TestKind::EpLat => zcmsg_bench::ep::ping_pong_server(t, l),
+        TestKind::EpBw => zcmsg_bench::ep::stream_server(t, l, &zcmsg::EndpointConfig::default()),
+    }?;
+    let h = served.hello;
+    println!(
+        "# served {}: {} iterations of {} B{}, the data checked",
+        test.name(),
+        h.iters,
+        h.size,
+        if h.copy { " (copy path)" } else { "" }
+    );
+    if let Some((msgs, nanos)) = served.measured {
+        let secs = nanos as f64 / 1e9;
+        report::bw_header();
+        report::bw_row(
+            h.size as usize,
+            h.iters,
+            msgs as f64 * h.size as f64 / secs,
+            msgs as f64 / secs,
+        );
+    }
+    Ok(())
+}
+
+/// `zcperf TEST HOST`: the client of a server on HOST; prints the figures.
+fn client(a: &Args, host: &str) -> Result<(), String> {
+    let test = test_kind(a)?;
+    let t = open_remote(a)?;
+    let at = wire::with_port(host, a.port);
+    let lat = |samples: &[u64], p: &Params| {
+        report::lat_header();
+        report::lat_row(p.size, p.iters, &report::summarize(samples));
+    };
+    let bw = |b: raw::Bandwidth, p: &Params| {
+        let secs = b.elapsed.as_secs_f64();
+        report::bw_header();
+        report::bw_row(p.size, p.iters, b.bytes as f64 / secs, b.msgs as f64 / secs);
+    };
+    match test {
+        TestKind::SendLat => {
+            let p = params(a, 64, 100_000);
+            lat(&raw::send_lat_client(t, &at, &p)?.samples, &p);
+        }
+        TestKind::SendBw | TestKind::WriteBw => {
+            let p = params(a, 65536, 100_000);
+            let op = if test == TestKind::SendBw {
+                Opcode::Send
+            } else {
+                Opcode::RdmaWrite
+            };
+            bw(raw::stream_client(t, &at, &p, op, None)?, &p);
+        }
+        TestKind::WriteLat => {
+            let p = params(a, 64, 100_000);
+            lat(
+                &zcmsg_bench::wlat::write_lat_client(t, &at, &p)?.samples,
+                &p,
+            );
+        }
+        TestKind::EpLat => {
+            let p = params(a, 64, 100_000);
+            let path = if a.copy {
+                zcmsg_bench::ep::PingPongPath::Copy
+            } else {
+                zcmsg_bench::ep::PingPongPath::Bytes
+            };
+            lat(
+                &zcmsg_bench::ep::ping_pong_client(t, &at, p.size, p.iters, path)?,
+                &p,
+            );
+        }
+        TestKind::EpBw => {
+            let p = params(a, 65536, 100_000);
+            let cfg = zcmsg::EndpointConfig::default();
+            let (c, nanos) = zcmsg_bench::ep::stream_client(t, &at, &cfg, p.size, p.iters)?;
+            let secs = nanos as f64 / 1e9;
+            report::bw_header();
+            report::bw_row(
+                p.size,
+                p.iters,
+                (p.iters * p.size as u64) as f64 / secs,
+                p.iters as f64 / secs,
+            );
+            println!(
+                "# measured by the server; framework copies {} B",
+                c.bounce_bytes + c.coalesce_bytes
+            );
+        }
+    }
     Ok(())
 }
 
@@ -425,16 +628,20 @@ fn main() {
         eprintln!("zcperf: {e}");
         std::process::exit(1);
     }
-    let r = match a.test {
-        Test::Summary => summary(&a),
-        Test::SendLat => run_lat(&a, &params(&a, 64, 100_000), "lat").map(|_| ()),
-        Test::SendBw => run_bw(&a, &params(&a, 65536, 100_000), Opcode::Send, "bw").map(|_| ()),
-        Test::WriteBw => {
+    let r = match (&a.host, a.server, a.test) {
+        (Some(host), _, _) => client(&a, host),
+        (None, true, _) => serve(&a),
+        (_, _, Test::Summary) => summary(&a),
+        (_, _, Test::SendLat) => run_lat(&a, &params(&a, 64, 100_000), "lat").map(|_| ()),
+        (_, _, Test::SendBw) => {
+            run_bw(&a, &params(&a, 65536, 100_000), Opcode::Send, "bw").map(|_| ())
+        }
+        (_, _, Test::WriteBw) => {
             run_bw(&a, &params(&a, 65536, 100_000), Opcode::RdmaWrite, "wbw").map(|_| ())
         }
-        Test::WriteLat => run_write_lat(&a, &params(&a, 64, 100_000)).map(|_| ()),
-        Test::EpLat => run_ep_lat(&a, &params(&a, 64, 100_000)).map(|_| ()),
-        Test::EpBw => run_ep_bw(&a, &params(&a, 65536, 100_000)).map(|_| ()),
+        (_, _, Test::WriteLat) => run_write_lat(&a, &params(&a, 64, 100_000)).map(|_| ()),
+        (_, _, Test::EpLat) => run_ep_lat(&a, &params(&a, 64, 100_000)).map(|_| ()),
+        (_, _, Test::EpBw) => run_ep_bw(&a, &params(&a, 65536, 100_000)).map(|_| ()),
     };
     if let Err(e) = r {
         eprintln!("zcperf: {e}");
