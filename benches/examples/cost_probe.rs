@@ -8,6 +8,7 @@
 //! cost_probe N empty    # N calls of progress() with nothing to do (the spin granularity)
 //! cost_probe N empty-into  # N calls of try_recv_into with nothing there (a busy-poll turn)
 //! cost_probe N raw-pp   # N ping-pong round trips on the raw device (inline 64 B SENDs)
+//! cost_probe N rpc      # N RPC echo calls of 8 bytes (rpc_echo's shape)
 //! cost_probe N raw-stream # N inline 64 B SENDs on the raw device, in post lists of 16
 //!                         # (zcperf send-bw's shape: one signaled, one repost list)
 //! ```
@@ -86,6 +87,9 @@ fn main() {
     if mode == "raw-pp" {
         return raw_pp(&dev, n);
     }
+    if mode == "rpc" {
+        return rpc_echo(a, b, n);
+    }
     if mode == "raw-stream" {
         return raw_stream(&dev, n);
     }
@@ -156,6 +160,34 @@ fn main() {
             );
         }
     }
+}
+
+/// RPC echo calls as `rpc_echo` makes them (an 8-byte request copied into
+/// `Bytes`, the handler answering with the request), the server's turns
+/// driven between the client's polls.
+fn rpc_echo(a: Endpoint, b: Endpoint, n: usize) {
+    let mut client = zcmsg::Rpc::new(a, 4096).expect("client");
+    let mut server = zcmsg::Rpc::new(b, 4096).expect("server");
+    server.handle(1, |_, req| Ok(req.into()));
+    let t = Instant::now();
+    for i in 0..n as u64 {
+        let req = bytes::Bytes::copy_from_slice(&i.to_le_bytes());
+        let call = client.start_call(1, req).expect("call");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let rep = loop {
+            server.progress().expect("server");
+            client.progress().expect("client");
+            if let Some(r) = client.poll_reply(call) {
+                break r.expect("reply");
+            }
+            assert!(Instant::now() < deadline, "no reply within 10 s");
+        };
+        assert_eq!(rep[..], i.to_le_bytes());
+    }
+    println!(
+        "{:.1} ns per call",
+        t.elapsed().as_nanos() as f64 / n as f64
+    );
 }
 
 /// The raw device's ping-pong, as zcperf's send_lat does it, in one thread.

@@ -127,7 +127,7 @@ const IDLE_CLOCK_EVERY: u32 = 16;
 /// `recv_timeout` polls this many times before it reads the clock to start
 /// its deadline: a message that arrives within them (a ping-pong's answer,
 /// ~1 µs of polls on the soft device) costs no clock read.
-const CLOCKLESS_POLLS: u32 = 64;
+pub(crate) const CLOCKLESS_POLLS: u32 = 64;
 
 /// A connected messaging endpoint.
 pub struct Endpoint {

@@ -253,7 +253,10 @@ fn rpc_many_concurrent_calls_with(d: Devices, c: &EndpointConfig) {
         rpc.handle(7, |_, req| {
             let mut r = req.to_vec();
             r.reverse();
-            Ok(vec![Bytes::from(r)])
+            // Two chunks: a reply goes out vectored, arrives as one message.
+            let mut r = Bytes::from(r);
+            let head = r.split_to(r.len() / 2);
+            Ok(vec![head, r].into())
         });
         rpc.serve(Duration::from_secs(30))
     });
@@ -301,7 +304,7 @@ fn rpc_bulk_pull_and_push_with(d: Devices, c: &EndpointConfig) {
                 *b = b.wrapping_add(1);
             }
             bulk.push(data.freeze(), dst).map_err(|e| e.to_string())?;
-            Ok(vec![])
+            Ok(Bytes::new().into())
         });
         rpc.serve(Duration::from_secs(30))
     });

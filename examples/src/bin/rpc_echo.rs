@@ -41,12 +41,12 @@ fn run(a: &Args) -> Result<(), String> {
     let server = std::thread::spawn(move || -> Result<(), String> {
         let ep = Endpoint::accept(&pd_b, &mut *listener, &scfg).map_err(|e| e.to_string())?;
         let mut rpc = Rpc::new(ep, 1 << 20).map_err(|e| e.to_string())?;
-        rpc.handle(ECHO, |_, req| Ok(vec![req]));
+        rpc.handle(ECHO, |_, req| Ok(req.into()));
         rpc.handle(SUM_BULK, |bulk, req| {
             let region = zcmsg::RemoteRegion::from_bytes(&req).ok_or("bad bulk handle")?;
             let data = bulk.pull(region).map_err(|e| e.to_string())?;
             let sum: u64 = data.as_slice().iter().map(|&b| u64::from(b)).sum();
-            Ok(vec![Bytes::copy_from_slice(&sum.to_le_bytes())])
+            Ok(Bytes::copy_from_slice(&sum.to_le_bytes()).into())
         });
         rpc.serve(Duration::from_secs(30))
             .map_err(|e| e.to_string())

@@ -180,7 +180,7 @@ fn rpc_server(ep: Endpoint) -> Rpc {
     let mut rpc = Rpc::new(ep, 4 << 20).expect("rpc");
     rpc.handle(ECHO, |_, req| {
         check_msg(&req)?;
-        Ok(vec![req])
+        Ok(req.into())
     });
     rpc.handle(BULK, |bulk, req| {
         let src = RemoteRegion::from_bytes(&req).ok_or("bad handle")?;
@@ -190,11 +190,11 @@ fn rpc_server(ep: Endpoint) -> Rpc {
             *b = b.wrapping_add(1);
         }
         bulk.push(data.freeze(), dst).map_err(|e| e.to_string())?;
-        Ok(vec![])
+        Ok(Bytes::new().into())
     });
     rpc.handle(INCARNATION, |_, _| {
         let inc = std::env::var("ZCMSG_LAB_INCARNATION").unwrap_or_default();
-        Ok(vec![Bytes::from(inc.into_bytes())])
+        Ok(Bytes::from(inc.into_bytes()).into())
     });
     rpc
 }
