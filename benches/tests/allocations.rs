@@ -1,0 +1,196 @@
+//! The hot path allocates nothing beyond the one small allocation
+//! `Bytes::from_owner` makes per buffer handed to the application: counted
+//! here with a counting allocator, on the in-process device, both ends
+//! driven by this thread, after a warm-up (the queues and tables have
+//! grown to their working size):
+//!
+//! - the copy path (`try_send_slice` / `try_recv_into`): no allocation;
+//! - the `Bytes` path (`try_send` / `try_recv`): one per message received;
+//! - an RPC echo call (`start_call` / `progress` / `poll_reply`, a handler
+//!   answering with its request): one for the request the server's handler
+//!   gets and one for the reply the client gets.
+//!
+//! (Its own test binary: the allocator is the process's.)
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use zcmsg::{Endpoint, EndpointConfig, Pd, Recv, RecvInto, Rpc, Transport};
+use zcmsg_soft::SoftDevice;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: every call is passed to the system allocator unchanged; the
+// count is a thread-local `Cell` that itself never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.with(|c| c.set(c.get() + 1));
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Allocations this thread made while `f` ran.
+fn allocations(f: impl FnOnce()) -> u64 {
+    let before = ALLOCS.with(Cell::get);
+    f();
+    ALLOCS.with(Cell::get) - before
+}
+
+fn pair() -> (Endpoint, Endpoint) {
+    let dev = SoftDevice::new();
+    let cfg = EndpointConfig::default();
+    let (qa, qb) = dev.pair(&cfg.qp, &cfg.qp).expect("pair");
+    let pd = Pd::new(dev as Arc<dyn Transport>);
+    let mut a = Endpoint::start(&pd, qa, &cfg).expect("a");
+    let mut b = Endpoint::start(&pd, qb, &cfg).expect("b");
+    while a.credits() <= 0 || b.credits() <= 0 {
+        a.progress();
+        b.progress();
+    }
+    (a, b)
+}
+
+/// Poll `ep` with `take`, driving `peer` in between, for at most 10 s.
+fn wait<T>(
+    ep: &mut Endpoint,
+    peer: &mut Endpoint,
+    mut take: impl FnMut(&mut Endpoint) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(x) = take(ep) {
+            return x;
+        }
+        peer.progress();
+        assert!(Instant::now() < deadline, "no message within 10 s");
+    }
+}
+
+fn recv(ep: &mut Endpoint, peer: &mut Endpoint) -> Bytes {
+    wait(ep, peer, |ep| match ep.try_recv().expect("recv") {
+        Some(Recv::Message(m)) => Some(m),
+        Some(Recv::Eos) => panic!("end of stream"),
+        None => None,
+    })
+}
+
+fn recv_into(ep: &mut Endpoint, peer: &mut Endpoint, buf: &mut [u8]) -> usize {
+    wait(ep, peer, |ep| match ep.try_recv_into(buf).expect("recv") {
+        Some(RecvInto::Message(n)) => Some(n),
+        Some(RecvInto::Eos) => panic!("end of stream"),
+        None => None,
+    })
+}
+
+const WARM: usize = 2_000;
+const N: usize = 10_000;
+
+#[test]
+fn the_copy_path_allocates_nothing() {
+    let (mut a, mut b) = pair();
+    let msg = [0x5au8; 64];
+    let mut buf = [0u8; 128];
+    let mut round_trip = |a: &mut Endpoint, b: &mut Endpoint| {
+        while a.try_send_slice(&msg).expect("send").is_none() {
+            a.progress();
+            b.progress();
+        }
+        let n = recv_into(b, a, &mut buf);
+        assert_eq!(buf[..n], msg);
+        while b.try_send_slice(&buf[..n]).expect("echo").is_none() {
+            a.progress();
+            b.progress();
+        }
+        let n = recv_into(a, b, &mut buf);
+        assert_eq!(buf[..n], msg);
+    };
+    for _ in 0..WARM {
+        round_trip(&mut a, &mut b);
+    }
+    let n = allocations(|| {
+        for _ in 0..N {
+            round_trip(&mut a, &mut b);
+        }
+    });
+    assert_eq!(n, 0, "allocations in {N} round trips on the copy path");
+}
+
+#[test]
+fn the_bytes_path_allocates_once_per_message_received() {
+    let (mut a, mut b) = pair();
+    let msg = Bytes::from_static(&[0xa5; 64]);
+    let round_trip = |a: &mut Endpoint, b: &mut Endpoint| {
+        a.try_send(msg.clone()).expect("send");
+        let m = recv(b, a);
+        b.try_send(m).expect("echo");
+        assert_eq!(recv(a, b), msg);
+    };
+    for _ in 0..WARM {
+        round_trip(&mut a, &mut b);
+    }
+    let n = allocations(|| {
+        for _ in 0..N {
+            round_trip(&mut a, &mut b);
+        }
+    });
+    assert_eq!(
+        n,
+        2 * N as u64,
+        "allocations in {N} round trips (two messages received each)"
+    );
+}
+
+#[test]
+fn an_rpc_call_allocates_once_per_message_received() {
+    let (a, b) = pair();
+    let mut client = Rpc::new(a, 4096).expect("client");
+    let mut server = Rpc::new(b, 4096).expect("server");
+    server.handle(1, |_, req| Ok(req.into()));
+    let req = Bytes::from_static(b"an eight-byte-ish request");
+    let mut call = || {
+        let id = client.start_call(1, req.clone()).expect("call");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let rep = loop {
+            server.progress().expect("server");
+            client.progress().expect("client");
+            if let Some(r) = client.poll_reply(id) {
+                break r.expect("reply");
+            }
+            assert!(Instant::now() < deadline, "no reply within 10 s");
+        };
+        assert_eq!(rep, req);
+    };
+    for _ in 0..WARM {
+        call();
+    }
+    let n = allocations(|| {
+        for _ in 0..N {
+            call();
+        }
+    });
+    assert_eq!(
+        n,
+        2 * N as u64,
+        "allocations in {N} calls (the request and the reply received)"
+    );
+}
