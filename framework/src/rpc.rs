@@ -22,7 +22,7 @@ use bytes::{Buf, BufMut, Bytes};
 use crate::endpoint::{Endpoint, EndpointError, Recv};
 use crate::mem::{Arena, ArenaConfig, HugePages, SlotMut};
 use crate::proto::{Msg, SendError};
-use crate::util::IdMap;
+use crate::util::{IdMap, IdSet};
 use crate::verbs::{RemoteRegion, WcStatus};
 
 const RPC_HDR: usize = 16;
@@ -46,7 +46,9 @@ fn put_header(w: &mut impl BufMut, kind: u8, method: u16, call: u64) {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RpcError {
-    /// No reply within the timeout. The call may still run on the server.
+    /// No reply within the timeout. The call may still run on the server;
+    /// its reply, if it comes later, is dropped (its receive slot goes back
+    /// to the endpoint at once).
     #[error("no reply within {0:?}")]
     Timeout(Duration),
     /// The server has no handler for the method.
@@ -131,6 +133,8 @@ pub struct Rpc {
     ready: Option<(u64, Result<Bytes, RpcError>)>,
     /// The other replies not yet collected.
     replies: IdMap<u64, Result<Bytes, RpcError>>,
+    /// Calls whose wait timed out: their replies are dropped on arrival.
+    abandoned: IdSet<u64>,
     next_call: u64,
     hdrs: Arena,
     bulk: Arena,
@@ -165,6 +169,7 @@ impl Rpc {
             handlers: IdMap::default(),
             ready: None,
             replies: IdMap::default(),
+            abandoned: IdSet::default(),
             next_call: 1,
             hdrs,
             bulk,
@@ -273,6 +278,14 @@ impl Rpc {
                 };
                 self.send_framed(kind, method, call, body)?;
             }
+            REPLY | ERROR if call == 0 || call >= self.next_call => {
+                return Err(RpcError::Malformed(format!(
+                    "a reply to call {call}, which was never made"
+                )));
+            }
+            REPLY | ERROR if !self.abandoned.is_empty() && self.abandoned.remove(&call) => {
+                // The reply to a call that timed out: dropped, its slot home.
+            }
             REPLY => {
                 // Replies nobody collected yet hold receive slots; past half of
                 // them, keep copies instead so the server can go on replying
@@ -352,6 +365,9 @@ impl Rpc {
                 return r;
             }
             if Instant::now() >= deadline {
+                // Nobody will collect the reply: drop it when it comes,
+                // instead of holding its receive slot for good.
+                self.abandoned.insert(call);
                 return Err(RpcError::Timeout(timeout));
             }
             let left = deadline.saturating_duration_since(Instant::now());

@@ -232,3 +232,6 @@ impl std::hash::Hasher for IdHasher {
 /// A `HashMap` keyed by ids, hashed with [`IdHasher`].
 pub(crate) type IdMap<K, V> =
     std::collections::HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// A `HashSet` of ids, hashed with [`IdHasher`].
+pub(crate) type IdSet<K> = std::collections::HashSet<K, std::hash::BuildHasherDefault<IdHasher>>;

@@ -501,6 +501,68 @@ pub fn ep_rpc_bulk_pull_and_push(h: &Harness) {
     rpc_bulk_pull_and_push_with(devices(h), &cfg_handoff());
 }
 
+/// A call that timed out leaves nothing behind: its late reply is dropped
+/// (not kept for good, holding a receive slot) and the next call goes on;
+/// a reply to a call that was never made is a typed error.
+pub fn ep_rpc_timeout_and_stray_reply(h: &Harness) {
+    let (ea, eb) = endpoint_pair(devices(h), &cfg());
+    let server = std::thread::spawn(move || {
+        let mut rpc = Rpc::new(eb, 4096).expect("rpc");
+        rpc.handle(5, |_, req| {
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(req.into())
+        });
+        rpc.handle(6, |_, req| Ok(req.into()));
+        rpc.serve(Duration::from_secs(30))
+    });
+    let mut rpc = Rpc::new(ea, 4096).expect("rpc");
+    let slow = rpc
+        .start_call(5, Bytes::from_static(b"slow"))
+        .expect("call");
+    match rpc.wait_reply(slow, Duration::from_millis(30)) {
+        Err(RpcError::Timeout(_)) => {}
+        other => panic!("a 300 ms handler answered within 30 ms: {other:?}"),
+    }
+    // The server answers in order: this reply comes after the late one.
+    let rep = rpc
+        .call(6, Bytes::from_static(b"next"), Duration::from_secs(30))
+        .expect("the call after a timed-out one");
+    assert_eq!(&rep[..], b"next");
+    assert!(
+        rpc.poll_reply(slow).is_none(),
+        "the late reply of a timed-out call is dropped, not kept"
+    );
+    rpc.endpoint().try_close().expect("close");
+    rpc.endpoint()
+        .wait(Duration::from_secs(30), |e| e.is_eos())
+        .expect("eos");
+    server.join().expect("server").expect("serve");
+
+    // A peer that answers a call nobody made (RPC header: kind 2, a zero
+    // byte, method, four zero bytes, call id).
+    let (ea, mut eb) = endpoint_pair(devices(h), &cfg());
+    let mut rpc = Rpc::new(ea, 4096).expect("rpc");
+    let mut stray = vec![2u8, 0, 1, 0, 0, 0, 0, 0];
+    stray.extend_from_slice(&77u64.to_le_bytes());
+    stray.extend_from_slice(b"unasked");
+    eb.try_send(Bytes::from(stray)).expect("send");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        eb.progress();
+        match rpc.progress() {
+            Err(e) => break e,
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "the stray reply was not reported"
+            ),
+        }
+    };
+    assert!(
+        matches!(&err, RpcError::Malformed(m) if m.contains("call 77, which was never made")),
+        "{err:?}"
+    );
+}
+
 /// `graceful_close_with` through the device, then with the in-process handoff on.
 pub fn ep_graceful_close(h: &Harness) {
     graceful_close_with(devices(h), &cfg());
