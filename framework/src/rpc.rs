@@ -230,9 +230,11 @@ impl Rpc {
         Ok(())
     }
 
-    /// Make progress: serve requests, collect replies. Returns true if anything happened.
+    /// Make progress: serve requests, collect replies. Returns true if a
+    /// message (a request or a reply) was handled. One poll when nothing
+    /// is there (`Endpoint::try_recv` makes the endpoint's progress).
     pub fn progress(&mut self) -> Result<bool, RpcError> {
-        let mut did = self.ep.progress();
+        let mut did = false;
         loop {
             match self.ep.try_recv()? {
                 None => break,
