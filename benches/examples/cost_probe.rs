@@ -9,6 +9,7 @@
 //! cost_probe N empty-into  # N calls of try_recv_into with nothing there (a busy-poll turn)
 //! cost_probe N raw-pp   # N ping-pong round trips on the raw device (inline 64 B SENDs)
 //! cost_probe N rpc      # N RPC echo calls of 8 bytes (rpc_echo's shape)
+//! cost_probe N rpc-1k   # N RPC echo calls of a registered 1 KiB request
 //! cost_probe N raw-stream # N inline 64 B SENDs on the raw device, in post lists of 16
 //!                         # (zcperf send-bw's shape: one signaled, one repost list)
 //! ```
@@ -87,8 +88,8 @@ fn main() {
     if mode == "raw-pp" {
         return raw_pp(&dev, n);
     }
-    if mode == "rpc" {
-        return rpc_echo(a, b, n);
+    if mode == "rpc" || mode == "rpc-1k" {
+        return rpc_echo(a, b, n, mode == "rpc-1k");
     }
     if mode == "raw-stream" {
         return raw_stream(&dev, n);
@@ -165,13 +166,26 @@ fn main() {
 /// RPC echo calls as `rpc_echo` makes them (an 8-byte request copied into
 /// `Bytes`, the handler answering with the request), the server's turns
 /// driven between the client's polls.
-fn rpc_echo(a: Endpoint, b: Endpoint, n: usize) {
+fn rpc_echo(a: Endpoint, b: Endpoint, n: usize, large: bool) {
     let mut client = zcmsg::Rpc::new(a, 4096).expect("client");
     let mut server = zcmsg::Rpc::new(b, 4096).expect("server");
     server.handle(1, |_, req| Ok(req.into()));
+    let arena = client
+        .endpoint()
+        .pd()
+        .arena(ArenaConfig::new(1024, 4))
+        .expect("arena");
+    let mut slot = arena.alloc().expect("slot");
+    slot.put_bytes(7, 1024);
+    let big = slot.freeze();
     let t = Instant::now();
     for i in 0..n as u64 {
-        let req = bytes::Bytes::copy_from_slice(&i.to_le_bytes());
+        let small = i.to_le_bytes();
+        let req = if large {
+            big.clone()
+        } else {
+            bytes::Bytes::copy_from_slice(&small)
+        };
         let call = client.start_call(1, req).expect("call");
         let deadline = Instant::now() + Duration::from_secs(10);
         let rep = loop {
@@ -182,7 +196,7 @@ fn rpc_echo(a: Endpoint, b: Endpoint, n: usize) {
             }
             assert!(Instant::now() < deadline, "no reply within 10 s");
         };
-        assert_eq!(rep[..], i.to_le_bytes());
+        assert!(if large { rep == big } else { rep[..] == small });
     }
     println!(
         "{:.1} ns per call",

@@ -8,7 +8,8 @@
 //! - the `Bytes` path (`try_send` / `try_recv`): one per message received;
 //! - an RPC echo call (`start_call` / `progress` / `poll_reply`, a handler
 //!   answering with its request): one for the request the server's handler
-//!   gets and one for the reply the client gets.
+//!   gets and one for the reply the client gets; over 256 bytes, one more
+//!   per message for its header slot (see below).
 //!
 //! (Its own test binary: the allocator is the process's.)
 
@@ -192,5 +193,51 @@ fn an_rpc_call_allocates_once_per_message_received() {
         n,
         2 * N as u64,
         "allocations in {N} calls (the request and the reply received)"
+    );
+}
+
+#[test]
+fn a_large_rpc_call_allocates_only_for_its_header_slots_beyond_that() {
+    // Over the 256-byte inline frame a message goes as its header slot
+    // and the body's own chunk (zero-copy), as `Msg::Two`: no `Vec`. The
+    // header slot made `Bytes` is one allocation per message, on top of
+    // the one per message received.
+    let (a, b) = pair();
+    let mut client = Rpc::new(a, 4096).expect("client");
+    let mut server = Rpc::new(b, 4096).expect("server");
+    server.handle(1, |_, req| Ok(req.into()));
+    let arena = client
+        .endpoint()
+        .pd()
+        .arena(zcmsg::ArenaConfig::new(1024, 4))
+        .expect("arena");
+    let mut slot = arena.alloc().expect("slot");
+    bytes::BufMut::put_bytes(&mut slot, 7, 1024);
+    let req = slot.freeze();
+    let mut call = || {
+        let id = client.start_call(1, req.clone()).expect("call");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let rep = loop {
+            server.progress().expect("server");
+            client.progress().expect("client");
+            if let Some(r) = client.poll_reply(id) {
+                break r.expect("reply");
+            }
+            assert!(Instant::now() < deadline, "no reply within 10 s");
+        };
+        assert_eq!(rep, req);
+    };
+    for _ in 0..WARM {
+        call();
+    }
+    let n = allocations(|| {
+        for _ in 0..N {
+            call();
+        }
+    });
+    assert_eq!(
+        n,
+        4 * N as u64,
+        "allocations in {N} calls of 1 KiB (two received, two header slots)"
     );
 }

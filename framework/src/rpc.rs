@@ -221,12 +221,18 @@ impl Rpc {
                 return Ok(());
             }
         }
-        let mut chunks = vec![self.header(kind, method, call)?];
-        match body {
-            Msg::One(b) => chunks.push(b),
-            Msg::Many(v) => chunks.extend(v),
-        }
-        self.ep.try_send(chunks)?;
+        let hdr = self.header(kind, method, call)?;
+        let msg = match body {
+            Msg::One(b) => Msg::Two([hdr, b]),
+            Msg::Two([a, b]) => Msg::Many(vec![hdr, a, b]),
+            Msg::Many(v) => {
+                let mut chunks = Vec::with_capacity(1 + v.len());
+                chunks.push(hdr);
+                chunks.extend(v);
+                Msg::Many(chunks)
+            }
+        };
+        self.ep.try_send(msg)?;
         Ok(())
     }
 

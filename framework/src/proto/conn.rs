@@ -133,6 +133,8 @@ pub struct Limits {
 pub enum Msg {
     /// One chunk.
     One(Bytes),
+    /// Two chunks, e.g. a header and a body, without a `Vec` to allocate.
+    Two([Bytes; 2]),
     /// Several chunks.
     Many(Vec<Bytes>),
 }
@@ -141,6 +143,17 @@ impl Msg {
     fn chunks(&mut self) -> &mut [Bytes] {
         match self {
             Msg::One(b) => std::slice::from_mut(b),
+            Msg::Two(p) => p,
+            Msg::Many(v) => v,
+        }
+    }
+
+    /// The chunks, in order.
+    #[inline]
+    fn parts(&self) -> &[Bytes] {
+        match self {
+            Msg::One(b) => std::slice::from_ref(b),
+            Msg::Two(p) => p,
             Msg::Many(v) => v,
         }
     }
@@ -149,7 +162,7 @@ impl Msg {
     pub fn len(&self) -> u64 {
         match self {
             Msg::One(b) => b.len() as u64,
-            Msg::Many(v) => v.iter().map(|b| b.len() as u64).sum(),
+            _ => self.parts().iter().map(|b| b.len() as u64).sum(),
         }
     }
     /// True if no bytes.
@@ -161,9 +174,9 @@ impl Msg {
     pub(crate) fn copy_to(&self, out: &mut [u8]) {
         match self {
             Msg::One(b) => out.copy_from_slice(b),
-            Msg::Many(v) => {
+            _ => {
                 let mut at = 0;
-                for c in v {
+                for c in self.parts() {
                     out[at..at + c.len()].copy_from_slice(c);
                     at += c.len();
                 }
@@ -195,10 +208,9 @@ impl Payload for Msg {
     }
     #[inline]
     fn contiguous(&self) -> Option<&[u8]> {
-        match self {
-            Msg::One(b) => Some(b),
-            Msg::Many(v) if v.len() == 1 => Some(&v[0]),
-            Msg::Many(_) => None,
+        match self.parts() {
+            [b] => Some(b),
+            _ => None,
         }
     }
 }
@@ -245,6 +257,12 @@ impl Delivered {
 impl From<Bytes> for Msg {
     fn from(b: Bytes) -> Msg {
         Msg::One(b)
+    }
+}
+
+impl From<[Bytes; 2]> for Msg {
+    fn from(p: [Bytes; 2]) -> Msg {
+        Msg::Two(p)
     }
 }
 
@@ -2148,10 +2166,9 @@ impl Connection {
                         }
                     }
                     if let Some(ch) = self.handoff_out.clone() {
-                        let single = match &msg {
-                            Msg::One(b) => Some(b.clone()),
-                            Msg::Many(v) if v.len() == 1 => Some(v[0].clone()),
-                            Msg::Many(_) => None,
+                        let single = match msg.parts() {
+                            [b] => Some(b.clone()),
+                            _ => None,
                         };
                         if let Some(b) = single {
                             let seq = self.next_seq;
