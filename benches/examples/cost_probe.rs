@@ -24,45 +24,12 @@
 //! valgrind --tool=callgrind ./target/release/examples/cost_probe 48000
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BufMut;
-use zcmsg::{ArenaConfig, Endpoint, EndpointConfig, Pd, Recv, Transport};
+use zcmsg::{ArenaConfig, Pd, Transport};
+use zcmsg_bench::onethread::{pair, recv as recv_one, recv_into, rpc_call, rpc_echo_pair};
 use zcmsg_soft::SoftDevice;
-
-/// Poll `ep` with `take` (driving `peer` in between) until it yields.
-fn wait_for<T>(
-    ep: &mut Endpoint,
-    peer: &mut Endpoint,
-    mut take: impl FnMut(&mut Endpoint) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(x) = take(ep) {
-            return x;
-        }
-        peer.progress();
-        assert!(Instant::now() < deadline, "no message within 10 s");
-    }
-}
-
-fn recv_one(ep: &mut Endpoint, peer: &mut Endpoint) -> bytes::Bytes {
-    wait_for(ep, peer, |ep| match ep.try_recv().expect("receive") {
-        Some(Recv::Message(m)) => Some(m),
-        Some(Recv::Eos) => panic!("end of stream"),
-        None => None,
-    })
-}
-
-fn recv_into(ep: &mut Endpoint, peer: &mut Endpoint, buf: &mut [u8]) -> usize {
-    wait_for(ep, peer, |ep| {
-        match ep.try_recv_into(buf).expect("receive") {
-            Some(zcmsg::RecvInto::Message(n)) => Some(n),
-            Some(zcmsg::RecvInto::Eos) => panic!("end of stream"),
-            None => None,
-        }
-    })
-}
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -71,29 +38,17 @@ fn main() {
         .map(|s| s.parse().expect("N: a count"))
         .unwrap_or(100_000);
     let mode = args.next().unwrap_or_default();
-    let dev = SoftDevice::new();
-    let cfg = EndpointConfig::default();
-    let (qa, qb) = dev.pair(&cfg.qp, &cfg.qp).expect("pair");
-    let pd = Pd::new(dev.clone() as std::sync::Arc<dyn Transport>);
-    let mut a = Endpoint::start(&pd, qa, &cfg).expect("endpoint a");
-    let mut b = Endpoint::start(&pd, qb, &cfg).expect("endpoint b");
-    while a.credits() <= 0 || b.credits() <= 0 {
-        a.progress();
-        b.progress();
+    match mode.as_str() {
+        "raw-pp" => return raw_pp(&SoftDevice::new(), n),
+        "raw-stream" => return raw_stream(&SoftDevice::new(), n),
+        "rpc" | "rpc-1k" => return rpc_echo(n, mode == "rpc-1k"),
+        _ => {}
     }
-    let arena = pd.arena(ArenaConfig::new(64, 4)).expect("arena");
+    let (mut a, mut b) = pair();
+    let arena = a.pd().arena(ArenaConfig::new(64, 4)).expect("arena");
     let mut s = arena.alloc().expect("slot");
     s.put_bytes(0x61, 64);
     let msg = s.freeze();
-    if mode == "raw-pp" {
-        return raw_pp(&dev, n);
-    }
-    if mode == "rpc" || mode == "rpc-1k" {
-        return rpc_echo(a, b, n, mode == "rpc-1k");
-    }
-    if mode == "raw-stream" {
-        return raw_stream(&dev, n);
-    }
     let t = Instant::now();
     match mode.as_str() {
         "empty" => {
@@ -164,12 +119,10 @@ fn main() {
 }
 
 /// RPC echo calls as `rpc_echo` makes them (an 8-byte request copied into
-/// `Bytes`, the handler answering with the request), the server's turns
-/// driven between the client's polls.
-fn rpc_echo(a: Endpoint, b: Endpoint, n: usize, large: bool) {
-    let mut client = zcmsg::Rpc::new(a, 4096).expect("client");
-    let mut server = zcmsg::Rpc::new(b, 4096).expect("server");
-    server.handle(1, |_, req| Ok(req.into()));
+/// `Bytes`, the handler answering with the request), or of a registered
+/// 1 KiB request, the server's turns driven between the client's polls.
+fn rpc_echo(n: usize, large: bool) {
+    let (mut client, mut server) = rpc_echo_pair();
     let arena = client
         .endpoint()
         .pd()
@@ -186,16 +139,7 @@ fn rpc_echo(a: Endpoint, b: Endpoint, n: usize, large: bool) {
         } else {
             bytes::Bytes::copy_from_slice(&small)
         };
-        let call = client.start_call(1, req).expect("call");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let rep = loop {
-            server.progress().expect("server");
-            client.progress().expect("client");
-            if let Some(r) = client.poll_reply(call) {
-                break r.expect("reply");
-            }
-            assert!(Instant::now() < deadline, "no reply within 10 s");
-        };
+        let rep = rpc_call(&mut client, &mut server, req);
         assert!(if large { rep == big } else { rep[..] == small });
     }
     println!(

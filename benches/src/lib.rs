@@ -3,6 +3,7 @@
 //! Every figure is printed beside references measured in the same run.
 
 pub mod ep;
+pub mod onethread;
 pub mod raw;
 pub mod refs;
 pub mod report;

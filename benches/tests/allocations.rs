@@ -15,12 +15,10 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use zcmsg::{Endpoint, EndpointConfig, Pd, Recv, RecvInto, Rpc, Transport};
-use zcmsg_soft::SoftDevice;
+use zcmsg::Endpoint;
+use zcmsg_bench::onethread::{pair, recv, recv_into, rpc_call, rpc_echo_pair};
 
 struct Counting;
 
@@ -57,49 +55,16 @@ fn allocations(f: impl FnOnce()) -> u64 {
     ALLOCS.with(Cell::get) - before
 }
 
-fn pair() -> (Endpoint, Endpoint) {
-    let dev = SoftDevice::new();
-    let cfg = EndpointConfig::default();
-    let (qa, qb) = dev.pair(&cfg.qp, &cfg.qp).expect("pair");
-    let pd = Pd::new(dev as Arc<dyn Transport>);
-    let mut a = Endpoint::start(&pd, qa, &cfg).expect("a");
-    let mut b = Endpoint::start(&pd, qb, &cfg).expect("b");
-    while a.credits() <= 0 || b.credits() <= 0 {
-        a.progress();
-        b.progress();
+/// Allocations in `N` runs of `f`, after `WARM` runs to reach the working
+/// size of every queue and table.
+fn steady_allocations(mut f: impl FnMut()) -> u64 {
+    for _ in 0..WARM {
+        f();
     }
-    (a, b)
-}
-
-/// Poll `ep` with `take`, driving `peer` in between, for at most 10 s.
-fn wait<T>(
-    ep: &mut Endpoint,
-    peer: &mut Endpoint,
-    mut take: impl FnMut(&mut Endpoint) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(x) = take(ep) {
-            return x;
+    allocations(|| {
+        for _ in 0..N {
+            f();
         }
-        peer.progress();
-        assert!(Instant::now() < deadline, "no message within 10 s");
-    }
-}
-
-fn recv(ep: &mut Endpoint, peer: &mut Endpoint) -> Bytes {
-    wait(ep, peer, |ep| match ep.try_recv().expect("recv") {
-        Some(Recv::Message(m)) => Some(m),
-        Some(Recv::Eos) => panic!("end of stream"),
-        None => None,
-    })
-}
-
-fn recv_into(ep: &mut Endpoint, peer: &mut Endpoint, buf: &mut [u8]) -> usize {
-    wait(ep, peer, |ep| match ep.try_recv_into(buf).expect("recv") {
-        Some(RecvInto::Message(n)) => Some(n),
-        Some(RecvInto::Eos) => panic!("end of stream"),
-        None => None,
     })
 }
 
@@ -125,14 +90,7 @@ fn the_copy_path_allocates_nothing() {
         let n = recv_into(a, b, &mut buf);
         assert_eq!(buf[..n], msg);
     };
-    for _ in 0..WARM {
-        round_trip(&mut a, &mut b);
-    }
-    let n = allocations(|| {
-        for _ in 0..N {
-            round_trip(&mut a, &mut b);
-        }
-    });
+    let n = steady_allocations(|| round_trip(&mut a, &mut b));
     assert_eq!(n, 0, "allocations in {N} round trips on the copy path");
 }
 
@@ -146,14 +104,7 @@ fn the_bytes_path_allocates_once_per_message_received() {
         b.try_send(m).expect("echo");
         assert_eq!(recv(a, b), msg);
     };
-    for _ in 0..WARM {
-        round_trip(&mut a, &mut b);
-    }
-    let n = allocations(|| {
-        for _ in 0..N {
-            round_trip(&mut a, &mut b);
-        }
-    });
+    let n = steady_allocations(|| round_trip(&mut a, &mut b));
     assert_eq!(
         n,
         2 * N as u64,
@@ -163,32 +114,10 @@ fn the_bytes_path_allocates_once_per_message_received() {
 
 #[test]
 fn an_rpc_call_allocates_once_per_message_received() {
-    let (a, b) = pair();
-    let mut client = Rpc::new(a, 4096).expect("client");
-    let mut server = Rpc::new(b, 4096).expect("server");
-    server.handle(1, |_, req| Ok(req.into()));
+    let (mut client, mut server) = rpc_echo_pair();
     let req = Bytes::from_static(b"an eight-byte-ish request");
-    let mut call = || {
-        let id = client.start_call(1, req.clone()).expect("call");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let rep = loop {
-            server.progress().expect("server");
-            client.progress().expect("client");
-            if let Some(r) = client.poll_reply(id) {
-                break r.expect("reply");
-            }
-            assert!(Instant::now() < deadline, "no reply within 10 s");
-        };
-        assert_eq!(rep, req);
-    };
-    for _ in 0..WARM {
-        call();
-    }
-    let n = allocations(|| {
-        for _ in 0..N {
-            call();
-        }
-    });
+    let call = || assert_eq!(rpc_call(&mut client, &mut server, req.clone()), req);
+    let n = steady_allocations(call);
     assert_eq!(
         n,
         2 * N as u64,
@@ -202,10 +131,7 @@ fn a_large_rpc_call_allocates_only_for_its_header_slots_beyond_that() {
     // and the body's own chunk (zero-copy), as `Msg::Two`: no `Vec`. The
     // header slot made `Bytes` is one allocation per message, on top of
     // the one per message received.
-    let (a, b) = pair();
-    let mut client = Rpc::new(a, 4096).expect("client");
-    let mut server = Rpc::new(b, 4096).expect("server");
-    server.handle(1, |_, req| Ok(req.into()));
+    let (mut client, mut server) = rpc_echo_pair();
     let arena = client
         .endpoint()
         .pd()
@@ -214,27 +140,8 @@ fn a_large_rpc_call_allocates_only_for_its_header_slots_beyond_that() {
     let mut slot = arena.alloc().expect("slot");
     bytes::BufMut::put_bytes(&mut slot, 7, 1024);
     let req = slot.freeze();
-    let mut call = || {
-        let id = client.start_call(1, req.clone()).expect("call");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let rep = loop {
-            server.progress().expect("server");
-            client.progress().expect("client");
-            if let Some(r) = client.poll_reply(id) {
-                break r.expect("reply");
-            }
-            assert!(Instant::now() < deadline, "no reply within 10 s");
-        };
-        assert_eq!(rep, req);
-    };
-    for _ in 0..WARM {
-        call();
-    }
-    let n = allocations(|| {
-        for _ in 0..N {
-            call();
-        }
-    });
+    let call = || assert_eq!(rpc_call(&mut client, &mut server, req.clone()), req);
+    let n = steady_allocations(call);
     assert_eq!(
         n,
         4 * N as u64,
