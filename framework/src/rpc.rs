@@ -7,7 +7,9 @@
 //! does); a larger one goes as a header chunk and the request's own chunks
 //! (vectored, never concatenated, zero-copy when registered). Handlers get
 //! the request as zero-copy `Bytes` (a slice of the receive slot) and reply
-//! with `Bytes` chunks. Bulk data does not travel in messages: the request
+//! with a [`Msg`]: one `Bytes` (`Ok(req.into())`, no allocation) or several
+//! chunks. A reply nobody waits for any more (its call timed out) is
+//! dropped when it arrives. Bulk data does not travel in messages: the request
 //! names a [`RemoteRegion`] of the client's, and the server pulls it
 //! ([`BulkCtx::pull`], an RDMA READ into its own registered memory) or
 //! pushes into it ([`BulkCtx::push`], an RDMA WRITE), so the server decides
