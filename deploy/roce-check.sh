@@ -33,6 +33,10 @@ while [ $# -gt 0 ]; do
 done
 
 # Where sysfs and the device files are (tests point these at a made-up tree).
+if [ -n "$addr" ] && ! [[ $addr =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}$ ]]; then
+    echo "roce-check.sh: --addr wants an IPv4 address (RoCE v2 over IPv4), not '$addr'" >&2
+    exit 2
+fi
 sys=${ZCMSG_SYSFS:-/sys}
 devfs=${ZCMSG_DEVFS:-/dev}
 failed=0

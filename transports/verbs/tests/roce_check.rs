@@ -97,6 +97,10 @@ fn a_roce_v1_gid_a_port_down_and_no_device_fail_with_the_reason() {
     let (rc, out) = run(Some(&root), &["--addr", "10.0.0.9"]);
     assert_eq!(rc, 1, "{out}");
     assert!(out.contains("no GID for 10.0.0.9 on mlx5_0"), "{out}");
+    // Bad input is refused before any check.
+    let (rc, out) = run(Some(&root), &["--addr", "fe80::1"]);
+    assert_eq!(rc, 2, "{out}");
+    assert!(out.contains("--addr wants an IPv4 address"), "{out}");
     fs::remove_dir_all(root).ok();
 
     let root = fake_host("down", "1: DOWN");
