@@ -76,6 +76,20 @@ pub struct Params {
     pub inline: bool,
 }
 
+/// Bytes of receive buffers a SEND stream's receiver posts at most: `-r`
+/// is cut to fit (keeping at least 16), since 512 receives of 8 MiB would
+/// pin 4 GiB on each side.
+pub const RECV_BUDGET: usize = 256 << 20;
+
+impl Params {
+    /// Receives a SEND stream's receiver posts: `rx_depth`, cut to
+    /// [`RECV_BUDGET`].
+    pub fn stream_recvs(&self) -> u32 {
+        let fit = (RECV_BUDGET / self.size.max(1)).max(16);
+        self.rx_depth.min(u32::try_from(fit).unwrap_or(u32::MAX))
+    }
+}
+
 /// Per-iteration one-way latencies in nanoseconds, taken by
 /// [`crate::report::RttClock`] (RTT/2, the timer's own cost subtracted).
 pub struct Latency {
@@ -610,8 +624,19 @@ pub fn stream_server(
 ) -> Result<Served, String> {
     let test = stream_test(op);
     // A WRITE stream posts one receive: for the client's `Done`.
-    let recvs = if op == Opcode::Send { p.rx_depth } else { 1 };
-    let (mut srv, hello) = accept_client(t, l, test, |_| recvs, 0)?;
+    let (mut srv, hello) = accept_client(
+        t,
+        l,
+        test,
+        |h| {
+            if op == Opcode::Send {
+                adopt(p, h).stream_recvs()
+            } else {
+                1
+            }
+        },
+        0,
+    )?;
     let p = adopt(p, &hello);
     let (size, iters) = (p.size, p.iters);
     if op == Opcode::RdmaWrite {
@@ -720,7 +745,7 @@ pub fn stream_client(
     let mut spins = 0u64;
     let room = |posted: u64| match &flow {
         Some(f) if op == Opcode::Send => {
-            posted + batch <= f.load(Ordering::Acquire) + u64::from(p.rx_depth)
+            posted + batch <= f.load(Ordering::Acquire) + u64::from(p.stream_recvs())
         }
         _ => true,
     };
