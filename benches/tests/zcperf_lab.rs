@@ -7,7 +7,8 @@
 //! - [`zcperf_two_processes`]: single guest, both processes on rxe0 through
 //!   its address: every test that crosses processes, the data checked by
 //!   both sides, the figures printed; a client asking a server for another
-//!   test is refused, with the reason on both sides.
+//!   test is refused, with the reason on both sides; perftest's `-a` sweep
+//!   runs across the two, a row per size.
 //! - [`zcperf_across_hosts`]: the two-host lab (`deploy/lab/two-host.sh`):
 //!   host B serves the tests one after another, host A runs their clients.
 
@@ -309,6 +310,48 @@ fn zcperf_two_processes() {
         check_client(c, &client);
         check_served(c, &server);
     }
+
+    // perftest's -a across the two processes: the server serves the
+    // client's whole sweep on one listener, a row per size.
+    let port = 18640;
+    let mut args = server_args("write-lat", &addr, port);
+    args.push("-a".into());
+    let mut server = zcperf(&args);
+    assert!(server.wait_for(
+        "waiting for a client (23 runs, -a)",
+        Duration::from_secs(60)
+    ));
+    let mut args = device_args();
+    args.splice(0..0, ["write-lat".to_string()]);
+    args.extend(["-a", "-n", "10", "-p", &port.to_string(), &addr].map(String::from));
+    let client = zcperf(&args).finish(LIMIT);
+    let server = server.finish(LIMIT);
+    assert!(
+        client.ok,
+        "write-lat -a:\n{}\nserver:\n{}",
+        client.out, server.out
+    );
+    let sizes: Vec<u64> = client
+        .out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(
+        sizes,
+        (1..=23).map(|k| 1u64 << k).collect::<Vec<_>>(),
+        "{}",
+        client.out
+    );
+    assert!(server.ok, "{}", server.out);
+    assert_eq!(
+        server
+            .out
+            .matches("# served write-lat: 10 iterations")
+            .count(),
+        23,
+        "{}",
+        server.out
+    );
 
     // A client of another test: refused, and both sides say why.
     let port = 18650;

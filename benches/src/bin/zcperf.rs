@@ -6,6 +6,7 @@
 //! zcperf send-lat -s 64 -n 100000       # perftest's spelling works too: send_lat
 //! zcperf send-bw -s 65536
 //! zcperf write-bw -s 1048576
+//! zcperf send-bw -a                     # every size from 2 B to 8 MiB (perftest -a)
 //! zcperf send-lat --transport verbs -d rxe0 --addr 192.0.2.1 -x 1   # features = ["verbs"]
 //! zcperf write-lat --transport verbs -s 64
 //! zcperf ep-lat --transport verbs -s 64
@@ -104,6 +105,11 @@ struct Args {
     /// Requests per post list (perftest -l).
     #[arg(short = 'l', long = "post_list", default_value_t = 16)]
     post_list: u32,
+    /// Run every message size from 2 B to 8 MiB (perftest -a); without -n
+    /// each size moves about 2 GiB (1,000 to 100,000 iterations). A server
+    /// started with -a serves the client's whole sweep.
+    #[arg(short = 'a', long = "all")]
+    all: bool,
     /// Do not send inline (perftest -I 0).
     #[arg(long)]
     no_inline: bool,
@@ -260,9 +266,10 @@ fn open_remote(a: &Args) -> Result<Arc<dyn Transport>, String> {
     }
 }
 
-/// `zcperf TEST --server`: serve one client, print what it ran.
-fn serve(a: &Args) -> Result<(), String> {
-    let test = test_kind(a)?;
+/// `zcperf TEST --server`: serve one run (with `-a`, one per size of the
+/// sweep) on one listener, and print what each ran.
+fn serve_all(a: &Args, test: TestKind) -> Result<(), String> {
+    let runs = if a.all { ALL_SIZES.count() } else { 1 };
     let t = open_remote(a)?;
     let p = params(a, 0, 0);
     let cfg = match test {
@@ -275,16 +282,33 @@ fn serve(a: &Args) -> Result<(), String> {
         .listen(&at, &cfg)
         .map_err(|e| format!("listen {at}: {e}"))?;
     println!(
-        "# zcperf {} server on {}: waiting for a client",
+        "# zcperf {} server on {}: waiting for a client{}",
         test.name(),
-        l.local_addr()
+        l.local_addr(),
+        if runs > 1 {
+            format!(" ({runs} runs, -a)")
+        } else {
+            String::new()
+        }
     );
-    let l = &mut *l;
+    for _ in 0..runs {
+        serve_one(test, t.clone(), &mut *l, &p)?;
+    }
+    Ok(())
+}
+
+/// Serve one client's run on `l`, and print what it ran.
+fn serve_one(
+    test: TestKind,
+    t: Arc<dyn Transport>,
+    l: &mut dyn zcmsg::Listener,
+    p: &Params,
+) -> Result<(), String> {
     let served = match test {
-        TestKind::SendLat => raw::send_lat_server(t, l, &p),
-        TestKind::SendBw => raw::stream_server(t, l, &p, Opcode::Send, None),
-        TestKind::WriteLat => zcmsg_bench::wlat::write_lat_server(t, l, &p),
-        TestKind::WriteBw => raw::stream_server(t, l, &p, Opcode::RdmaWrite, None),
+        TestKind::SendLat => raw::send_lat_server(t, l, p),
+        TestKind::SendBw => raw::stream_server(t, l, p, Opcode::Send, None),
+        TestKind::WriteLat => zcmsg_bench::wlat::write_lat_server(t, l, p),
+        TestKind::WriteBw => raw::stream_server(t, l, p, Opcode::RdmaWrite, None),
         TestKind::EpLat => zcmsg_bench::ep::ping_pong_server(t, l),
         TestKind::EpBw => zcmsg_bench::ep::stream_server(t, l, &zcmsg::EndpointConfig::default()),
     }?;
@@ -296,6 +320,9 @@ fn serve(a: &Args) -> Result<(), String> {
         h.size,
         if h.copy { " (copy path)" } else { "" }
     );
+    if test == TestKind::SendBw {
+        recvs_note(&raw::adopt(p, &h));
+    }
     if let Some((msgs, nanos)) = served.measured {
         let secs = nanos as f64 / 1e9;
         report::bw_header();
@@ -309,69 +336,163 @@ fn serve(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// `zcperf TEST HOST`: the client of a server on HOST; prints the figures.
-fn client(a: &Args, host: &str) -> Result<(), String> {
-    let test = test_kind(a)?;
-    let t = open_remote(a)?;
-    let at = wire::with_port(host, a.port);
-    let lat = |samples: &[u64], p: &Params| {
-        report::lat_header();
-        report::lat_row(p.size, p.iters, &report::summarize(samples));
+/// Says so when a SEND stream's receiver posted fewer receives than `-r`.
+fn recvs_note(p: &Params) {
+    if p.stream_recvs() < p.rx_depth {
+        println!(
+            "# -r {} cut to {} receives of {} B (at most {} MiB of receive buffers)",
+            p.rx_depth,
+            p.stream_recvs(),
+            p.size,
+            raw::RECV_BUDGET >> 20
+        );
+    }
+}
+
+/// What one run of a test measured.
+enum Row {
+    /// Latency samples (ns).
+    Lat(Vec<u64>),
+    /// Bytes and messages per second, and a note to print under the row.
+    Bw(f64, f64, String),
+}
+
+/// Where a test runs: both halves in this process, or as the client of a
+/// server at an address.
+enum Place<'a> {
+    Here,
+    Client(&'a Arc<dyn Transport>, &'a str),
+}
+
+/// Run `test` once with `p`.
+fn measure(a: &Args, test: TestKind, p: &Params, place: &Place<'_>) -> Result<Row, String> {
+    use zcmsg_bench::{ep, wlat};
+    let op = if test == TestKind::WriteBw {
+        Opcode::RdmaWrite
+    } else {
+        Opcode::Send
     };
-    let bw = |b: raw::Bandwidth, p: &Params| {
+    let path = if a.copy {
+        ep::PingPongPath::Copy
+    } else {
+        ep::PingPongPath::Bytes
+    };
+    let bw = |b: raw::Bandwidth| {
         let secs = b.elapsed.as_secs_f64();
-        report::bw_header();
-        report::bw_row(p.size, p.iters, b.bytes as f64 / secs, b.msgs as f64 / secs);
+        Row::Bw(b.bytes as f64 / secs, b.msgs as f64 / secs, String::new())
     };
-    match test {
-        TestKind::SendLat => {
-            let p = params(a, 64, 100_000);
-            lat(&raw::send_lat_client(t, &at, &p)?.samples, &p);
+    let copies = |c: zcmsg::CopySnapshot| c.bounce_bytes + c.coalesce_bytes;
+    Ok(match place {
+        Place::Here => {
+            let (x, y, addr) = devices(a, &format!("{}-{}", test.name(), p.size))?;
+            match test {
+                TestKind::SendLat => Row::Lat(raw::send_lat(x, y, &addr, p)?.samples),
+                TestKind::SendBw | TestKind::WriteBw => bw(raw::stream_bw(x, y, &addr, p, op)?),
+                TestKind::WriteLat => Row::Lat(wlat::write_lat(x, y, &addr, p)?.samples),
+                TestKind::EpLat => Row::Lat(ep::ping_pong(x, y, &addr, p.size, p.iters, path)?),
+                TestKind::EpBw => {
+                    let (mps, bps, c) = ep::stream(x, y, &addr, p.size, p.iters, false)?;
+                    Row::Bw(bps, mps, format!("# framework copies {} B", copies(c)))
+                }
+            }
         }
-        TestKind::SendBw | TestKind::WriteBw => {
-            let p = params(a, 65536, 100_000);
-            let op = if test == TestKind::SendBw {
-                Opcode::Send
+        Place::Client(t, at) => {
+            let t = (*t).clone();
+            match test {
+                TestKind::SendLat => Row::Lat(raw::send_lat_client(t, at, p)?.samples),
+                TestKind::SendBw | TestKind::WriteBw => bw(raw::stream_client(t, at, p, op, None)?),
+                TestKind::WriteLat => Row::Lat(wlat::write_lat_client(t, at, p)?.samples),
+                TestKind::EpLat => Row::Lat(ep::ping_pong_client(t, at, p.size, p.iters, path)?),
+                TestKind::EpBw => {
+                    let cfg = zcmsg::EndpointConfig::default();
+                    let (c, nanos) = ep::stream_client(t, at, &cfg, p.size, p.iters)?;
+                    let secs = nanos as f64 / 1e9;
+                    Row::Bw(
+                        (p.iters * p.size as u64) as f64 / secs,
+                        p.iters as f64 / secs,
+                        format!("# measured by the server; framework copies {} B", copies(c)),
+                    )
+                }
+            }
+        }
+    })
+}
+
+/// perftest's `-a`: every power of two from 2 B to 8 MiB.
+const ALL_SIZES: std::ops::RangeInclusive<u32> = 1..=23;
+
+/// The sizes a single test runs: `-s` (or the test's default), or with
+/// `-a` every size of [`ALL_SIZES`].
+fn sizes(a: &Args, test: TestKind) -> Result<Vec<usize>, String> {
+    if !a.all {
+        let default = match test {
+            TestKind::SendBw | TestKind::WriteBw | TestKind::EpBw => 65536,
+            _ => 64,
+        };
+        return Ok(vec![a.size.unwrap_or(default)]);
+    }
+    if a.size.is_some() {
+        return Err("-a runs every size from 2 B to 8 MiB: drop -s".into());
+    }
+    if test == TestKind::EpLat && a.copy {
+        return Err(
+            "--copy moves messages up to the endpoint's inline limit: run it with -s, not -a"
+                .into(),
+        );
+    }
+    Ok(ALL_SIZES.map(|k| 1usize << k).collect())
+}
+
+/// Iterations at `size`: `-n`, or 100,000, or with `-a` and no `-n` as
+/// many as move 2 GiB (between 1,000 and 100,000), so the sweep's large
+/// sizes take seconds, not minutes.
+fn iters_for(a: &Args, size: usize) -> u64 {
+    a.iters.unwrap_or(if a.all {
+        ((2u64 << 30) / size as u64).clamp(1000, 100_000)
+    } else {
+        100_000
+    })
+}
+
+/// `zcperf TEST [HOST]` (not the summary): each size, a row under one
+/// header, in this process or as the client of `HOST`.
+fn single(a: &Args, test: TestKind, host: Option<&str>) -> Result<(), String> {
+    let remote = match host {
+        Some(h) => Some((open_remote(a)?, wire::with_port(h, a.port))),
+        None => None,
+    };
+    let place = match &remote {
+        Some((t, at)) => Place::Client(t, at),
+        None => Place::Here,
+    };
+    for (i, size) in sizes(a, test)?.into_iter().enumerate() {
+        let p = params(a, size, iters_for(a, size));
+        let row = measure(a, test, &p, &place).map_err(|e| {
+            if i > 0 && host.is_some() {
+                format!("{e} (-a: was the server started with -a too?)")
             } else {
-                Opcode::RdmaWrite
-            };
-            bw(raw::stream_client(t, &at, &p, op, None)?, &p);
-        }
-        TestKind::WriteLat => {
-            let p = params(a, 64, 100_000);
-            lat(
-                &zcmsg_bench::wlat::write_lat_client(t, &at, &p)?.samples,
-                &p,
-            );
-        }
-        TestKind::EpLat => {
-            let p = params(a, 64, 100_000);
-            let path = if a.copy {
-                zcmsg_bench::ep::PingPongPath::Copy
-            } else {
-                zcmsg_bench::ep::PingPongPath::Bytes
-            };
-            lat(
-                &zcmsg_bench::ep::ping_pong_client(t, &at, p.size, p.iters, path)?,
-                &p,
-            );
-        }
-        TestKind::EpBw => {
-            let p = params(a, 65536, 100_000);
-            let cfg = zcmsg::EndpointConfig::default();
-            let (c, nanos) = zcmsg_bench::ep::stream_client(t, &at, &cfg, p.size, p.iters)?;
-            let secs = nanos as f64 / 1e9;
-            report::bw_header();
-            report::bw_row(
-                p.size,
-                p.iters,
-                (p.iters * p.size as u64) as f64 / secs,
-                p.iters as f64 / secs,
-            );
-            println!(
-                "# measured by the server; framework copies {} B",
-                c.bounce_bytes + c.coalesce_bytes
-            );
+                e
+            }
+        })?;
+        match row {
+            Row::Lat(samples) => {
+                if i == 0 {
+                    report::lat_header();
+                }
+                report::lat_row(p.size, p.iters, &report::summarize(&samples));
+            }
+            Row::Bw(bps, mps, note) => {
+                if i == 0 {
+                    report::bw_header();
+                }
+                report::bw_row(p.size, p.iters, bps, mps);
+                if !note.is_empty() {
+                    println!("{note}");
+                }
+                if test == TestKind::SendBw && host.is_none() {
+                    recvs_note(&p);
+                }
+            }
         }
     }
     Ok(())
@@ -590,58 +711,19 @@ fn summary(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn run_write_lat(a: &Args, p: &Params) -> Result<f64, String> {
-    let (x, y, addr) = devices(a, "wlat")?;
-    let lat = zcmsg_bench::wlat::write_lat(x, y, &addr, p)?;
-    let s = report::summarize(&lat.samples);
-    report::lat_header();
-    report::lat_row(p.size, p.iters, &s);
-    Ok(s.typical)
-}
-
-fn run_ep_lat(a: &Args, p: &Params) -> Result<f64, String> {
-    let (x, y, addr) = devices(a, "eplat")?;
-    let path = if a.copy {
-        zcmsg_bench::ep::PingPongPath::Copy
-    } else {
-        zcmsg_bench::ep::PingPongPath::Bytes
-    };
-    let samples = zcmsg_bench::ep::ping_pong(x, y, &addr, p.size, p.iters, path)?;
-    let s = report::summarize(&samples);
-    report::lat_header();
-    report::lat_row(p.size, p.iters, &s);
-    Ok(s.typical)
-}
-
-fn run_ep_bw(a: &Args, p: &Params) -> Result<f64, String> {
-    let (x, y, addr) = devices(a, "epbw")?;
-    let (mps, bps, c) = zcmsg_bench::ep::stream(x, y, &addr, p.size, p.iters, false)?;
-    report::bw_header();
-    report::bw_row(p.size, p.iters, bps, mps);
-    println!("# framework copies {} B", c.bounce_bytes + c.coalesce_bytes);
-    Ok(bps)
-}
-
 fn main() {
     let a = Args::parse();
     if let Err(e) = check_gid(&a) {
         eprintln!("zcperf: {e}");
         std::process::exit(1);
     }
-    let r = match (&a.host, a.server, a.test) {
-        (Some(host), _, _) => client(&a, host),
-        (None, true, _) => serve(&a),
-        (_, _, Test::Summary) => summary(&a),
-        (_, _, Test::SendLat) => run_lat(&a, &params(&a, 64, 100_000), "lat").map(|_| ()),
-        (_, _, Test::SendBw) => {
-            run_bw(&a, &params(&a, 65536, 100_000), Opcode::Send, "bw").map(|_| ())
-        }
-        (_, _, Test::WriteBw) => {
-            run_bw(&a, &params(&a, 65536, 100_000), Opcode::RdmaWrite, "wbw").map(|_| ())
-        }
-        (_, _, Test::WriteLat) => run_write_lat(&a, &params(&a, 64, 100_000)).map(|_| ()),
-        (_, _, Test::EpLat) => run_ep_lat(&a, &params(&a, 64, 100_000)).map(|_| ()),
-        (_, _, Test::EpBw) => run_ep_bw(&a, &params(&a, 65536, 100_000)).map(|_| ()),
+    let r = match (a.server, a.test) {
+        (_, Test::Summary) if a.server || a.host.is_some() => Err(
+            "the summary runs both sides in this process: name a test to run across hosts".into(),
+        ),
+        (_, Test::Summary) => summary(&a),
+        (true, _) => test_kind(&a).and_then(|t| serve_all(&a, t)),
+        (false, _) => test_kind(&a).and_then(|t| single(&a, t, a.host.as_deref())),
     };
     if let Err(e) = r {
         eprintln!("zcperf: {e}");
