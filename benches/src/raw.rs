@@ -183,8 +183,8 @@ pub struct Served {
 }
 
 /// The client's half of connecting: connect with `hello` as private data,
-/// post one receive for the server's answer and `recvs` for the test, and
-/// wait for the answer: the server's window for the WRITE tests.
+/// post two receives for the server's control messages and `recvs` for the
+/// test, and wait for the answer: the server's window for the WRITE tests.
 pub(crate) fn connect_client(
     t: Arc<dyn Transport>,
     at: &str,
@@ -196,8 +196,9 @@ pub(crate) fn connect_client(
         .connect(at, cfg, &Ctrl::Hello(hello).encode()[..HELLO_LEN])
         .map_err(|e| format!("connect {at}: {e}"))?;
     crate::wire::connected(&*qp)?;
-    let mut side = Side::new(t, qp, hello.size as usize, recvs + 2)?;
-    side.post_receives(1 + recvs)?;
+    // One receive for the server's `Ready`, one for its closing `Done`.
+    let mut side = Side::new(t, qp, hello.size as usize, recvs + 3)?;
+    side.post_receives(2 + recvs)?;
     match side.wait_ctrl()? {
         Ctrl::Ready(w) => Ok((side, w)),
         Ctrl::Refuse(why) => Err(format!("the server refused: {why}")),
@@ -344,29 +345,78 @@ impl Side {
     /// The next control message the peer sends: the next receive
     /// completion, after the test's traffic (send completions on the way
     /// are checked and dropped).
+    ///
+    /// A flushed completion on the way is not a failure by itself: a
+    /// client leaves once its `Done` is acknowledged, and the server's own
+    /// last sends (whose data the client has seen) may then be flushed
+    /// before their acknowledgements were processed, and be polled before
+    /// the `Done` (the send and receive queues complete independently). It
+    /// fails the wait only if no control message follows.
     pub(crate) fn wait_ctrl(&mut self) -> Result<Ctrl, String> {
         let mut wait = Patience::new(CTRL_WAIT);
+        let mut flushed = None;
         loop {
             let n = self.qp.poll_cq(&mut self.wc[..1]);
             if n == 1 {
                 let wc = self.wc[0];
+                if wc.status == WcStatus::WrFlushErr {
+                    flushed.get_or_insert(wc.wr_id);
+                    continue;
+                }
                 check(&wc)?;
                 if wc.opcode.is_recv() {
                     return Ctrl::decode(self.received(&wc));
                 }
             } else if wait.spun_out() {
                 return Err(format!(
-                    "no control message from the peer within {} s",
-                    CTRL_WAIT.as_secs()
+                    "no control message from the peer within {} s{}",
+                    CTRL_WAIT.as_secs(),
+                    flushed.map_or(String::new(), |id| format!(
+                        " (completion {id} was flushed: the connection failed)"
+                    ))
                 ));
             }
         }
     }
 
-    /// The client's end of a run: [`Ctrl::Done`], once it has left.
+    /// The client's end of a run: [`Ctrl::Done`], and the server's
+    /// answer (see [`Side::await_done`]); then the client may leave.
     pub(crate) fn finish(&mut self) -> Result<(), String> {
         self.send_ctrl(&Ctrl::Done(0))?;
-        self.wait_sent(CTRL_WAIT)
+        match self.wait_ctrl()? {
+            Ctrl::Done(_) => Ok(()),
+            other => Err(format!("the server ended with {other:?}")),
+        }
+    }
+
+    /// The server's end of a run: the client's [`Ctrl::Done`], answered
+    /// with one of ours, which the client waits for before it leaves: so
+    /// the client never tears the connection down while the server's last
+    /// sends are unacknowledged here, and the answer is out before the
+    /// server's queue pair goes. Its completion is awaited, or its flush
+    /// (the client had it and left first).
+    pub(crate) fn await_done(&mut self) -> Result<(), String> {
+        match self.wait_ctrl()? {
+            Ctrl::Done(_) => {}
+            other => return Err(format!("the client ended with {other:?}")),
+        }
+        self.send_ctrl(&Ctrl::Done(0))?;
+        let mut wait = Patience::new(CTRL_WAIT);
+        loop {
+            let n = self.qp.poll_cq(&mut self.wc[..1]);
+            if n == 1 {
+                let wc = self.wc[0];
+                if wc.status == WcStatus::WrFlushErr {
+                    return Ok(());
+                }
+                check(&wc)?;
+                if wc.wr_id == CTRL_TX && !wc.opcode.is_recv() {
+                    return Ok(());
+                }
+            } else if wait.spun_out() {
+                return Err("the answer to the client's Done was not acknowledged".into());
+            }
+        }
     }
 
     /// The SGEs of the receive slots, by receive id, built once: a stream
@@ -490,13 +540,11 @@ pub fn send_lat_server(
     if corrupted > 0 {
         return Err(format!("{corrupted} of {iters} requests arrived corrupted"));
     }
-    match srv.wait_ctrl()? {
-        Ctrl::Done(_) => Ok(Served {
-            hello,
-            measured: None,
-        }),
-        other => Err(format!("the client ended with {other:?}")),
-    }
+    srv.await_done()?;
+    Ok(Served {
+        hello,
+        measured: None,
+    })
 }
 
 /// The client of the SEND ping-pong: one-way latency per iteration, each
@@ -645,10 +693,7 @@ pub fn stream_server(
             .window(size.max(1), Access::REMOTE_WRITE)
             .map_err(|e| e.to_string())?;
         srv.send_ctrl(&Ctrl::Ready(Some(window.remote())))?;
-        match srv.wait_ctrl()? {
-            Ctrl::Done(_) => {}
-            other => return Err(format!("the client ended with {other:?}")),
-        }
+        srv.await_done()?;
         let r = window.revoke();
         if r.as_slice()[..size].iter().any(|&b| b != 0x33) {
             return Err("RDMA WRITE target does not hold the written bytes".into());
@@ -704,13 +749,11 @@ pub fn stream_server(
     if bad > 0 {
         return Err(format!("{bad} messages arrived corrupted"));
     }
-    match srv.wait_ctrl()? {
-        Ctrl::Done(_) => Ok(Served {
-            hello,
-            measured: Some((got, nanos)),
-        }),
-        other => Err(format!("the client ended with {other:?}")),
-    }
+    srv.await_done()?;
+    Ok(Served {
+        hello,
+        measured: Some((got, nanos)),
+    })
 }
 
 /// The active side of a stream: posts lists of `post_list` requests, one

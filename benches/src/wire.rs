@@ -17,9 +17,11 @@
 //!    the reason (another test, a size it cannot hold, an older zcperf);
 //! 3. the test runs; each side checks the data it receives byte for byte;
 //! 4. the client ends with [`Ctrl::Done`] (on the raw device: the first SEND
-//!    after the test's traffic, so the server knows every WRITE has landed);
-//!    where the server measures (the endpoint stream), it answers with its
-//!    figure.
+//!    after the test's traffic, so the server knows every WRITE has landed)
+//!    and the server answers with one of its own (the endpoint stream's
+//!    carries the figure the server measured); the client leaves only when
+//!    it has that answer, so it never tears the connection down while the
+//!    server's last sends are still unacknowledged there.
 //!
 //! Each message is [`CTRL_LEN`] bytes: a magic, a version, a tag and the
 //! fields in little-endian order; a [`Ctrl::Hello`] uses the first
