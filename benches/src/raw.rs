@@ -240,7 +240,7 @@ pub(crate) fn accept_client(
             let mut side = Side::new(t, qp, 0, 1)?;
             let told = side
                 .send_ctrl(&Ctrl::Refuse(why.clone()))
-                .and_then(|()| side.wait_sent(CTRL_WAIT));
+                .and_then(|()| side.wait_sent(CTRL_WAIT, false));
             Err(match told {
                 Ok(()) => format!("refused the client: {why}"),
                 Err(e) => format!("refused the client: {why} (and could not tell it: {e})"),
@@ -321,12 +321,16 @@ impl Side {
 
     /// Wait until the control SEND has completed (every other completion
     /// on the way is checked and dropped: use it where no test traffic
-    /// can be in flight).
-    pub(crate) fn wait_sent(&mut self, limit: Duration) -> Result<(), String> {
+    /// can be in flight). With `flush_ok`, a flushed completion ends the
+    /// wait too: the peer had what it needed and left.
+    pub(crate) fn wait_sent(&mut self, limit: Duration, flush_ok: bool) -> Result<(), String> {
         let mut wait = Patience::new(limit);
         loop {
             let n = self.qp.poll_cq(&mut self.wc);
             for wc in &self.wc[..n] {
+                if flush_ok && wc.status == WcStatus::WrFlushErr {
+                    return Ok(());
+                }
                 let ours = wc.wr_id == CTRL_TX && !wc.opcode.is_recv();
                 if ours && wc.status != WcStatus::Success {
                     return Err(format!("the control message failed: {}", wc.status));
@@ -401,22 +405,7 @@ impl Side {
             other => return Err(format!("the client ended with {other:?}")),
         }
         self.send_ctrl(&Ctrl::Done(0))?;
-        let mut wait = Patience::new(CTRL_WAIT);
-        loop {
-            let n = self.qp.poll_cq(&mut self.wc[..1]);
-            if n == 1 {
-                let wc = self.wc[0];
-                if wc.status == WcStatus::WrFlushErr {
-                    return Ok(());
-                }
-                check(&wc)?;
-                if wc.wr_id == CTRL_TX && !wc.opcode.is_recv() {
-                    return Ok(());
-                }
-            } else if wait.spun_out() {
-                return Err("the answer to the client's Done was not acknowledged".into());
-            }
-        }
+        self.wait_sent(CTRL_WAIT, true)
     }
 
     /// The SGEs of the receive slots, by receive id, built once: a stream

@@ -115,7 +115,7 @@ pub fn write_lat_client(t: Arc<dyn Transport>, at: &str, p: &Params) -> Result<L
         .window(size, Access::REMOTE_WRITE)
         .map_err(|e| e.to_string())?;
     cli.send_ctrl(&Ctrl::Ready(Some(win.remote())))?;
-    cli.wait_sent(CTRL_WAIT)?;
+    cli.wait_sent(CTRL_WAIT, false)?;
     let watched = watches(&win, size);
     let samples = pong(&mut cli, p, to_srv, watched.then_some(&win), 0xa5, true)?;
     cli.finish()?;
