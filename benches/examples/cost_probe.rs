@@ -5,11 +5,13 @@
 //! cost_probe N          # N messages streamed in post lists of 16 (queue + flush_sends)
 //! cost_probe N pp       # N ping-pong round trips (try_send / try_recv)
 //! cost_probe N pp-copy  # N ping-pong round trips (try_send_slice / try_recv_into)
+//! cost_probe N pp-slot  # N ping-pong round trips (try_send_slice / try_recv_slot + recycle)
 //! cost_probe N empty    # N calls of progress() with nothing to do (the spin granularity)
 //! cost_probe N empty-into  # N calls of try_recv_into with nothing there (a busy-poll turn)
 //! cost_probe N raw-pp   # N ping-pong round trips on the raw device (inline 64 B SENDs)
 //! cost_probe N rpc      # N RPC echo calls of 8 bytes (rpc_echo's shape)
 //! cost_probe N rpc-1k   # N RPC echo calls of a registered 1 KiB request
+//! cost_probe N stream-slot # the stream, received with try_recv_slot + recycle
 //! cost_probe N raw-stream # N inline 64 B SENDs on the raw device, in post lists of 16
 //!                         # (zcperf send-bw's shape: one signaled, one repost list)
 //! ```
@@ -28,7 +30,9 @@ use std::time::Instant;
 
 use bytes::BufMut;
 use zcmsg::{ArenaConfig, Pd, Transport};
-use zcmsg_bench::onethread::{pair, recv as recv_one, recv_into, rpc_call, rpc_echo_pair};
+use zcmsg_bench::onethread::{
+    pair, recv as recv_one, recv_into, recv_slot, rpc_call, rpc_echo_pair,
+};
 use zcmsg_soft::SoftDevice;
 
 fn main() {
@@ -84,6 +88,43 @@ fn main() {
             }
             println!(
                 "{:.1} ns per round trip",
+                t.elapsed().as_nanos() as f64 / n as f64
+            );
+        }
+        "pp-slot" => {
+            let m = msg.to_vec();
+            for _ in 0..n {
+                assert!(
+                    a.try_send_slice(&m).expect("send").is_some(),
+                    "sent at once"
+                );
+                let r = recv_slot(&mut b, &mut a);
+                assert!(b.try_send_slice(&r).expect("echo").is_some());
+                b.recycle(r);
+                let r = recv_slot(&mut a, &mut b);
+                std::hint::black_box(r.len());
+                a.recycle(r);
+            }
+            println!(
+                "{:.1} ns per round trip",
+                t.elapsed().as_nanos() as f64 / n as f64
+            );
+        }
+        "stream-slot" => {
+            for _ in 0..n / 16 {
+                for _ in 0..16 {
+                    a.queue(msg.clone()).expect("queue");
+                }
+                a.flush_sends();
+                for _ in 0..16 {
+                    let r = recv_slot(&mut b, &mut a);
+                    std::hint::black_box(r.len());
+                    b.recycle(r);
+                }
+                a.progress();
+            }
+            println!(
+                "{:.1} ns per message",
                 t.elapsed().as_nanos() as f64 / n as f64
             );
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use zcmsg::{Endpoint, EndpointConfig, Pd, Recv, RecvInto, Rpc, Transport};
+use zcmsg::{Endpoint, EndpointConfig, Pd, Received, Recv, RecvInto, RecvSlot, Rpc, Transport};
 use zcmsg_soft::SoftDevice;
 
 /// How long any wait here may take before it panics.
@@ -61,6 +61,15 @@ pub fn recv_into(ep: &mut Endpoint, peer: &mut Endpoint, buf: &mut [u8]) -> usiz
             Some(RecvInto::Eos) => panic!("end of stream"),
             None => None,
         }
+    })
+}
+
+/// The next message `ep` receives, owning its receive slot.
+pub fn recv_slot(ep: &mut Endpoint, peer: &mut Endpoint) -> Received {
+    wait_for(ep, peer, |ep| match ep.try_recv_slot().expect("receive") {
+        Some(RecvSlot::Message(m)) => Some(m),
+        Some(RecvSlot::Eos) => panic!("end of stream"),
+        None => None,
     })
 }
 

@@ -155,6 +155,7 @@
 //! - `ep_rpc_many_concurrent_calls`: 1000 calls in flight, each answered once and matched; an unknown method is a typed error.
 //! - `ep_rpc_bulk_pull_and_push`: the server READs 4 MiB from the client and WRITEs the result back.
 //! - `ep_rpc_timeout_and_stray_reply` (through the device only): the late reply of a call that timed out is dropped and the next call goes on; a reply to a call never made is a typed error.
+//! - `ep_recv_slot` (through the device only): `try_recv_slot` hands over every message from one byte to the eager limit, inline or not, byte for byte in a receive slot of its own (the header in the immediate), an empty one too; given back with `recycle`, three times the receive slots go round with credits flowing, one in eight kept as `Bytes` stays intact; the receiving side copies nothing; end of stream arrives.
 //! - `ep_small_messages_bundled`: small messages queued together share one SEND and one receive slot (bundles, counted as coalescing copies) and still arrive as separate zero-copy messages, intact and in order.
 //! - `ep_queued_burst`: messages queued with `Endpoint::queue` stay unposted until `flush_sends`, then arrive complete and in order (eager and rendezvous mixed); one queued on an idle endpoint goes out with its next `progress`.
 //! - `ep_recv_timeout`: `recv_timeout` with nothing sent waits its whole timeout and says so (zero included); messages sent before the wait, and one sent from another thread during it, arrive byte for byte and in order; then end of stream.
@@ -284,6 +285,7 @@ macro_rules! __for_each_case {
             ep_recv_timeout,
             ep_small_messages_inline,
             ep_copy_path,
+            ep_recv_slot,
             ep_small_messages_bundled,
             ep_peer_failure_mid_stream,
             ep_silent_peer_under_slow_polling,

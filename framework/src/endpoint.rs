@@ -20,7 +20,10 @@
 //! which the progress loop reposts and turns into a credit for the peer.
 //! Small messages read once can take the copy path instead:
 //! [`Endpoint::try_send_slice`] and [`Endpoint::try_recv_into`] work on the
-//! caller's buffers, with no `Bytes` and so no allocation per message.
+//! caller's buffers, with no `Bytes` and so no allocation per message. Or
+//! they can be read where they arrived: [`Endpoint::try_recv_slot`] hands
+//! over the receive slot itself ([`Received`]), with no copy and no
+//! allocation, and [`Endpoint::recycle`] posts it again.
 
 use std::collections::{HashMap, HashSet};
 use std::future::poll_fn;
@@ -32,8 +35,8 @@ use bytes::Bytes;
 use crate::error::TransportError;
 use crate::mem::{Pd, SlotMut};
 use crate::proto::{
-    ConnError, Connection, Event, InlineNow, Limits, Msg, Outcome, Payload, ProtoConfig, SendError,
-    SendNow,
+    ConnError, Connection, Event, InlineNow, Limits, Msg, Outcome, Payload, ProtoConfig, Received,
+    SendError, SendNow,
 };
 use crate::stats::CopySnapshot;
 use crate::transport::{Armed, Listener, QpConfig, QueuePair};
@@ -116,6 +119,16 @@ pub enum Recv {
 pub enum RecvInto {
     /// A message of this many bytes, now at the start of the buffer.
     Message(usize),
+    /// The peer closed: nothing more will come.
+    Eos,
+}
+
+/// What [`Endpoint::try_recv_slot`] found.
+#[derive(Debug)]
+pub enum RecvSlot {
+    /// A message, owning its receive slot: read it in place, then give it
+    /// back with [`Endpoint::recycle`].
+    Message(Received),
     /// The peer closed: nothing more will come.
     Eos,
 }
@@ -416,6 +429,7 @@ impl Endpoint {
                     s.rkey,
                 )
                 .with_flags(s.flags)
+                .with_imm(s.imm)
             }));
             if let Err(e) = qp.post_send(&wrs) {
                 result = Err(e.to_string());
@@ -628,6 +642,59 @@ impl Endpoint {
             return Err(failed_error(e));
         }
         Ok(None)
+    }
+
+    /// Take the next message where it arrived, owning its receive slot: no
+    /// copy and no allocation (a small message sent at once fills a slot of
+    /// its own). Read it in place (it derefs to `[u8]`), then give it back
+    /// with [`Endpoint::recycle`], and its slot is posted again as it is;
+    /// or keep it with [`Received::into_bytes`]. Between the two receive
+    /// paths above: zero-copy like [`Endpoint::try_recv`], without its
+    /// `Bytes` (an allocation, and the slot's trip home through the
+    /// arena); no copy, unlike [`Endpoint::try_recv_into`]. Busy-polls
+    /// once, as `try_recv` does. A held message holds its slot, as a held
+    /// `Bytes` does: the endpoint reposts a fresh one meanwhile.
+    ///
+    /// ```
+    /// use zcmsg::{Endpoint, RecvSlot};
+    ///
+    /// /// Echo one message from where it arrived: no copy before the
+    /// /// send's own, no allocation.
+    /// fn echo_one(ep: &mut Endpoint) -> Result<bool, Box<dyn std::error::Error>> {
+    ///     match ep.try_recv_slot()? {
+    ///         Some(RecvSlot::Message(m)) => {
+    ///             let sent = ep.try_send_slice(&m)?.is_some();
+    ///             ep.recycle(m);
+    ///             Ok(sent)
+    ///         }
+    ///         Some(RecvSlot::Eos) | None => Ok(false),
+    ///     }
+    /// }
+    /// ```
+    pub fn try_recv_slot(&mut self) -> Result<Option<RecvSlot>, EndpointError> {
+        if self.conn.messages_ready() == 0 {
+            self.progress_inner(true);
+        }
+        if let Some(m) = self.conn.poll_message_owned() {
+            return Ok(Some(RecvSlot::Message(m)));
+        }
+        if self.eos {
+            return Ok(Some(RecvSlot::Eos));
+        }
+        if let Some(e) = &self.failed {
+            return Err(failed_error(e));
+        }
+        Ok(None)
+    }
+
+    /// Give back a message [`Endpoint::try_recv_slot`] returned: its slot
+    /// is posted again as it is, before any fresh slot, with no atomic
+    /// operation and no allocation. A message of another endpoint, or one
+    /// held as `Bytes` (see [`Received`]), is dropped instead (its slot
+    /// goes home to its own arena).
+    #[inline]
+    pub fn recycle(&mut self, msg: Received) {
+        self.conn.recycle_recv(msg);
     }
 
     /// Block up to `timeout` for a message: spin first, then sleep on the

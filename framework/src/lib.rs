@@ -41,12 +41,12 @@ pub mod transport;
 pub mod util;
 pub mod verbs;
 
-pub use endpoint::{Endpoint, EndpointConfig, EndpointError, Recv, RecvInto};
+pub use endpoint::{Endpoint, EndpointConfig, EndpointError, Recv, RecvInto, RecvSlot};
 pub use error::{MemError, PostError, SgeError, TransportError};
 pub use mem::{
     Arena, ArenaConfig, CacheConfig, HugePages, Pd, Revoked, SlotMut, UnregisteredPolicy, Window,
 };
-pub use proto::{ConnError, Msg, Outcome, ProtoConfig, SendError};
+pub use proto::{ConnError, Msg, Outcome, ProtoConfig, Received, SendError};
 pub use rpc::{BulkCtx, Reply, Rpc, RpcError};
 pub use sge::{AddressSpace, RwPlan, RwSpan, Sge, SgeBuilder};
 pub use stats::{CopyReason, CopySnapshot, CopyStats};

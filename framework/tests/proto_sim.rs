@@ -133,7 +133,8 @@ fn pump(a: &mut Side, b: &mut Side, now: Instant) {
     }
     for op in tx.sends {
         let sg = &tx.sges[op.sge_start as usize..(op.sge_start + op.sge_count) as usize];
-        execute(dev, send_cq, b, op, sg, None);
+        let imm = (op.opcode == Opcode::SendWithImm).then_some(op.imm);
+        execute(dev, send_cq, b, op, sg, imm);
     }
 }
 
@@ -228,7 +229,26 @@ fn execute(
 }
 
 fn drain(s: &mut Side) {
-    while let Some(m) = s.conn.poll_message() {
+    loop {
+        // Every other message is taken owning its slot, and given back
+        // (or held as Bytes), the rest as Bytes: slots and credits must
+        // stay right whichever way they leave.
+        let m = if s.got.len() % 2 == 1 {
+            match s.conn.poll_message_owned() {
+                Some(r) if !s.hold => {
+                    s.got.push(r.to_vec());
+                    s.conn.recycle_recv(r);
+                    continue;
+                }
+                Some(r) => r.into_bytes(),
+                None => break,
+            }
+        } else {
+            match s.conn.poll_message() {
+                Some(m) => m,
+                None => break,
+            }
+        };
         // The test keeps a copy; the application's Bytes (and with it the
         // receive slot) is held only while `hold` is set.
         s.got.push(m.to_vec());
@@ -359,6 +379,7 @@ fn run_exchange(seed: u64, hold_for: usize, handoff: bool) {
                             sge_count: 1,
                             remote_addr: 0,
                             rkey: 0,
+                            imm: f.imm.unwrap_or(0),
                         };
                         if !me.dead {
                             execute(&me.dev.clone(), &mut me.send_cq, peer, &op, &[f.sge], f.imm);
@@ -464,6 +485,47 @@ fn open_pair(seed: u64) -> ([Side; 2], Rng, Instant) {
         step(&mut sides, &mut rng, now);
     }
     (sides, rng, now)
+}
+
+#[test]
+fn a_recycled_slot_is_kept_only_by_its_own_connection() {
+    let (mut sides, _rng, now) = open_pair(5);
+    // Two compact messages from side 0, one post each (queued together
+    // they would be bundled), none taken yet.
+    let (a, b) = sides.split_at_mut(1);
+    for k in 0..2u8 {
+        a[0].conn.send(Bytes::from(vec![k; 40])).unwrap();
+        let tx = a[0].conn.transmit(now);
+        let (ops, sges) = (tx.sends.to_vec(), tx.sges.to_vec());
+        for op in &ops {
+            let sg = &sges[op.sge_start as usize..(op.sge_start + op.sge_count) as usize];
+            let imm = (op.opcode == Opcode::SendWithImm).then_some(op.imm);
+            execute(&a[0].dev.clone(), &mut a[0].send_cq, &mut b[0], op, sg, imm);
+        }
+    }
+    let s1 = &mut b[0];
+    while let Some(wc) = s1.recv_cq.pop_front() {
+        s1.conn.on_completion(&wc);
+    }
+    let first = s1.conn.poll_message_owned().expect("first message");
+    let second = s1.conn.poll_message_owned().expect("second message");
+    assert_eq!((&first[..], &second[..]), (&[0u8; 40][..], &[1u8; 40][..]));
+    assert!(
+        first.owns_slot() && second.owns_slot(),
+        "compact messages own their slots"
+    );
+    // Into the other connection: not kept there.
+    let before = a[0].conn.spare_slots();
+    a[0].conn.recycle_recv(first);
+    assert_eq!(a[0].conn.spare_slots(), before, "a foreign slot was kept");
+    // Into its own: kept, and posted again before a fresh one.
+    let before = s1.conn.spare_slots();
+    s1.conn.recycle_recv(second);
+    assert_eq!(
+        s1.conn.spare_slots(),
+        before + 1,
+        "its own slot was not kept"
+    );
 }
 
 #[test]
@@ -860,6 +922,10 @@ fn unacknowledged_last_request(peer_first: bool, fail_close: bool) -> ([Side; 2]
     let kinds: Vec<Kind> = ops
         .iter()
         .map(|op| {
+            // A compact eager message carries its header in the immediate.
+            if op.opcode == Opcode::SendWithImm {
+                return Kind::Eager;
+            }
             let sg = &sges[op.sge_start as usize..(op.sge_start + op.sge_count) as usize];
             Header::decode(&s0.dev.gather(sg).unwrap()).unwrap().kind
         })
@@ -873,7 +939,8 @@ fn unacknowledged_last_request(peer_first: bool, fail_close: bool) -> ([Side; 2]
         let status = match i.cmp(&at) {
             std::cmp::Ordering::Less => {
                 let sg = &sges[op.sge_start as usize..(op.sge_start + op.sge_count) as usize];
-                execute(&s0.dev, &mut s0.send_cq, s1, op, sg, None);
+                let imm = (op.opcode == Opcode::SendWithImm).then_some(op.imm);
+                execute(&s0.dev, &mut s0.send_cq, s1, op, sg, imm);
                 continue;
             }
             std::cmp::Ordering::Equal => WcStatus::RetryExcErr,
@@ -975,6 +1042,7 @@ fn post_now_of(sides: &mut [Side; 2], f: &zcmsg::proto::SendNow) -> u64 {
         sge_count: 1,
         remote_addr: 0,
         rkey: 0,
+        imm: f.imm.unwrap_or(0),
     };
     let (a, b) = sides.split_at_mut(1);
     execute(

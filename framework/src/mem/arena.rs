@@ -377,6 +377,11 @@ impl SlotMut {
     pub fn lkey(&self) -> u32 {
         self.handle.arena.reg.lkey
     }
+    /// True if this slot is one of `arena`'s.
+    #[inline]
+    pub fn is_of(&self, arena: &Arena) -> bool {
+        Arc::ptr_eq(&self.handle.arena, &arena.inner)
+    }
     /// Turn the filled bytes into `Bytes` without copying. Dropping the last
     /// clone returns the slot to its arena.
     #[inline]

@@ -230,6 +230,85 @@ impl Payload for [u8] {
     }
 }
 
+/// A received message that owns its receive slot, from
+/// [`Connection::poll_message_owned`] (and `Endpoint::try_recv_slot`): read
+/// in place (it derefs to `[u8]`), with no copy and no allocation.
+///
+/// Then either:
+/// - give it back with `Endpoint::recycle`: the slot is posted again as it
+///   is, with no atomic operation and no trip through the arena;
+/// - keep it with [`Received::into_bytes`] (one allocation, as
+///   `Endpoint::try_recv` makes), e.g. to pass it on or send it back;
+/// - or drop it: the slot goes home to its arena, as a dropped `Bytes`'s
+///   does.
+///
+/// A message that did not fill a receive slot of its own (one that came
+/// with its header in the payload, by rendezvous, or handed over in
+/// process) is held as the `Bytes` it already is.
+pub struct Received(Held);
+
+enum Held {
+    Slot(SlotMut),
+    Bytes(Bytes),
+}
+
+impl Received {
+    /// The message as `Bytes`, without a copy: a slot is frozen (one small
+    /// allocation, `Bytes::from_owner`'s); dropping the last clone returns
+    /// it to its arena.
+    pub fn into_bytes(self) -> Bytes {
+        match self.0 {
+            Held::Slot(s) => s.freeze(),
+            Held::Bytes(b) => b,
+        }
+    }
+
+    /// True if the message lies in a receive slot of its own (and so
+    /// `Endpoint::recycle` reposts it).
+    pub fn owns_slot(&self) -> bool {
+        matches!(self.0, Held::Slot(_))
+    }
+}
+
+impl std::ops::Deref for Received {
+    type Target = [u8];
+    #[inline]
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            Held::Slot(s) => s.as_slice(),
+            Held::Bytes(b) => b,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Received {
+    #[inline]
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("len", &self.len())
+            .field("owns_slot", &self.owns_slot())
+            .finish()
+    }
+}
+
+impl From<Received> for Bytes {
+    fn from(r: Received) -> Bytes {
+        r.into_bytes()
+    }
+}
+
+impl From<Received> for Msg {
+    fn from(r: Received) -> Msg {
+        Msg::One(r.into_bytes())
+    }
+}
+
 /// A message delivered to the application, in order.
 enum Delivered {
     /// A whole receive slot holding one message (a compact eager one),
@@ -383,6 +462,8 @@ pub struct SendOp {
     pub remote_addr: u64,
     /// Remote key for one-sided operations.
     pub rkey: u32,
+    /// Immediate data of a `SendWithImm` (0 for the other opcodes).
+    pub imm: u32,
 }
 
 /// A receive to post.
@@ -561,6 +642,11 @@ pub struct Connection {
     recv_arena: Arena,
     recv_table: Vec<Option<SlotMut>>,
     free_pos: Vec<u32>,
+    /// Receive slots the application gave back
+    /// ([`Connection::recycle_recv`]), posted again before any fresh slot
+    /// is taken from the arena. Its capacity (the slot count) is reserved
+    /// up front, so keeping one never allocates.
+    spare: Vec<SlotMut>,
     posted: u32,
     /// A repost is due while fewer than this many receives are posted
     /// ([`repost_below`] of the receive target).
@@ -699,6 +785,7 @@ impl Connection {
         let mut c = Connection {
             recv_table: (0..slots).map(|_| None).collect(),
             free_pos: (0..slots as u32).rev().collect(),
+            spare: Vec::with_capacity(slots),
             cfg,
             lim,
             copies: pd.stats_handle().shard(),
@@ -1119,6 +1206,37 @@ impl Connection {
             Delivered::Slot { pos, .. } => self.take_recv_slot(pos).freeze(),
             Delivered::Bytes(b) => b,
         })
+    }
+
+    /// Next received message, in order, owning its receive slot (see
+    /// [`Received`]): no copy, and no allocation for a message that filled
+    /// a slot of its own.
+    #[inline]
+    pub fn poll_message_owned(&mut self) -> Option<Received> {
+        self.messages.pop_front().map(|d| match d {
+            Delivered::Slot { pos, .. } => Received(Held::Slot(self.take_recv_slot(pos))),
+            Delivered::Bytes(b) => Received(Held::Bytes(b)),
+        })
+    }
+
+    /// Take back a message [`Connection::poll_message_owned`] returned:
+    /// its slot is posted again as it is, before any fresh one. A slot of
+    /// another connection's arena (or one over the slot count kept) goes
+    /// home to its arena instead, and a message held as `Bytes` is dropped.
+    #[inline]
+    pub fn recycle_recv(&mut self, msg: Received) {
+        if let Held::Slot(mut s) = msg.0 {
+            if s.is_of(&self.recv_arena) && self.spare.len() < self.spare.capacity() {
+                s.set_len(0);
+                self.spare.push(s);
+            }
+        }
+    }
+
+    /// Receive slots given back with [`Connection::recycle_recv`] and not
+    /// posted again yet.
+    pub fn spare_slots(&self) -> usize {
+        self.spare.len()
     }
 
     /// Take the slot of a delivered message out of the receive table; its
@@ -1763,7 +1881,7 @@ impl Connection {
             let entry = &mut self.recv_table[pos as usize];
             let sge = match entry {
                 Some(slot) => slot.sge(),
-                None => match self.recv_arena.alloc() {
+                None => match self.spare.pop().or_else(|| self.recv_arena.alloc()) {
                     Some(slot) => entry.insert(slot).sge(),
                     None => break,
                 },
@@ -1838,6 +1956,7 @@ impl Connection {
             sge_count: sp.sge_count,
             remote_addr: sp.remote_addr,
             rkey,
+            imm: 0,
         };
         self.push_wr(op, f);
     }
@@ -1964,6 +2083,7 @@ impl Connection {
             sge_count: 1,
             remote_addr: 0,
             rkey: 0,
+            imm: 0,
         };
         self.push_wr(op, f);
     }
@@ -2393,48 +2513,84 @@ impl Connection {
         let len = msg.len();
         let sge_start = self.sges.len() as u32;
         let wr_id = self.next_wr;
-        let Some(mut s) = self.alloc_hdr() else {
-            return Ok(false);
+        // Compact when it can be (as `send_now`'s): the header in the
+        // immediate, the payload alone in the receive slot, which the
+        // receiver then hands over as it is (`Delivered::Slot`: no `Bytes`
+        // until asked for, and a slot `try_recv_into` or
+        // `try_recv_slot`'s `recycle` reposts where it is).
+        let compact = len > 0 && self.owed <= u32::from(wire::IMM_MAX_CREDITS);
+        let inline = if compact {
+            len as usize <= self.inline_copy
+        } else {
+            len as usize + HDR <= self.inline_copy
         };
-        let inline = len as usize + HDR <= self.inline_copy;
+        // A slot for the inline copy, or for the header; a compact message
+        // that is not copied needs none.
+        let mut hold = None;
+        if inline || !compact {
+            let Some(s) = self.alloc_hdr() else {
+                return Ok(false);
+            };
+            hold = Some(s);
+        }
         let mut tmp = std::mem::take(&mut self.scratch);
         tmp.clear();
         if !inline {
-            // The payload's SGEs first (the header takes one SGE), so a
+            // The payload's SGEs first (a header takes one SGE), so a
             // refused buffer costs nothing. The builder starts from the
             // region table kept from the last message (one generation check
             // instead of a snapshot).
-            let max = self.lim.max_send_sge.saturating_sub(1).max(1);
+            let (max, room) = if compact {
+                (self.lim.max_send_sge.max(1), self.lim.max_msg_sz)
+            } else {
+                (
+                    self.lim.max_send_sge.saturating_sub(1).max(1),
+                    self.lim.max_msg_sz.saturating_sub(HDR as u32),
+                )
+            };
             let builder = crate::sge::SgeBuilder::with_table(
                 &self.pd,
                 self.cfg.policy,
                 self.sge_table.take(),
             );
-            let built = builder.send(
-                msg.chunks(),
-                max,
-                self.lim.max_msg_sz.saturating_sub(HDR as u32),
-                &mut tmp,
-            );
+            let built = builder.send(msg.chunks(), max, room, &mut tmp);
             self.sge_table = builder.into_table();
             if let Err(e) = built {
                 self.scratch = tmp;
-                self.recycle_hdr(Some(s));
+                self.recycle_hdr(hold);
                 return Err(SendError::Buffer(e.to_string()));
             }
         }
-        let h = self.eager_header(len);
-        if inline {
-            // Small: the payload goes next to the header and the request
-            // inline, one SGE (any memory will do: nothing stays referenced
-            // once the device has the bytes). Counted as inline copies.
-            let sge = self.fill_inline(&mut s, &h, msg);
-            self.sges.push(sge);
+        let mut imm = None;
+        if compact {
+            let credits = self.take_owed();
+            imm = Some(wire::eager_imm(self.next_seq, credits));
+            match hold.as_mut() {
+                Some(s) => {
+                    // Copied next to nothing: the payload alone, inline.
+                    s.set_len(len as usize);
+                    msg.copy_to(s.as_mut_slice());
+                    self.copies.add(CopyReason::Inline, len);
+                    self.sges.push(s.sge_filled());
+                }
+                None => self.sges.extend_from_slice(&tmp),
+            }
         } else {
-            s.set_len(HDR);
-            h.encode(s.as_mut_slice());
-            self.sges.push(s.sge_filled());
-            self.sges.extend_from_slice(&tmp);
+            let h = self.eager_header(len);
+            let s = hold.as_mut().expect("a header slot was taken above");
+            if inline {
+                // Small: the payload goes next to the header and the
+                // request inline, one SGE (any memory will do: nothing
+                // stays referenced once the device has the bytes). Counted
+                // as inline copies.
+                let sge = self.fill_inline(s, &h, msg);
+                self.sges.push(sge);
+            } else {
+                s.set_len(HDR);
+                h.encode(s.as_mut_slice());
+                self.sges.push(s.sge_filled());
+                self.sges.extend_from_slice(&tmp);
+            }
         }
         self.scratch = tmp;
         // The application's chunks stay referenced until the completion
@@ -2444,7 +2600,6 @@ impl Connection {
         if inline {
             flags |= SendFlags::INLINE;
         }
-        let hold = Some(s);
         self.next_wr += 1;
         self.next_seq = self.next_seq.wrapping_add(1);
         self.peer_credits -= 1;
@@ -2452,12 +2607,17 @@ impl Connection {
         let sge_count = self.sges.len() as u32 - sge_start;
         let op = SendOp {
             wr_id,
-            opcode: Opcode::Send,
+            opcode: if imm.is_some() {
+                Opcode::SendWithImm
+            } else {
+                Opcode::Send
+            },
             flags,
             sge_start,
             sge_count,
             remote_addr: 0,
             rkey: 0,
+            imm: imm.unwrap_or(0),
         };
         // Copied chunks are released by the caller now; the others are held
         // until the completion.
@@ -2531,6 +2691,7 @@ impl Connection {
             sge_count: 1,
             remote_addr: 0,
             rkey: 0,
+            imm: 0,
         };
         let owned = std::mem::replace(msg, Msg::One(Bytes::new()));
         self.rdv_out.push_back(RdvOut {

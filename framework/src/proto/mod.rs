@@ -7,6 +7,6 @@ pub mod handoff;
 pub mod wire;
 
 pub use conn::{
-    ConnError, Connection, Event, InlineNow, Limits, Msg, Outcome, Payload, ProtoConfig, RecvOp,
-    SendError, SendNow, SendOp, Transmit,
+    ConnError, Connection, Event, InlineNow, Limits, Msg, Outcome, Payload, ProtoConfig, Received,
+    RecvOp, SendError, SendNow, SendOp, Transmit,
 };
