@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
-use zcmsg::{ArenaConfig, Endpoint, EndpointConfig, Listener, Pd, Recv, RecvInto, Transport};
+use zcmsg::{
+    ArenaConfig, Endpoint, EndpointConfig, Listener, Pd, Received, Recv, RecvInto, RecvSlot,
+    Transport,
+};
 
 use crate::raw::{in_process, Served};
 use crate::wire::{Ctrl, Hello, TestKind, CTRL_WAIT};
@@ -130,17 +133,7 @@ fn spin_recv(ep: &mut Endpoint, limit: Duration) -> Result<Bytes, String> {
     })
 }
 
-/// How the endpoint ping-pong moves its messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PingPongPath {
-    /// `try_send` of `Bytes`, `try_recv` of zero-copy `Bytes` (the echo
-    /// sends back the very `Bytes` it received).
-    Bytes,
-    /// `try_send_slice` from a buffer, `try_recv_into` a buffer: the copy
-    /// path for small messages (no allocation, the receive slot reposted
-    /// at once), as UCX's tagged send and receive of a user buffer work.
-    Copy,
-}
+pub use crate::wire::PingPongPath;
 
 /// Busy-polling receive into `buf` ([`Endpoint::try_recv_into`]).
 fn spin_recv_into(ep: &mut Endpoint, buf: &mut [u8], limit: Duration) -> Result<usize, String> {
@@ -148,6 +141,18 @@ fn spin_recv_into(ep: &mut Endpoint, buf: &mut [u8], limit: Duration) -> Result<
         match ep.try_recv_into(buf).map_err(|e| e.to_string())? {
             Some(RecvInto::Message(n)) => Ok(Some(n)),
             Some(RecvInto::Eos) => Err("end of stream".into()),
+            None => Ok(None),
+        }
+    })
+}
+
+/// Busy-polling receive of a message owning its slot
+/// ([`Endpoint::try_recv_slot`]).
+fn spin_recv_slot(ep: &mut Endpoint, limit: Duration) -> Result<Received, String> {
+    spin(limit, || {
+        match ep.try_recv_slot().map_err(|e| e.to_string())? {
+            Some(RecvSlot::Message(m)) => Ok(Some(m)),
+            Some(RecvSlot::Eos) => Err("end of stream".into()),
             None => Ok(None),
         }
     })
@@ -204,12 +209,20 @@ pub fn ping_pong_server(t: Arc<dyn Transport>, l: &mut dyn Listener) -> Result<S
     let limit = Duration::from_secs(10);
     let mut buf = vec![0u8; hello.size as usize];
     for _ in 0..hello.iters {
-        if hello.copy {
-            let n = spin_recv_into(&mut srv, &mut buf, limit)?;
-            send_slice(&mut srv, &buf[..n], limit)?;
-        } else {
-            let m = spin_recv(&mut srv, limit)?;
-            srv.try_send(m).map_err(|e| e.to_string())?;
+        match hello.path {
+            PingPongPath::Copy => {
+                let n = spin_recv_into(&mut srv, &mut buf, limit)?;
+                send_slice(&mut srv, &buf[..n], limit)?;
+            }
+            PingPongPath::Slot => {
+                let m = spin_recv_slot(&mut srv, limit)?;
+                send_slice(&mut srv, &m, limit)?;
+                srv.recycle(m);
+            }
+            PingPongPath::Bytes => {
+                let m = spin_recv(&mut srv, limit)?;
+                srv.try_send(m).map_err(|e| e.to_string())?;
+            }
         }
     }
     await_close(&mut srv)?;
@@ -232,7 +245,7 @@ pub fn ping_pong_client(
         size: size as u64,
         iters,
         post_list: 1,
-        copy: path == PingPongPath::Copy,
+        path,
     };
     let mut cli = connect_client(&Pd::new(t), at, &EndpointConfig::default(), h)?;
     let limit = Duration::from_secs(10);
@@ -250,6 +263,7 @@ pub fn ping_pong_client(
     // ping-pong checks its echoes.
     let mut last_bytes: Option<Bytes> = None;
     let mut last_len: Option<usize> = None;
+    let mut last_slot: Option<Received> = None;
     let corrupted = || Err::<(), String>("echo corrupted".into());
     let mut clk = crate::report::RttClock::start(iters);
     for _ in 0..iters {
@@ -272,9 +286,24 @@ pub fn ping_pong_client(
                 clk.lap();
                 last_len = Some(n);
             }
+            PingPongPath::Slot => {
+                send_slice(&mut cli, &msg, limit)?;
+                if let Some(m) = last_slot.take() {
+                    if m[..] != msg[..] {
+                        corrupted()?;
+                    }
+                    cli.recycle(m);
+                }
+                let m = spin_recv_slot(&mut cli, limit)?;
+                clk.lap();
+                last_slot = Some(m);
+            }
         }
     }
-    if last_bytes.is_some_and(|m| m != msg) || last_len.is_some_and(|n| buf[..n] != msg[..]) {
+    if last_bytes.is_some_and(|m| m != msg)
+        || last_len.is_some_and(|n| buf[..n] != msg[..])
+        || last_slot.is_some_and(|m| m[..] != msg[..])
+    {
         corrupted()?;
     }
     close(&mut cli)?;
@@ -351,7 +380,7 @@ pub fn stream_client(
         size: size as u64,
         iters: count,
         post_list: POST_LIST as u32,
-        copy: false,
+        path: PingPongPath::Bytes,
     };
     // The message is ready before the server's clock starts (at its
     // answer to our hello).

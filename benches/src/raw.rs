@@ -432,13 +432,13 @@ pub(crate) fn check(wc: &WorkCompletion) -> Result<(), String> {
 }
 
 /// The request a client of `test` sends for `p`.
-pub fn hello(test: TestKind, p: &Params, copy: bool) -> Hello {
+pub fn hello(test: TestKind, p: &Params) -> Hello {
     Hello {
         test,
         size: p.size as u64,
         iters: p.iters,
         post_list: p.post_list,
-        copy,
+        path: crate::wire::PingPongPath::Bytes,
     }
 }
 
@@ -539,13 +539,7 @@ pub fn send_lat_server(
 /// The client of the SEND ping-pong: one-way latency per iteration, each
 /// echo checked byte for byte.
 pub fn send_lat_client(t: Arc<dyn Transport>, at: &str, p: &Params) -> Result<Latency, String> {
-    let (mut cli, _) = connect_client(
-        t,
-        at,
-        &qp_config(p),
-        hello(TestKind::SendLat, p, false),
-        PP_RECVS,
-    )?;
+    let (mut cli, _) = connect_client(t, at, &qp_config(p), hello(TestKind::SendLat, p), PP_RECVS)?;
     let size = p.size;
     let iters = p.iters;
     let inline = p.inline && size as u32 <= cli.qp.caps().max_inline_data;
@@ -755,8 +749,7 @@ pub fn stream_client(
     op: Opcode,
     flow: Option<Reposted>,
 ) -> Result<Bandwidth, String> {
-    let (mut cli, remote) =
-        connect_client(t, at, &qp_config(p), hello(stream_test(op), p, false), 0)?;
+    let (mut cli, remote) = connect_client(t, at, &qp_config(p), hello(stream_test(op), p), 0)?;
     if op == Opcode::RdmaWrite && remote.is_none_or(|r| r.len < p.size as u64) {
         return Err(format!(
             "the server's window {remote:?} cannot take {} bytes",

@@ -109,8 +109,47 @@ pub struct Hello {
     pub iters: u64,
     /// Requests per post list (streams).
     pub post_list: u32,
-    /// The endpoint ping-pong's copy path.
-    pub copy: bool,
+    /// How the endpoint ping-pong moves its messages.
+    pub path: PingPongPath,
+}
+
+/// How the endpoint ping-pong moves its messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PingPongPath {
+    /// `try_send` of `Bytes`, `try_recv` of zero-copy `Bytes` (the echo
+    /// sends back the very `Bytes` it received).
+    Bytes,
+    /// `try_send_slice` from a buffer, `try_recv_into` a buffer: the copy
+    /// path for small messages (no allocation, the receive slot reposted
+    /// at once), as UCX's tagged send and receive of a user buffer work.
+    Copy,
+    /// `try_send_slice` from a buffer, `try_recv_slot` read in place and
+    /// given back with `recycle`: no copy on receipt and no allocation, as
+    /// UCX's active messages hand over the receive buffer.
+    Slot,
+}
+
+impl PingPongPath {
+    fn code(self) -> u8 {
+        match self {
+            PingPongPath::Bytes => 0,
+            PingPongPath::Copy => 1,
+            PingPongPath::Slot => 2,
+        }
+    }
+    fn from_code(c: u8) -> Option<PingPongPath> {
+        [PingPongPath::Bytes, PingPongPath::Copy, PingPongPath::Slot]
+            .into_iter()
+            .find(|p| p.code() == c)
+    }
+    /// How the summary names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            PingPongPath::Bytes => "",
+            PingPongPath::Copy => " (copy path)",
+            PingPongPath::Slot => " (slot path)",
+        }
+    }
 }
 
 /// One control message.
@@ -142,7 +181,7 @@ impl Ctrl {
         b[5] = match self {
             Ctrl::Hello(h) => {
                 body[0] = h.test.code();
-                body[1] = u8::from(h.copy);
+                body[1] = h.path.code();
                 body[4..8].copy_from_slice(&h.post_list.to_le_bytes());
                 body[8..16].copy_from_slice(&h.size.to_le_bytes());
                 body[16..24].copy_from_slice(&h.iters.to_le_bytes());
@@ -195,7 +234,8 @@ impl Ctrl {
             TAG_HELLO => Ok(Ctrl::Hello(Hello {
                 test: TestKind::from_code(body[0])
                     .ok_or_else(|| format!("the peer asks for unknown test {}", body[0]))?,
-                copy: body[1] != 0,
+                path: PingPongPath::from_code(body[1])
+                    .ok_or_else(|| format!("the peer asks for unknown path {}", body[1]))?,
                 post_list: u32::from_le_bytes(body[4..8].try_into().expect("4 bytes")),
                 size: u64_at(8),
                 iters: u64_at(16),
@@ -290,7 +330,11 @@ mod tests {
                 size: 1 << 33,
                 iters: u64::MAX - 3,
                 post_list: 16,
-                copy: t == TestKind::EpLat,
+                path: if t == TestKind::EpLat {
+                    PingPongPath::Slot
+                } else {
+                    PingPongPath::Bytes
+                },
             };
             let b = Ctrl::Hello(h).encode();
             assert!(b[HELLO_LEN..].iter().all(|&x| x == 0));
@@ -338,11 +382,14 @@ mod tests {
             size: 1,
             iters: 1,
             post_list: 1,
-            copy: false,
+            path: PingPongPath::Bytes,
         })
         .encode();
         b[8] = 77;
         assert!(Ctrl::decode(&b).unwrap_err().contains("unknown test 77"));
+        b[8] = TestKind::EpLat.code();
+        b[9] = 3;
+        assert!(Ctrl::decode(&b).unwrap_err().contains("unknown path 3"));
     }
 
     #[test]
@@ -352,7 +399,7 @@ mod tests {
             size: 4096,
             iters: 10,
             post_list: 16,
-            copy: false,
+            path: PingPongPath::Bytes,
         };
         assert_eq!(refusal(&h, TestKind::WriteBw, 4096), None);
         assert!(refusal(&h, TestKind::SendLat, 4096)

@@ -99,7 +99,7 @@ pub fn write_lat_server(
 /// The client of the WRITE ping-pong: writes first and times each round
 /// trip.
 pub fn write_lat_client(t: Arc<dyn Transport>, at: &str, p: &Params) -> Result<Latency, String> {
-    let h = hello(TestKind::WriteLat, p, false);
+    let h = hello(TestKind::WriteLat, p);
     let (mut cli, to_srv) = connect_client(t, at, &qp_config(p), h, RECVS)?;
     let size = p.size.max(1);
     let to_srv = match to_srv {

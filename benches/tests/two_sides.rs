@@ -50,7 +50,7 @@ fn every_test_runs_through_its_two_halves() {
             assert!(bw.elapsed.as_nanos() > 0);
         }
     }
-    for path in [PingPongPath::Bytes, PingPongPath::Copy] {
+    for path in [PingPongPath::Bytes, PingPongPath::Copy, PingPongPath::Slot] {
         let s = ep::ping_pong(dev(), dev(), &addr("el"), 64, 300, path).unwrap();
         assert_eq!(s.len(), 300);
     }

@@ -50,6 +50,11 @@ fn options_that_cannot_go_together_are_refused() {
         (&["send-lat", "-a", "-s", "64"][..], "drop -s"),
         (&["ep-lat", "-a", "--copy"][..], "run it with -s, not -a"),
         (
+            &["ep-lat", "-a", "--slot"][..],
+            "--slot sends messages up to",
+        ),
+        (&["ep-lat", "--copy", "--slot"][..], "cannot be used with"),
+        (
             &["send-lat", "--server"][..],
             "the in-process device does not reach other processes",
         ),

@@ -168,6 +168,12 @@ const CASES: &[Case] = &[
         iters: 1000,
     },
     Case {
+        test: "ep-lat",
+        extra: &["--slot"],
+        size: 64,
+        iters: 1000,
+    },
+    Case {
         test: "ep-bw",
         extra: &[],
         size: 4096,

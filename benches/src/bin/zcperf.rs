@@ -116,8 +116,13 @@ struct Args {
     /// ep-lat: send from and receive into the caller's buffer
     /// (`try_send_slice`, `try_recv_into`: the copy path for small
     /// messages, no allocation) instead of zero-copy `Bytes`.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "slot")]
     copy: bool,
+    /// ep-lat: send from the caller's buffer, receive where the message
+    /// arrived (`try_recv_slot`, read in place, then `recycle`: no copy on
+    /// receipt, no allocation) instead of as zero-copy `Bytes`.
+    #[arg(long)]
+    slot: bool,
     /// RDMA device (perftest -d), for `--transport verbs`.
     #[arg(short = 'd', long = "ib-dev", default_value = "rxe0")]
     ib_dev: String,
@@ -318,7 +323,7 @@ fn serve_one(
         test.name(),
         h.iters,
         h.size,
-        if h.copy { " (copy path)" } else { "" }
+        h.path.label()
     );
     if test == TestKind::SendBw {
         recvs_note(&raw::adopt(p, &h));
@@ -374,6 +379,8 @@ fn measure(a: &Args, test: TestKind, p: &Params, place: &Place<'_>) -> Result<Ro
     };
     let path = if a.copy {
         ep::PingPongPath::Copy
+    } else if a.slot {
+        ep::PingPongPath::Slot
     } else {
         ep::PingPongPath::Bytes
     };
@@ -434,11 +441,11 @@ fn sizes(a: &Args, test: TestKind) -> Result<Vec<usize>, String> {
     if a.size.is_some() {
         return Err("-a runs every size from 2 B to 8 MiB: drop -s".into());
     }
-    if test == TestKind::EpLat && a.copy {
-        return Err(
-            "--copy moves messages up to the endpoint's inline limit: run it with -s, not -a"
-                .into(),
-        );
+    if test == TestKind::EpLat && (a.copy || a.slot) {
+        return Err(format!(
+            "{} sends messages up to the endpoint's inline limit: run it with -s, not -a",
+            if a.copy { "--copy" } else { "--slot" }
+        ));
     }
     Ok(ALL_SIZES.map(|k| 1usize << k).collect())
 }
