@@ -8,6 +8,9 @@
 #   ib_write_bw  -s 65536   vs  zcperf write_bw  -s 65536  (bandwidth, higher is better)
 #   ucx_perftest tag_lat 64 vs  zcperf ep_lat    -s 64     (endpoint level)
 #                           and zcperf ep_lat --copy -s 64 (the copy path)
+#                           and zcperf ep_lat --slot -s 64 (the slot path)
+#   ucx_perftest ucp_am_lat 64 vs zcperf ep_lat --slot -s 64 (both hand over
+#                           the receive buffer in place)
 #   ucx_perftest tag_bw 64K vs  zcperf ep_bw     -s 65536
 #
 #   deploy/lab/bench.sh [--rounds N] [--out DIR]
@@ -101,6 +104,8 @@ for r in $(seq 1 "$rounds"); do
     ucx "r$r-ucx_tag_lat" tag_lat 64 "$lat_n"
     zc "r$r-zc_ep_lat" ep-lat -s 64 -n "$lat_n"
     zc "r$r-zc_ep_lat_copy" ep-lat --copy -s 64 -n "$lat_n"
+    zc "r$r-zc_ep_lat_slot" ep-lat --slot -s 64 -n "$lat_n"
+    ucx "r$r-ucx_am_lat" ucp_am_lat 64 "$lat_n"
     ucx "r$r-ucx_tag_bw" tag_bw 65536 "$bw_n"
     zc "r$r-zc_ep_bw" ep-bw -s 65536 -n "$bw_n"
 done
@@ -132,11 +137,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) pri
 median() { tr ' ' '\n' | grep -E '^[0-9.]+$' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print ""; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 names=("send lat 64 B (us, typical)" "write lat 64 B (us, typical)" "write bw 64 KiB (MB/s)"
        "endpoint lat 64 B (us) vs UCX tag" "endpoint bw 64 KiB (MB/s) vs UCX"
-       "ep lat 64 B, copy path, vs UCX tag")
+       "ep lat 64 B, copy path, vs UCX tag" "ep lat 64 B, slot path, vs UCX tag"
+       "ep lat 64 B, slot path, vs UCX am")
 targets=("<= 1.10 (zcmsg/ib_send_lat)" "<= 1.10 (zcmsg/ib_write_lat)" ">= 0.90 (zcmsg/ib_write_bw)"
          "<= 1.00 (zcmsg ep/ucx tag_lat)" ">= 1.00 (zcmsg ep/ucx tag_bw)"
-         "<= 1.00 (zcmsg ep --copy/ucx tag_lat)")
-refs=("" "" "" "" "" "") zcs=("" "" "" "" "" "") rats=("" "" "" "" "" "")
+         "<= 1.00 (zcmsg ep --copy/ucx tag_lat)" "<= 1.00 (zcmsg ep --slot/ucx tag_lat)"
+         "(zcmsg ep --slot/ucx ucp_am_lat)")
+refs=("" "" "" "" "" "" "" "") zcs=("" "" "" "" "" "" "" "") rats=("" "" "" "" "" "" "" "")
 row() { printf '  %-34s %12s %12s %8s %s\n' "$@"; }
 {
     echo "# deploy/lab/bench.sh --rounds $rounds (BENCH_LAT_ITERS=$lat_n BENCH_BW_ITERS=$bw_n), $(date -u +%FT%TZ)"
@@ -151,8 +158,10 @@ row() { printf '  %-34s %12s %12s %8s %s\n' "$@"; }
                "$(bw "r$r-ib_write_bw" 65536) $(bw "r$r-zc_write_bw" 65536)"
                "$(ucxf "r$r-ucx_tag_lat" 2) $(lat "r$r-zc_ep_lat" 64)"
                "$(ucxf "r$r-ucx_tag_bw" 6) $(bw "r$r-zc_ep_bw" 65536)"
-               "$(ucxf "r$r-ucx_tag_lat" 2) $(lat "r$r-zc_ep_lat_copy" 64)")
-        for i in 0 1 2 3 4 5; do
+               "$(ucxf "r$r-ucx_tag_lat" 2) $(lat "r$r-zc_ep_lat_copy" 64)"
+               "$(ucxf "r$r-ucx_tag_lat" 2) $(lat "r$r-zc_ep_lat_slot" 64)"
+               "$(ucxf "r$r-ucx_am_lat" 2) $(lat "r$r-zc_ep_lat_slot" 64)")
+        for i in 0 1 2 3 4 5 6 7; do
             read -r a b <<<"${pairs[$i]}"
             q=$(ratio "${b:-}" "${a:-}")
             row "${names[$i]}" "${a:-}" "${b:-}" "$q" "${targets[$i]}"
@@ -161,7 +170,7 @@ row() { printf '  %-34s %12s %12s %8s %s\n' "$@"; }
     done
     echo "median over $rounds rounds (ratio = median of the per-round ratios; range in brackets)"
     row figure reference zcmsg ratio target
-    for i in 0 1 2 3 4 5; do
+    for i in 0 1 2 3 4 5 6 7; do
         lo=$(tr ' ' '\n' <<<"${rats[$i]}" | grep -E '^[0-9.]+$' | sort -g | head -n 1)
         hi=$(tr ' ' '\n' <<<"${rats[$i]}" | grep -E '^[0-9.]+$' | sort -g | tail -n 1)
         row "${names[$i]}" "$(median <<<"${refs[$i]}")" "$(median <<<"${zcs[$i]}")" \

@@ -1,4 +1,5 @@
-//! The wire format: a 24-byte header at the start of every SEND.
+//! The wire format: a 24-byte header at the start of a SEND, or a compact
+//! one in its immediate data.
 //!
 //! ```text
 //! 0      1      2         4         8                16               24
@@ -7,11 +8,12 @@
 //! All fields little-endian. `credits` returns receive slots the sender of
 //! this message reposted since its last report (piggybacked flow control).
 //!
-//! A small eager message sent at once (`Connection::send_now`) carries no
-//! header in its payload: it is a SEND_WITH_IMM whose immediate data is a
-//! compact header, so a 64-byte message lands in one cache line of the
-//! receive slot instead of spilling its last 24 bytes into a second one,
-//! and the slot is handed over from offset 0:
+//! An eager message (sent at once by `Connection::send_now`, or from the
+//! send queue, inline or not) carries no header in its payload: it is a
+//! SEND_WITH_IMM whose immediate data is a compact header, so a 64-byte
+//! message lands in one cache line of the receive slot instead of spilling
+//! its last 24 bytes into a second one, and the slot is handed over from
+//! offset 0:
 //!
 //! ```text
 //! bit 31        30..16              15..0
@@ -19,7 +21,11 @@
 //! ```
 //!
 //! Its length is the completion's byte count. Every other message keeps
-//! the full header and is sent without immediate data.
+//! the full header and is sent without immediate data: an empty one (a
+//! zero-length SGE means 2 GiB to some devices), one sent while more
+//! credits are owed than the compact header holds, bundles, rendezvous and
+//! control messages. A receiver of this version takes either form of an
+//! eager message, wherever it was sent from.
 
 use crate::verbs::RemoteRegion;
 
