@@ -153,7 +153,7 @@
 //! - `ep_vectored_and_foreign_messages`: 20-chunk messages, registered and foreign; eager bounces the foreign bytes, rendezvous copies nothing.
 //! - `ep_credit_exhaustion_and_recovery`: a receiver holding every message gets exactly its receive slots, then everything arrives in order.
 //! - `ep_rpc_many_concurrent_calls`: 1000 calls in flight, each answered once and matched; an unknown method is a typed error.
-//! - `ep_rpc_bulk_pull_and_push`: the server READs 4 MiB from the client and WRITEs the result back.
+//! - `ep_rpc_bulk_pull_and_push`: the server READs 4 MiB from the client and WRITEs the result back; a handler pulls 64 KiB into a slot of its own arena (`pull_into`), and a slot too small for the pull is refused.
 //! - `ep_rpc_timeout_and_stray_reply` (through the device only): the late reply of a call that timed out is dropped and the next call goes on; a reply to a call never made is a typed error.
 //! - `ep_recv_slot` (through the device only): `try_recv_slot` hands over every message from one byte to the eager limit, inline or not, byte for byte in a receive slot of its own (the header in the immediate), an empty one too; given back with `recycle`, three times the receive slots go round with credits flowing, one in eight kept as `Bytes` stays intact; the receiving side copies nothing; end of stream arrives.
 //! - `ep_small_messages_bundled`: small messages queued together share one SEND and one receive slot (bundles, counted as coalescing copies) and still arrive as separate zero-copy messages, intact and in order.

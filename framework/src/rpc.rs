@@ -87,15 +87,25 @@ pub struct BulkCtx<'a> {
 }
 
 impl BulkCtx<'_> {
-    /// Pull the client's `remote` region into a registered slot (RDMA READ).
+    /// Pull the client's `remote` region into one of the server's bulk
+    /// buffers (RDMA READ); see [`BulkCtx::pull_into`] to choose the slot.
     pub fn pull(&mut self, remote: RemoteRegion) -> Result<SlotMut, RpcError> {
         let dest = self
             .scratch
             .alloc()
             .ok_or_else(|| RpcError::Handler("no bulk buffer free".into()))?;
+        self.pull_into(remote, dest)
+    }
+
+    /// Pull the client's `remote` region into `dest`, a slot of the
+    /// handler's own (RDMA READ): e.g. a store's arena, so the bytes land
+    /// where they are kept, with no copy after the device's. Returns the
+    /// slot filled to the region's length; `dest` is dropped (home to its
+    /// arena) if the pull fails.
+    pub fn pull_into(&mut self, remote: RemoteRegion, dest: SlotMut) -> Result<SlotMut, RpcError> {
         if remote.len as usize > dest.capacity() {
             return Err(RpcError::Handler(format!(
-                "bulk of {} bytes exceeds the server's bulk buffer of {}",
+                "bulk of {} bytes exceeds the destination slot of {}",
                 remote.len,
                 dest.capacity()
             )));

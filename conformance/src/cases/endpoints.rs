@@ -294,7 +294,27 @@ fn rpc_many_concurrent_calls_with(d: Devices, c: &EndpointConfig) {
 fn rpc_bulk_pull_and_push_with(d: Devices, c: &EndpointConfig) {
     let (ea, eb) = endpoint_pair(d, c);
     let server = std::thread::spawn(move || {
+        // The handler's own slots for `pull_into`: 64 KiB ones, and
+        // 4 KiB ones too small for the pull.
+        let own = eb.pd().arena(ArenaConfig::new(64 << 10, 2)).expect("arena");
+        let small = eb.pd().arena(ArenaConfig::new(4096, 1)).expect("arena");
         let mut rpc = Rpc::new(eb, 4 << 20).expect("rpc");
+        rpc.handle(2, move |bulk, req| {
+            let src = RemoteRegion::from_bytes(&req).ok_or("bad handle")?;
+            let too_small = small.alloc().ok_or("no small slot")?;
+            match bulk.pull_into(src, too_small) {
+                Err(RpcError::Handler(why)) if why.contains("exceeds the destination slot") => {}
+                other => return Err(format!("a pull into a small slot: {other:?}")),
+            }
+            let data = bulk
+                .pull_into(src, own.alloc().ok_or("no slot")?)
+                .map_err(|e| e.to_string())?;
+            if !data.is_of(&own) || data.len() != src.len as usize {
+                return Err("the pull did not land in the handler's slot".into());
+            }
+            let sum: u64 = data.as_slice().iter().map(|&b| u64::from(b)).sum();
+            Ok(Bytes::copy_from_slice(&sum.to_le_bytes()).into())
+        });
         rpc.handle(1, |bulk, req| {
             let src = RemoteRegion::from_bytes(&req).ok_or("bad handle")?;
             let dst =
@@ -320,6 +340,23 @@ fn rpc_bulk_pull_and_push_with(d: Devices, c: &EndpointConfig) {
     req.extend_from_slice(&dst.remote().to_bytes());
     rpc.call(1, Bytes::from(req), Duration::from_secs(60))
         .expect("bulk call");
+    // 64 KiB of the source pulled into a slot of the handler's own.
+    let part = RemoteRegion {
+        len: 64 << 10,
+        ..src.remote()
+    };
+    let sum = rpc
+        .call(
+            2,
+            Bytes::copy_from_slice(&part.to_bytes()),
+            Duration::from_secs(60),
+        )
+        .expect("pull_into call");
+    assert_eq!(
+        sum[..],
+        (41u64 * (64 << 10)).to_le_bytes(),
+        "the checksum of what the handler pulled into its own slot"
+    );
     let out = dst.revoke();
     assert!(
         out.as_slice().iter().all(|&b| b == 42),
