@@ -14,14 +14,17 @@ cd "$(dirname "$0")/.."
 
 deploy/lab/setup.sh
 
-echo "== building the verbs tests and zcperf's lab tests (release) for the guest"
+echo "== building the verbs tests, zcperf's and the examples' lab tests (release) for the guest"
 mapfile -t bins < <(cargo test -p zcmsg-verbs --release --no-run 2>&1 \
     | sed -n 's/^ *Executable .*(\(.*\))$/\1/p')
 zcperf_lab=$(cargo test -p zcmsg-bench --features verbs --release --test zcperf_lab --no-run 2>&1 \
     | sed -n 's/^ *Executable .*(\(.*\))$/\1/p')
+examples_lab=$(cargo test -p zcmsg-examples --features verbs --release --test lab --no-run 2>&1 \
+    | sed -n 's/^ *Executable .*(\(.*\))$/\1/p')
 [ ${#bins[@]} -gt 0 ] || { echo "no test binaries were built"; exit 1; }
 [ -n "$zcperf_lab" ] || { echo "zcperf's lab tests were not built"; exit 1; }
-printf '   %s\n' "${bins[@]}" "$zcperf_lab"
+[ -n "$examples_lab" ] || { echo "the examples' lab tests were not built"; exit 1; }
+printf '   %s\n' "${bins[@]}" "$zcperf_lab" "$examples_lab"
 # The two-host tests need a role and a peer: they run in the two-guest lab.
 single=() pair=''
 for b in "${bins[@]}"; do
@@ -50,6 +53,9 @@ script=target/lab/single.sh
     # runs in the two-host lab below).
     echo "echo '== guest: $(basename "$zcperf_lab")'"
     echo "$zcperf_lab --include-ignored --exact zcperf_two_processes --test-threads=1 || status=1"
+    # The object store and the RPC echo on rxe0.
+    echo "echo '== guest: $(basename "$examples_lab")'"
+    echo "$(pwd)/$examples_lab --include-ignored --test-threads=1 || status=1"
     echo 'exit $status'
 } > "$script"
 

@@ -29,9 +29,8 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 #[derive(Parser)]
 struct Args {
-    /// Transport: soft (in-process device).
-    #[arg(long, default_value = "soft")]
-    transport: String,
+    #[command(flatten)]
+    dev: zcmsg_examples::DeviceArgs,
     /// Objects stored.
     #[arg(long, default_value_t = 256)]
     objects: u64,
@@ -114,10 +113,11 @@ fn run(a: &Args) -> Result<(), String> {
     if a.size == 0 || a.objects == 0 {
         return Err("--size and --objects must be at least 1".into());
     }
-    let (dev_a, dev_b, addr) = zcmsg_examples::devices(&a.transport, "kvstore")?;
+    let (dev_a, dev_b, addr) = zcmsg_examples::devices(&a.dev, "kvstore")?;
     let cfg = EndpointConfig::default();
     let pd_b = Pd::new(dev_b.clone());
     let mut listener = dev_b.listen(&addr, &cfg.qp).map_err(|e| e.to_string())?;
+    let at = listener.local_addr();
     let (scfg, size, objects) = (cfg.clone(), a.size, a.objects as usize);
     let server = std::thread::spawn(move || -> Result<(u64, usize, usize), String> {
         let ep = Endpoint::accept(&pd_b, &mut *listener, &scfg).map_err(|e| e.to_string())?;
@@ -142,7 +142,7 @@ fn run(a: &Args) -> Result<(), String> {
     });
 
     let pd = Pd::new(dev_a);
-    let ep = Endpoint::connect(&pd, &addr, &cfg).map_err(|e| e.to_string())?;
+    let ep = Endpoint::connect(&pd, &at, &cfg).map_err(|e| e.to_string())?;
     let mut rpc = Rpc::new(ep, 4096).map_err(|e| e.to_string())?;
     // The client's objects: registered once, exposed for reading per PUT.
     let staging = pd
@@ -153,7 +153,7 @@ fn run(a: &Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!(
         "zcmsg object store on the {} transport: {} objects of {} B, {} rounds",
-        a.transport, a.objects, a.size, a.rounds
+        a.dev.transport, a.objects, a.size, a.rounds
     );
     let before = rpc.endpoint().copies();
     let (mut put_time, mut get_time) = (Duration::ZERO, Duration::ZERO);

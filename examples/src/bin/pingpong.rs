@@ -12,9 +12,8 @@ use zcmsg::{ArenaConfig, Endpoint, EndpointConfig, Pd, Recv};
 
 #[derive(Parser)]
 struct Args {
-    /// Transport: soft (in-process device).
-    #[arg(long, default_value = "soft")]
-    transport: String,
+    #[command(flatten)]
+    dev: zcmsg_examples::DeviceArgs,
     /// Round trips for the latency run.
     #[arg(long, default_value_t = 100_000)]
     iters: u64,
@@ -59,20 +58,21 @@ fn echo(
 }
 
 fn run(a: &Args) -> Result<(), String> {
-    let (dev_a, dev_b, addr) = zcmsg_examples::devices(&a.transport, "pingpong")?;
+    let (dev_a, dev_b, addr) = zcmsg_examples::devices(&a.dev, "pingpong")?;
     let cfg = EndpointConfig::default();
     let pd_b = Pd::new(dev_b.clone());
     let listener = dev_b.listen(&addr, &cfg.qp).map_err(|e| e.to_string())?;
+    let at = listener.local_addr();
     let server_cfg = cfg.clone();
     let server = std::thread::spawn(move || echo(pd_b, listener, server_cfg));
     let pd = Pd::new(dev_a);
-    let mut ep = Endpoint::connect(&pd, &addr, &cfg).map_err(|e| e.to_string())?;
+    let mut ep = Endpoint::connect(&pd, &at, &cfg).map_err(|e| e.to_string())?;
     let arena = pd
         .arena(ArenaConfig::new(8 << 20, 4))
         .map_err(|e| e.to_string())?;
     println!(
         "zcmsg ping-pong on the {} transport (eager limit {} B)",
-        a.transport,
+        a.dev.transport,
         ep.eager_limit()
     );
 

@@ -17,9 +17,8 @@ const BULK_CALLS: usize = 16;
 
 #[derive(Parser)]
 struct Args {
-    /// Transport: soft (in-process device).
-    #[arg(long, default_value = "soft")]
-    transport: String,
+    #[command(flatten)]
+    dev: zcmsg_examples::DeviceArgs,
     /// Calls to make.
     #[arg(long, default_value_t = 20_000)]
     calls: u64,
@@ -33,10 +32,11 @@ fn main() {
 }
 
 fn run(a: &Args) -> Result<(), String> {
-    let (dev_a, dev_b, addr) = zcmsg_examples::devices(&a.transport, "rpc-echo")?;
+    let (dev_a, dev_b, addr) = zcmsg_examples::devices(&a.dev, "rpc-echo")?;
     let cfg = EndpointConfig::default();
     let pd_b = Pd::new(dev_b.clone());
     let mut listener = dev_b.listen(&addr, &cfg.qp).map_err(|e| e.to_string())?;
+    let at = listener.local_addr();
     let scfg = cfg.clone();
     let server = std::thread::spawn(move || -> Result<(), String> {
         let ep = Endpoint::accept(&pd_b, &mut *listener, &scfg).map_err(|e| e.to_string())?;
@@ -52,9 +52,9 @@ fn run(a: &Args) -> Result<(), String> {
             .map_err(|e| e.to_string())
     });
     let pd = Pd::new(dev_a);
-    let ep = Endpoint::connect(&pd, &addr, &cfg).map_err(|e| e.to_string())?;
+    let ep = Endpoint::connect(&pd, &at, &cfg).map_err(|e| e.to_string())?;
     let mut rpc = Rpc::new(ep, 4096).map_err(|e| e.to_string())?;
-    println!("zcmsg RPC echo on the {} transport", a.transport);
+    println!("zcmsg RPC echo on the {} transport", a.dev.transport);
 
     let t = Instant::now();
     for i in 0..a.calls {
