@@ -357,6 +357,42 @@ fn rpc_bulk_pull_and_push_with(d: Devices, c: &EndpointConfig) {
         (41u64 * (64 << 10)).to_le_bytes(),
         "the checksum of what the handler pulled into its own slot"
     );
+    // A chunk of an arena registered for remote reads is exposed under
+    // the arena's own key (no registration of its own); one of a local
+    // arena gets a registration of exactly its bytes. Both read right.
+    for (access, lent) in [(Access::REMOTE_READ, true), (Access::LOCAL_WRITE, false)] {
+        let arena = pd
+            .arena(ArenaConfig {
+                access,
+                ..ArenaConfig::new(64 << 10, 2)
+            })
+            .expect("arena");
+        // The second slot, so the exposed bytes start past the arena's base.
+        let first = arena.alloc().expect("slot");
+        let mut slot = arena.alloc().expect("slot");
+        drop(first);
+        slot.put_bytes(7, 64 << 10);
+        let chunk = slot.freeze().slice(1..);
+        let exposed = pd.expose_bytes(&chunk).expect("expose");
+        assert_eq!(exposed.is_lent(), lent, "exposure from a {access:?} arena");
+        assert_eq!(
+            exposed.remote().rkey == arena.registration().rkey,
+            lent,
+            "the key of an exposure from a {access:?} arena"
+        );
+        let sum = rpc
+            .call(
+                2,
+                Bytes::copy_from_slice(&exposed.remote().to_bytes()),
+                Duration::from_secs(60),
+            )
+            .expect("pull_into call");
+        assert_eq!(
+            sum[..],
+            (7u64 * ((64 << 10) - 1)).to_le_bytes(),
+            "what the handler read through an exposure from a {access:?} arena"
+        );
+    }
     let out = dst.revoke();
     assert!(
         out.as_slice().iter().all(|&b| b == 42),

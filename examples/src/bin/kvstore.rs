@@ -122,8 +122,16 @@ fn run(a: &Args) -> Result<(), String> {
     let server = std::thread::spawn(move || -> Result<(u64, usize, usize), String> {
         let ep = Endpoint::accept(&pd_b, &mut *listener, &scfg).map_err(|e| e.to_string())?;
         // Every object once, and room for the ones being replaced.
+        // Registered for remote reads: a GET of an object over the eager
+        // limit goes by rendezvous (the client reads the stored slot), and
+        // its exposure then lends the store's one registration instead of
+        // registering the object per GET (any client may read any object
+        // here anyway).
         let slots = pd_b
-            .arena(ArenaConfig::new(size, objects + 8))
+            .arena(ArenaConfig {
+                access: Access::REMOTE_READ,
+                ..ArenaConfig::new(size, objects + 8)
+            })
             .map_err(|e| e.to_string())?;
         let mut store = Store {
             slots: slots.clone(),
@@ -144,7 +152,8 @@ fn run(a: &Args) -> Result<(), String> {
     let pd = Pd::new(dev_a);
     let ep = Endpoint::connect(&pd, &at, &cfg).map_err(|e| e.to_string())?;
     let mut rpc = Rpc::new(ep, 4096).map_err(|e| e.to_string())?;
-    // The client's objects: registered once, exposed for reading per PUT.
+    // The client's objects: registered once, for remote reads, so a PUT's
+    // exposure lends that registration (no registration per object).
     let staging = pd
         .arena(ArenaConfig {
             access: Access::REMOTE_READ,

@@ -38,6 +38,13 @@ pub struct ArenaConfig {
     /// Access rights of the arena's one registration. `LOCAL_WRITE` is always
     /// added. `REMOTE_WRITE` and `REMOTE_ATOMIC` are refused: memory a peer
     /// may write is never handed out as `Bytes`; expose a range for that.
+    ///
+    /// With `REMOTE_READ`, an exposure of its chunks for RDMA READ
+    /// ([`crate::Pd::expose_bytes`], and so every rendezvous send of them)
+    /// lends the arena's own registration instead of registering the chunk:
+    /// no registration per message. The trade: a peer that was handed such
+    /// a key can read the whole arena for as long as it is registered, so
+    /// choose it for memory whose contents any peer may see.
     pub access: Access,
 }
 
@@ -150,6 +157,7 @@ impl Arena {
             rkey: reg.rkey,
             iova: reg.iova,
             owner: id,
+            access,
         }) {
             let _ = transport.deregister(reg.lkey);
             return Err(e);

@@ -139,6 +139,7 @@ impl RegCache {
             rkey: reg.rkey,
             iova: reg.iova,
             owner,
+            access: Access::LOCAL_READ,
         };
         if let Err(e) = registry.insert(region) {
             let _ = transport.deregister(reg.lkey);

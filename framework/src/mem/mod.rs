@@ -117,11 +117,14 @@ impl Pd {
         Window::create(self.inner.transport.clone(), len, access)
     }
 
-    /// Expose the bytes of `chunk` (and nothing else) to peers for RDMA READ
-    /// until the returned handle drops. `Bytes` are immutable, so reads race
-    /// with nothing.
+    /// Expose the bytes of `chunk` to peers for RDMA READ until the
+    /// returned handle drops: a registration of exactly those bytes, or,
+    /// when the chunk lies in an arena registered with `REMOTE_READ`, that
+    /// arena's registration, lent with no registration of its own (see
+    /// [`ArenaConfig::access`]). `Bytes` are immutable, so reads race with
+    /// nothing.
     pub fn expose_bytes(&self, chunk: &Bytes) -> Result<Exposure, MemError> {
-        Exposure::create(self.inner.transport.clone(), chunk)
+        Exposure::create(self.inner.transport.clone(), &self.inner.registry, chunk)
     }
 
     /// The address-to-region table.

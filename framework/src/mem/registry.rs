@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
 
+use crate::verbs::Access;
+
 use crate::error::MemError;
 
 /// One registered region as the builders see it.
@@ -33,6 +35,8 @@ pub struct RegionEntry {
     pub iova: u64,
     /// Who registered it (an arena id or a cache entry id).
     pub owner: u64,
+    /// The access rights it was registered with.
+    pub access: Access,
 }
 
 impl RegionEntry {
@@ -380,6 +384,7 @@ mod tests {
             rkey: 0,
             iova: base,
             owner: lkey as u64,
+            access: Access::LOCAL_WRITE,
         }
     }
 
@@ -483,6 +488,7 @@ mod tests {
                     } else {
                         i as u64
                     },
+                    access: Access::LOCAL_WRITE,
                 };
                 at += len;
                 r

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::registry::Registry;
 use super::sys::{HugePages, Mapping};
 use crate::error::MemError;
 use crate::sge::{AddressSpace, Sge};
@@ -188,27 +189,59 @@ impl AsRef<[u8]> for Revoked {
     }
 }
 
-/// Immutable `Bytes` exposed to a peer for RDMA READ (rendezvous sends): a
-/// registration of exactly the chunk's bytes, held until dropped.
+/// Immutable `Bytes` exposed to a peer for RDMA READ (rendezvous sends):
+/// a registration of exactly the chunk's bytes, held until dropped; or,
+/// for a chunk of an arena registered with `REMOTE_READ`, that arena's own
+/// registration, lent (see [`crate::ArenaConfig::access`]).
 pub struct Exposure {
     reg: Registration,
     len: u64,
     transport: Arc<dyn Transport>,
+    /// The chunk, kept (and with it its arena's registration) while the
+    /// arena's registration is lent; `None` when the exposure registered
+    /// the chunk itself.
+    lent: Option<Bytes>,
 }
 
 impl Exposure {
     pub(crate) fn create(
         transport: Arc<dyn Transport>,
+        registry: &Registry,
         chunk: &Bytes,
     ) -> Result<Exposure, MemError> {
-        let mem = Arc::new(super::cache::BytesMemory(chunk.clone()));
         let len = chunk.len();
+        let addr = chunk.as_ptr() as u64;
+        let arena = registry.find(addr).filter(|e| {
+            e.owner & super::CACHE_OWNER == 0
+                && e.access.contains(Access::REMOTE_READ)
+                && addr + len as u64 <= e.end()
+        });
+        if let Some(e) = arena {
+            return Ok(Exposure {
+                reg: Registration {
+                    lkey: e.lkey,
+                    rkey: e.rkey,
+                    iova: e.iova.wrapping_add(addr - e.base),
+                },
+                len: len as u64,
+                transport,
+                lent: Some(chunk.clone()),
+            });
+        }
+        let mem = Arc::new(super::cache::BytesMemory(chunk.clone()));
         let reg = transport.register_range(mem, 0, len, Access::REMOTE_READ)?;
         Ok(Exposure {
             reg,
             len: len as u64,
             transport,
+            lent: None,
         })
+    }
+
+    /// True if this exposure lends its arena's registration (no
+    /// registration of its own).
+    pub fn is_lent(&self) -> bool {
+        self.lent.is_some()
     }
 
     /// What the peer reads.
@@ -223,6 +256,9 @@ impl Exposure {
 
 impl Drop for Exposure {
     fn drop(&mut self) {
+        if self.lent.is_some() {
+            return;
+        }
         if let Err(e) = self.transport.deregister(self.reg.lkey) {
             tracing::warn!(lkey = self.reg.lkey, "ending an exposure failed: {e}");
         }
