@@ -40,6 +40,10 @@ struct Args {
     /// Times every object is stored and read back.
     #[arg(long, default_value_t = 4)]
     rounds: u64,
+    /// How long both sides' blocking waits poll before they sleep, in
+    /// microseconds (`EndpointConfig::spin`; default the endpoint's).
+    #[arg(long)]
+    spin_us: Option<u64>,
 }
 
 fn main() {
@@ -114,7 +118,10 @@ fn run(a: &Args) -> Result<(), String> {
         return Err("--size and --objects must be at least 1".into());
     }
     let (dev_a, dev_b, addr) = zcmsg_examples::devices(&a.dev, "kvstore")?;
-    let cfg = EndpointConfig::default();
+    let mut cfg = EndpointConfig::default();
+    if let Some(us) = a.spin_us {
+        cfg.spin = Duration::from_micros(us);
+    }
     let pd_b = Pd::new(dev_b.clone());
     let mut listener = dev_b.listen(&addr, &cfg.qp).map_err(|e| e.to_string())?;
     let at = listener.local_addr();
