@@ -1026,9 +1026,42 @@ fn small_messages_bundled_with(d: Devices, c: &EndpointConfig) {
     assert!(a.failure().is_none() && b.failure().is_none());
 }
 
-/// `recv_slot_with` through the device.
+/// `recv_slot_with` through the device; then with the in-process handoff
+/// on, where messages arrive as the sender's own `Bytes`.
 pub fn ep_recv_slot(h: &Harness) {
     recv_slot_with(devices(h), &cfg());
+    recv_slot_handed_over(devices(h), &cfg_handoff());
+}
+
+/// `try_recv_slot` when messages are handed over in process: each comes as
+/// the `Bytes` the sender sent (not in a receive slot), intact; `recycle`
+/// takes it like any other; end of stream arrives.
+fn recv_slot_handed_over(d: Devices, c: &EndpointConfig) {
+    let (mut a, mut b) = endpoint_pair(d, c);
+    let arena = a.pd().arena(ArenaConfig::new(4096, 4)).expect("arena");
+    for (i, len) in [1usize, 64, 4000].into_iter().enumerate() {
+        let data: Vec<u8> = pattern(len, 500 + i as u64).collect();
+        let mut s = arena.alloc().expect("slot");
+        s.put_slice(&data);
+        a.try_send(s.freeze()).expect("send");
+        let got = slot_message_within(&mut b, &mut a);
+        assert!(got[..] == data[..], "handed-over message {i} ({len} bytes)");
+        assert!(
+            !got.owns_slot(),
+            "a handed-over message {i} claims a receive slot"
+        );
+        b.recycle(got);
+    }
+    assert!(
+        a.copies().handoff_ops >= 3,
+        "the messages were not handed over ({:?})",
+        a.copies()
+    );
+    a.try_close().expect("close");
+    match recv_slot_within(&mut b, &mut a) {
+        RecvSlot::Eos => {}
+        RecvSlot::Message(m) => panic!("a message of {} bytes after close", m.len()),
+    }
 }
 
 /// Busy-poll `b` (and `a`) until `b.try_recv_slot()` has an answer.
